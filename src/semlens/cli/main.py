@@ -1,0 +1,44 @@
+"""Entry point of the ``semlens`` console command."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import typer
+
+import semlens.cli as _cli_pkg
+
+app = typer.Typer(
+    name="semlens",
+    help="Make deep neural networks readable: explain, name units, train interpretable models, correct them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """semlens: explain decisions, name units, train interpretable models, correct them, measure it all."""
+
+
+def _register_all() -> None:
+    for info in sorted(pkgutil.iter_modules(_cli_pkg.__path__), key=lambda m: m.name):
+        if info.name == "main" or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{_cli_pkg.__name__}.{info.name}")
+        register = getattr(module, "register", None)
+        if callable(register):
+            register(app)
+
+
+_register_all()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

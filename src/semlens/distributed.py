@@ -1,0 +1,65 @@
+"""torch.distributed helpers: which shard of the data is mine, and summing partial results.
+
+All functions work without an initialised process group (one process = rank 0 of 1), so library
+code calls them unconditionally. Launch with ``torchrun --nproc_per_node=N`` to shard work.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["is_distributed", "rank", "world_size", "shard_indices", "all_reduce_sum", "init_from_env", "barrier"]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def init_from_env(backend: str | None = None) -> bool:
+    """Initialise the default process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1).
+
+    Returns True when running distributed. Backend: ``nccl`` on CUDA, else ``gloo``.
+    """
+    if is_distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def shard_indices(n: int, shard_rank: int | None = None, shards: int | None = None) -> range:
+    """Contiguous block of ``range(n)`` handled by this process (blocks differ in size by at most 1)."""
+    r = rank() if shard_rank is None else shard_rank
+    w = world_size() if shards is None else shards
+    base, extra = divmod(n, w)
+    start = r * base + min(r, extra)
+    return range(start, start + base + (1 if r < extra else 0))
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all processes (in place when distributed) and return it.
+
+    Integer and float64 counts stay exact; tensors on CUDA use the process group's backend.
+    """
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

@@ -1,0 +1,1 @@
+"""Experiments composed from the library: the demo pipeline and ``semlens reproduce ...``."""

@@ -1,0 +1,72 @@
+"""Model specs: a built-in name (``alexnet-like``) or ``package.module:factory`` for the user's own model."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+__all__ = ["register_model", "build_model", "available_models", "ModelSpecError"]
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+class ModelSpecError(ValueError):
+    """A model spec that names no built-in model and no importable factory."""
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: make ``factory(**kwargs) -> nn.Module`` available under ``name``."""
+
+    def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"model name {name!r} registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def available_models() -> list[str]:
+    """Names of the built-in models."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def _load_builtins() -> None:
+    importlib.import_module("semlens.models")
+
+
+def build_model(spec: str, **kwargs: Any) -> nn.Module:
+    """Instantiate a model from a built-in name or ``package.module:factory``.
+
+    ``package.module`` is imported from the current directory or ``PYTHONPATH``; ``factory`` is any
+    callable returning an ``nn.Module`` (a class or a function).
+    """
+    _load_builtins()
+    if spec in _REGISTRY:
+        return _REGISTRY[spec](**kwargs)
+    if ":" not in spec:
+        raise ModelSpecError(
+            f"unknown model {spec!r}: not a built-in ({', '.join(sorted(_REGISTRY))}) "
+            "and not of the form package.module:factory"
+        )
+    module_name, _, attr = spec.partition(":")
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ModelSpecError(f"cannot import {module_name!r} for model spec {spec!r}: {err}") from err
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise ModelSpecError(f"{module_name!r} has no callable {attr!r} (model spec {spec!r})")
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -1,0 +1,107 @@
+"""The report document model and its HTML writer."""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+__all__ = ["Report", "Section", "figure_to_data_uri", "table_html"]
+
+
+def figure_to_data_uri(fig: Any, dpi: int = 110) -> str:
+    """Render a matplotlib figure to a ``data:image/png;base64,...`` URI and close it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table_html(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, digits: int = 3) -> str:
+    """An HTML table from a list of dicts (column order from ``columns`` or the first row)."""
+    if not rows:
+        return "<p><em>(no rows)</em></p>"
+    cols = list(columns or rows[0].keys())
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, ''), digits))}</td>" for c in cols) + "</tr>"
+        for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+@dataclass
+class Section:
+    """One report section: a title and a list of HTML blocks (paragraphs, tables, figures)."""
+
+    title: str
+    blocks: list[str] = field(default_factory=list)
+
+    def text(self, paragraph: str) -> Section:
+        self.blocks.append(f"<p>{html.escape(paragraph)}</p>")
+        return self
+
+    def html(self, raw: str) -> Section:
+        self.blocks.append(raw)
+        return self
+
+    def table(self, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
+              caption: str | None = None, digits: int = 3) -> Section:
+        cap = f"<p class='caption'>{html.escape(caption)}</p>" if caption else ""
+        self.blocks.append(table_html(rows, columns, digits) + cap)
+        return self
+
+    def figure(self, fig: Any, caption: str | None = None, dpi: int = 110) -> Section:
+        """Embed a matplotlib figure (it is closed afterwards)."""
+        uri = figure_to_data_uri(fig, dpi=dpi)
+        cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+        self.blocks.append(f"<figure><img src='{uri}' alt='{html.escape(caption or self.title)}'/>{cap}</figure>")
+        return self
+
+
+_TEMPLATE = jinja2.Environment(
+    loader=jinja2.PackageLoader("semlens.report", "templates"), autoescape=False
+).get_template("report.html")
+
+
+@dataclass
+class Report:
+    """An ordered collection of sections written to a single HTML file."""
+
+    title: str = "semlens report"
+    sections: list[Section] = field(default_factory=list)
+
+    def add(self, section: Section) -> Section:
+        self.sections.append(section)
+        return section
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write the report atomically to ``path`` and return it."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        page = _TEMPLATE.render(
+            title=self.title,
+            sections=self.sections,
+            anchors=[f"s{i}" for i in range(len(self.sections))],
+            generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        )
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, path)
+        return path
