@@ -1,0 +1,2 @@
+"""Human-in-the-loop correction through named units: the feedback store, activation enhancement and
+correction propagation."""
