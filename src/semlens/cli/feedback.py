@@ -1,0 +1,129 @@
+"""``semlens feedback ...``: remarks about a model, and corrected model versions made from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from semlens.cli._common import user_errors
+
+console = Console()
+feedback_app = typer.Typer(help="Correct a model through its named units: remarks, versions, undo.",
+                           no_args_is_help=True)
+
+_PROJECT = typer.Option(Path("."), "--project", "-p", help="Project directory (holds .semlens/).")
+
+
+def _project(path: Path):
+    from semlens.correct.project import CorrectionProject
+
+    return CorrectionProject(path)
+
+
+@feedback_app.command("init")
+def init(
+    model: str = typer.Option(..., help="Built-in model name or package.module:factory."),
+    weights: Path = typer.Option(..., help="Weights of the model to correct (.safetensors or .pt)."),
+    data: Path = typer.Option(..., help="Broden-format dataset (samples and reference images)."),
+    names: Path = typer.Option(..., help="units.csv written by `semlens dissect`."),
+    layer: str = typer.Option(..., help="The dissected layer whose units are enhanced."),
+    kind: str = typer.Option("classifier", help="Model kind."),
+    project: Path = _PROJECT,
+) -> None:
+    """Create a correction project and register WEIGHTS as its base version."""
+    from semlens.correct.project import CorrectionProject
+
+    with user_errors():
+        p = CorrectionProject.init(project, kind=kind, model=model, weights=weights, data=str(data),
+                                   names=str(names), layer=layer)
+        v = p.store.current_version()
+    console.print(f"project ready in {project}; base version {v.id}")
+
+
+@feedback_app.command("add")
+def add(
+    sample: str = typer.Argument(..., help="Sample id (image file name without extension)."),
+    missing: str = typer.Option(..., "--missing", help="The concept or topic the prediction misses."),
+    text: str = typer.Option("", help="Free text kept with the remark."),
+    author: str = typer.Option(None, help="Author (default: $USER)."),
+    device: str = typer.Option("cpu"),
+    project: Path = _PROJECT,
+) -> None:
+    """Record a remark; show the current prediction, the units involved and the enhanced prediction."""
+    with user_errors():
+        p = _project(project)
+        corr = p.corrector(device)
+        corr.check(sample, missing)
+        remark = p.store.add_remark(sample, corr.remark_kind, missing, author=author, text=text)
+        console.print(f"remark {remark.id} stored (against version {remark.model_version})")
+        console.print(f"  prediction now:        {corr.describe(sample)}")
+        console.print(f"  units named {missing!r}: {', '.join(corr.unit_names(missing))}")
+        console.print(f"  with enhancement:      {corr.describe(sample, [missing])}")
+
+
+@feedback_app.command("list")
+def list_remarks(
+    status: str = typer.Option(None, help="open, applied or withdrawn."), project: Path = _PROJECT
+) -> None:
+    """List remarks."""
+    with user_errors():
+        remarks = _project(project).store.remarks(status)
+    table = Table("id", "sample", "kind", "target", "author", "version", "status", "applied in")
+    for r in remarks:
+        table.add_row(str(r.id), r.sample_id, r.kind, r.target, r.author, str(r.model_version), r.status,
+                      str(r.applied_in or ""))
+    console.print(table)
+
+
+@feedback_app.command("show")
+def show(remark_id: int, project: Path = _PROJECT) -> None:
+    """Show one remark in full."""
+    with user_errors():
+        r = _project(project).store.remark(remark_id)
+    for key, value in r.__dict__.items():
+        console.print(f"{key:>14}: {value}")
+
+
+@feedback_app.command("apply")
+def apply(
+    mu: float = typer.Option(None, help="Weight of ||theta' - theta||^2 (default 1e-2)."),
+    steps: int = typer.Option(None, help="Fine-tuning steps (default 50)."),
+    lr: float = typer.Option(None, help="Learning rate (default 1e-3)."),
+    device: str = typer.Option("cpu"),
+    project: Path = _PROJECT,
+) -> None:
+    """Apply all open remarks by correction propagation; creates a new current version."""
+    with user_errors():
+        version, stats = _project(project).apply(device=device, mu=mu, steps=steps, lr=lr)
+    console.print(f"version {version.id} (parent {version.parent}) made from remarks {list(version.remark_ids)}; "
+                  f"distance to enhanced maps {stats.get('data_loss_first', float('nan')):.4g} -> "
+                  f"{stats.get('data_loss_last', float('nan')):.4g}")
+
+
+@feedback_app.command("undo")
+def undo(project: Path = _PROJECT) -> None:
+    """Return to the parent of the current version (its remarks become open again)."""
+    with user_errors():
+        v = _project(project).store.undo()
+    console.print(f"current version is now {v.id}")
+
+
+@feedback_app.command("versions")
+def versions(project: Path = _PROJECT) -> None:
+    """List model versions with their lineage."""
+    with user_errors():
+        store = _project(project).store
+        cur = store.current_version()
+        rows = store.versions()
+    table = Table("id", "parent", "state", "remarks", "params", "created", "current")
+    for v in rows:
+        table.add_row(str(v.id), str(v.parent or ""), v.state, ",".join(map(str, v.remark_ids)), str(v.params),
+                      v.created_at[:19], "*" if cur and v.id == cur.id else "")
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(feedback_app, name="feedback")

@@ -1,0 +1,85 @@
+"""`semlens feedback` end to end on a tiny user model and a tiny Broden-format dataset."""
+
+from __future__ import annotations
+
+import csv
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from semlens.checkpoint import load_state_dict, save_weights
+from semlens.world import write_concepts
+
+USERMOD = textwrap.dedent(
+    """
+    import torch.nn as nn
+    def make():
+        return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 12))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fb")
+    (d / "usermod.py").write_text(USERMOD)
+    sys.path.insert(0, str(d))
+    import usermod
+
+    torch.manual_seed(0)
+    save_weights(usermod.make(), d / "model.safetensors")
+    write_concepts(d / "data", n=24, size=32, seed=1, workers=1)
+    with open(d / "units.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["layer", "unit", "concept", "category", "iou", "threshold"])
+        w.writerow(["2", 3, "red", "color", 0.3, 0.1])
+        w.writerow(["2", 5, "circle", "object", 0.2, 0.1])
+    return d
+
+
+class _Result:
+    def __init__(self, res):
+        self.returncode = res.exit_code
+        self.stdout = self.stderr = res.output
+
+
+def _run(workdir, *args):
+    from typer.testing import CliRunner
+
+    from semlens.cli.main import app
+
+    res = CliRunner().invoke(app, ["feedback", *args, "--project", str(workdir)],
+                             env={"SEMLENS_PROGRESS": "0", "COLUMNS": "200"})
+    if res.exception and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return _Result(res)
+
+
+def test_feedback_round_trip(workdir):
+    r = _run(workdir, "init", "--model", "usermod:make", "--weights", str(workdir / "model.safetensors"),
+             "--data", str(workdir / "data"), "--names", str(workdir / "units.csv"), "--layer", "2")
+    assert r.returncode == 0, r.stderr
+    r = _run(workdir, "add", "000000", "--missing", "red", "--author", "ana")
+    assert r.returncode == 0, r.stderr
+    assert "units named 'red': 2:3" in r.stdout and "prediction now" in r.stdout
+    bad = _run(workdir, "add", "999999", "--missing", "red")
+    assert bad.returncode == 2 and "unknown sample id" in bad.stderr
+    bad = _run(workdir, "add", "000000", "--missing", "rde")
+    assert bad.returncode == 2 and "Did you mean: red" in bad.stderr
+    bad = _run(workdir, "add", "000000", "--missing", "blue")
+    assert bad.returncode == 2 and "no unit of layer '2' is a detector" in bad.stderr
+    r = _run(workdir, "apply", "--steps", "5", "--mu", "0.01")
+    assert r.returncode == 0, r.stderr
+    assert "version 2 (parent 1)" in r.stdout
+    r = _run(workdir, "list")
+    assert "applied" in r.stdout and "ana" in r.stdout
+    store = workdir / ".semlens" / "versions"
+    v1, v2 = load_state_dict(store / "v00001.safetensors"), load_state_dict(store / "v00002.safetensors")
+    assert not torch.equal(v1["2.weight"], v2["2.weight"]) and torch.equal(v1["6.weight"], v2["6.weight"])
+    r = _run(workdir, "undo")
+    assert r.returncode == 0 and "current version is now 1" in r.stdout
+    r = _run(workdir, "versions")
+    assert "undone" in r.stdout
