@@ -25,12 +25,12 @@ USERMOD = textwrap.dedent(
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("fb")
-    (d / "usermod.py").write_text(USERMOD)
+    (d / "fbmodel_semlens.py").write_text(USERMOD)
     sys.path.insert(0, str(d))
-    import usermod
+    import fbmodel_semlens
 
     torch.manual_seed(0)
-    save_weights(usermod.make(), d / "model.safetensors")
+    save_weights(fbmodel_semlens.make(), d / "model.safetensors")
     write_concepts(d / "data", n=24, size=32, seed=1, workers=1)
     with open(d / "units.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -59,7 +59,7 @@ def _run(workdir, *args):
 
 
 def test_feedback_round_trip(workdir):
-    r = _run(workdir, "init", "--model", "usermod:make", "--weights", str(workdir / "model.safetensors"),
+    r = _run(workdir, "init", "--model", "fbmodel_semlens:make", "--weights", str(workdir / "model.safetensors"),
              "--data", str(workdir / "data"), "--names", str(workdir / "units.csv"), "--layer", "2")
     assert r.returncode == 0, r.stderr
     r = _run(workdir, "add", "000000", "--missing", "red", "--author", "ana")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import typer
 from rich.console import Console
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 @contextlib.contextmanager

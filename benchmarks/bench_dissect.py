@@ -1,0 +1,152 @@
+"""Dissection throughput vs forward-only, and peak memory for 1k vs 10k images.
+
+    python benchmarks/bench_dissect.py [--quick] [--device cpu|cuda] [--batch-size 64]
+
+Same model (alexnet-like, 64x64 inputs), same conv layers, same procedurally generated Broden-like
+data (images + 4 pixel-level categories + 1 whole-image category, masks at 64x64) in one run:
+* forward-only: load each batch, run the full model (no_grad) -- the baseline;
+* dissection: both passes (thresholds, then tally), default settings (activations of pass 1 kept
+  in memory when they fit in ``cache_bytes``) and pure streaming (``cache_bytes=0``, two forwards).
+Medians over repeats; ratio = dissection images/s ÷ forward-only images/s. Peak memory is measured in
+a fresh subprocess per dataset size (RSS on CPU, ``max_memory_allocated`` on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+from semlens.units.dissect import SegmentationBatch, dissect
+
+LABELS = ([(i, f"color{i}", "color") for i in range(1, 12)] + [(i, f"object{i}", "object") for i in range(12, 30)]
+          + [(i, f"part{i}", "part") for i in range(30, 40)] + [(i, f"texture{i}", "texture") for i in range(40, 50)]
+          + [(i, f"scene{i}", "scene") for i in range(50, 60)])
+
+
+class ProceduralDataset:
+    """Deterministic random images and blocky label maps generated per batch (constant memory)."""
+
+    categories = ["color", "object", "part", "texture", "scene"]
+    labels = LABELS
+
+    def __init__(self, n: int, size: int = 64) -> None:
+        self.n, self.size, self.seg_size = n, size, (size, size)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def load_batch(self, indices) -> SegmentationBatch:
+        g = torch.Generator().manual_seed(int(indices[0]))
+        b, s = len(indices), self.size
+        images = torch.rand(b, 3, s, s, generator=g)
+
+        def blocks(lo: int, hi: int, k: int) -> torch.Tensor:
+            coarse = torch.randint(lo, hi, (b, k, s // 8, s // 8), generator=g)
+            coarse[torch.rand(coarse.shape, generator=g) < 0.5] = 0
+            return coarse.repeat_interleave(8, 2).repeat_interleave(8, 3)
+
+        pixel = {"color": blocks(1, 12, 2), "object": blocks(12, 30, 1), "part": blocks(30, 40, 1),
+                 "texture": blocks(40, 50, 1)}
+        scene = torch.randint(50, 60, (b, 1), generator=g)
+        annotated = {c: torch.ones(b, dtype=torch.bool) for c in self.categories}
+        return SegmentationBatch(images, pixel, {"scene": scene}, annotated)
+
+
+def make_model() -> tuple[nn.Module, list[str]]:
+    try:
+        from semlens.models import build_model
+
+        model = build_model("alexnet-like", num_classes=10, image_size=64)
+        return model.eval(), list(model.conv_layers)
+    except Exception:  # noqa: BLE001 - reference models not available: an AlexNet-shaped stand-in
+        torch.manual_seed(0)
+        feats = nn.Sequential(nn.Conv2d(3, 64, 5, 2, 2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(64, 192, 3, padding=1),
+                              nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(192, 256, 3, padding=1), nn.ReLU(),
+                              nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1),
+                              nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10))
+        return feats.eval(), ["0", "3", "6", "8", "10"]
+
+
+def forward_only(model: nn.Module, ds: ProceduralDataset, batch_size: int, device: torch.device) -> float:
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(ds), batch_size):
+            b = ds.load_batch(list(range(i, min(len(ds), i + batch_size))))
+            model(b.images.to(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def timed_dissect(model, ds, layers, batch_size, device, **kw) -> float:
+    t0 = time.perf_counter()
+    dissect(model, ds, layers, batch_size=batch_size, device=device, show_progress=False, **kw)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def memory_child(n: int, device: str, batch_size: int, cache_bytes: int) -> None:
+    dev = torch.device(device)
+    model, layers = make_model()
+    model.to(dev)
+    ds = ProceduralDataset(n)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    dissect(model, ds, layers, batch_size=batch_size, device=dev, cache_bytes=cache_bytes, show_progress=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else 0.0
+    print(json.dumps({"rss_peak_mb": peak / 1024, "rss_growth_mb": (peak - base) / 1024, "gpu_peak_mb": gpu}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer images and repeats")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--images", type=int, default=None)
+    ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--cache-bytes", type=int, default=1 << 28, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child is not None:
+        memory_child(args.memory_child, args.device, args.batch_size, args.cache_bytes)
+        return
+    dev = torch.device(args.device)
+    n = args.images or (256 if args.quick else 1024)
+    repeats = 2 if args.quick else 3
+    model, layers = make_model()
+    model.to(dev)
+    ds = ProceduralDataset(n)
+    print(f"device {dev}, threads {torch.get_num_threads()}, {n} images 64x64, masks 64x64, layers {layers}, "
+          f"batch {args.batch_size}")
+    forward_only(model, ds, args.batch_size, dev)  # warm-up
+    fwd = statistics.median(forward_only(model, ds, args.batch_size, dev) for _ in range(repeats))
+    cached = statistics.median(timed_dissect(model, ds, layers, args.batch_size, dev) for _ in range(repeats))
+    stream = statistics.median(timed_dissect(model, ds, layers, args.batch_size, dev, cache_bytes=0)
+                               for _ in range(repeats))
+    print(f"forward-only            {n / fwd:9.1f} images/s")
+    print(f"dissection (default)    {n / cached:9.1f} images/s   ratio {fwd / cached:.2f}x   (target >= 0.70)")
+    print(f"dissection (streaming)  {n / stream:9.1f} images/s   ratio {fwd / stream:.2f}x   (two forward passes)")
+    sizes = [500, 2000] if args.quick else [1000, 10000]
+    for cache in (1 << 28, 0):
+        for size in sizes:
+            cmd = [sys.executable, __file__, "--memory-child", str(size), "--device", args.device,
+                   "--batch-size", str(args.batch_size), "--cache-bytes", str(cache)]
+            run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            res = json.loads(run.stdout.strip().splitlines()[-1])
+            label = "default cache" if cache else "streaming"
+            print(f"peak memory {label:13s} {size:6d} images: RSS growth during dissect {res['rss_growth_mb']:7.1f} MB"
+                  f" (peak RSS {res['rss_peak_mb']:.0f} MB, GPU peak {res['gpu_peak_mb']:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Captioning pipeline facade (Dong et al. 2017): frame features -> topics -> LSTM-B / LSTM-I ->
+coco-caption scores -> neuron names (PDM) -> selectivity and transfer.
+
+Typical use::
+
+    prep = prepare(features, captions, splits, n_topics=20)        # dicts keyed by video id
+    model, hist = train_captioner(prep, lam=1.0, epochs=20)          # LSTM-I (lam=0: LSTM-B)
+    scores = evaluate_captioner(model, prep.test)                    # BLEU-1..4, METEOR, ROUGE-L, CIDEr
+    analysis = analyze_neurons(model, prep)                          # PDM names, selectivity AUC
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from semlens.layers import capture_activations, frozen
+from semlens.models.captioner import AttentiveCaptioner, CaptionerConfig, Vocabulary
+from semlens.runtime import progress, resolve_device
+from semlens.train.caption_trainer import (
+    CaptionData,
+    CaptionTrainConfig,
+    CaptionTrainer,
+    fit_topic_head,
+    mean_representations,
+)
+from semlens.units.pdm import NeuronTopics, contains_topic, name_neurons, topic_selectivity
+from semlens.units.topics import TopicModel
+
+__all__ = ["extract_frame_features", "Prepared", "prepare", "prepare_corpus", "train_captioner", "generate",
+           "evaluate_captioner", "analyze_neurons", "linear_probe", "topic_activation_profile"]
+
+
+@torch.no_grad()
+def extract_frame_features(cnn: nn.Module, frames: torch.Tensor, layer: str | None = None, batch_size: int = 256,
+                           device: str | torch.device | None = None) -> torch.Tensor:
+    """Per-frame features of a frozen CNN: (N, T, 3, S, S) uint8 or float [0, 1] -> (N, T, C) float32.
+
+    ``layer``: dotted name whose output is used (spatially averaged if 4-D); default the CNN's last
+    entry of ``conv_layers``. Frames go through the CNN in batches of ``batch_size``; the CNN's
+    mode and ``requires_grad`` flags are restored afterwards.
+    """
+    if frames.dim() != 5 or frames.shape[2] != 3:
+        raise ValueError(f"frames must be (N, T, 3, S, S); got {tuple(frames.shape)}")
+    if layer is None:
+        layers = getattr(cnn, "conv_layers", None)
+        if not layers:
+            raise ValueError("give layer= (the CNN has no conv_layers attribute)")
+        layer = layers[-1]
+    dev = resolve_device(device) if device is not None else next(cnn.parameters()).device
+    N, T = frames.shape[:2]
+    flat = frames.reshape(N * T, *frames.shape[2:])
+    out: list[torch.Tensor] = []
+
+    def pool(_name: str, a: torch.Tensor) -> torch.Tensor:
+        return a.flatten(2).mean(2) if a.dim() == 4 else a.flatten(1)
+
+    with frozen(cnn), capture_activations(cnn, [layer], transform=pool) as acts:
+        starts = range(0, N * T, batch_size)
+        for s in progress(starts, total=len(starts), desc="frame features"):
+            x = flat[s: s + batch_size].to(dev)
+            x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+            cnn(x)
+            out.append(acts[layer].float().cpu())
+    return torch.cat(out).reshape(N, T, -1)
+
+
+@dataclass
+class Prepared:
+    """Split datasets with shared vocabulary and topic model."""
+
+    train: CaptionData
+    val: CaptionData | None
+    test: CaptionData
+    vocab: Vocabulary
+    topics: TopicModel
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare(features: Mapping[str, Any], captions: Mapping[str, Sequence[str]], splits: Mapping[str, Sequence[str]],
+            n_topics: int = 20, min_count: int = 1, max_len: int = 20, topic_kwargs: Mapping[str, Any] | None = None,
+            seed: int = 0, vocab: Vocabulary | None = None, topic_model: TopicModel | None = None) -> Prepared:
+    """Build vocabulary and LDA topics on the training split and tensor datasets for every split.
+
+    features: video id -> (T, F) array; captions: video id -> sentences; splits: "train"/"val"/"test"
+    -> video ids ("val" optional). A given ``vocab`` / fitted ``topic_model`` is used instead of fitting
+    one (e.g. those of a trained model). Unknown ids, empty captions and inconsistent dimensions raise.
+    """
+    for split in ("train", "test"):
+        if not splits.get(split):
+            raise ValueError(f"split {split!r} is empty or missing")
+    for split, ids in splits.items():
+        for vid in ids:
+            if vid not in captions:
+                raise KeyError(f"video id {vid!r} of split {split!r} has no captions")
+            if vid not in features:
+                raise KeyError(f"video id {vid!r} of split {split!r} has no features")
+    train_ids = list(splits["train"])
+    if vocab is None:
+        vocab = Vocabulary.build([c for v in train_ids for c in captions[v]], min_count=min_count)
+    tm = topic_model or TopicModel(n_topics, seed=seed, **dict(topic_kwargs or {})).fit(
+        {v: captions[v] for v in train_ids})
+
+    def data(ids: Sequence[str]) -> CaptionData:
+        s = torch.from_numpy(tm.transform({v: captions[v] for v in ids}))
+        return CaptionData([torch.as_tensor(np.asarray(features[v]), dtype=torch.float32) for v in ids],
+                           [captions[v] for v in ids], vocab, s, max_len=max_len, video_ids=ids)
+
+    val = data(splits["val"]) if splits.get("val") else None
+    return Prepared(data(train_ids), val, data(splits["test"]), vocab, tm)
+
+
+def prepare_corpus(corpus: Any, **kwargs: Any) -> Prepared:
+    """:func:`prepare` from a :class:`semlens.world.CaptionCorpus` (precomputed per-frame features)."""
+    splits = {s: list(corpus.split(s)) for s in ("train", "val", "test") if s in corpus.split_names}
+    ids = [v for s in splits.values() for v in s]
+    feats = {v: corpus.features(v) for v in progress(ids, total=len(ids), desc="features")}
+    return prepare(feats, {v: corpus.captions[v] for v in ids}, splits, **kwargs)
+
+
+def train_captioner(prep: Prepared, lam: float = 0.0, *, epochs: int = 20, batch_size: int = 64, lr: float = 1e-3,
+                    hidden: int = 512, embed: int = 512, decoder_hidden: int = 512, attention: int = 256,
+                    dropout: float = 0.5, captions_per_video: int | None = None, seed: int = 0, device: str = "auto",
+                    checkpoint_dir: str | os.PathLike | None = None) -> tuple[AttentiveCaptioner, list[dict]]:
+    """Train LSTM-B (``lam=0``) or LSTM-I (``lam>0``); returns the model (eval mode) and its history."""
+    torch.manual_seed(seed)
+    cfg = CaptionerConfig(feature_dim=prep.train.feature_dim, vocab=prep.vocab.words, n_topics=prep.topics.n_topics,
+                          hidden=hidden, embed=embed, decoder_hidden=decoder_hidden, attention=attention,
+                          dropout=dropout, max_len=int(prep.train.tokens.shape[1]) - 2, extra={"lam": lam})
+    model = AttentiveCaptioner(cfg)
+    trainer = CaptionTrainer(model, prep.train, CaptionTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr,
+                                                                   lam=lam, seed=seed, device=device,
+                                                                   captions_per_video=captions_per_video),
+                             val=prep.val, checkpoint_dir=checkpoint_dir)
+    return model, trainer.fit()
+
+
+@torch.no_grad()
+def generate(model: AttentiveCaptioner, data: CaptionData, beam: int = 5, batch_size: int = 128) -> dict[str, str]:
+    """Video id -> generated caption (batched beam search; model mode restored)."""
+    dev = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    try:
+        out: dict[str, str] = {}
+        starts = range(0, data.n_videos, batch_size)
+        for s in progress(starts, total=len(starts), desc="decoding"):
+            idx = torch.arange(s, min(data.n_videos, s + batch_size))
+            feats, lengths = data.video_batch(idx, dev)
+            for k, cap in zip(idx.tolist(), model.decode_batch(feats, lengths, beam=beam), strict=True):
+                out[data.video_ids[k]] = cap
+        return out
+    finally:
+        model.train(was)
+
+
+def evaluate_captioner(model: AttentiveCaptioner, data: CaptionData, beam: int = 5, meteor: bool = True
+                       ) -> dict[str, float]:
+    """coco-caption scores of the model's captions on ``data`` against all references."""
+    from semlens.evaluate.captioning import score_captions
+
+    cands = generate(model, data, beam=beam)
+    refs = dict(zip(data.video_ids, data.captions, strict=True))
+    return score_captions(refs, cands, meteor=meteor)
+
+
+def topic_activation_profile(names: NeuronTopics, vbar: torch.Tensor, s: torch.Tensor, threshold: float = 0.1,
+                             orientation: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per topic t: mean v̄ of t's neurons on videos with t ("in") and without ("out"): (K,) each, NaN
+    for topics without neurons. vbar: (N, D); s: (N, K); orientation: optional (D,) ±1 per neuron
+    (from :func:`topic_selectivity`) so that negatively coding neurons do not cancel positive ones."""
+    if orientation is not None:
+        vbar = vbar * orientation.to(vbar.dtype)
+    has = contains_topic(s, threshold).double()
+    K = s.shape[1]
+    member = torch.zeros(vbar.shape[1], K, dtype=torch.float64)
+    named = names.topic >= 0
+    member[named.nonzero().flatten(), names.topic[named]] = 1.0
+    per_topic = vbar.double() @ member / member.sum(0).clamp(min=1)  # (N, K)
+    inn = (per_topic * has).sum(0) / has.sum(0).clamp(min=1)
+    out = (per_topic * (1 - has)).sum(0) / (1 - has).sum(0).clamp(min=1)
+    empty = member.sum(0) == 0
+    nan = torch.full_like(inn, float("nan"))
+    return {"in": torch.where(empty, nan, inn), "out": torch.where(empty, nan, out)}
+
+
+def analyze_neurons(model: AttentiveCaptioner, prep: Prepared, refit_head: bool | None = None,
+                    removal: str = "zero") -> dict[str, Any]:
+    """Name the D neurons of v̄ by PDM on the training videos and score their topic selectivity on test.
+
+    ``refit_head``: fit f on the frozen encoder first (default: only when the model was trained without
+    the interpretive loss, i.e. LSTM-B, whose f is untrained). Returns names, selectivity, v̄ per split.
+    """
+    if refit_head is None:
+        refit_head = float(model.config.extra.get("lam", 0.0)) == 0.0
+    head_loss = fit_topic_head(model, prep.train) if refit_head else None
+    vtr = mean_representations(model, prep.train)
+    vte, seq = mean_representations(model, prep.test, return_sequences=True)
+    head = model.topic_head
+    dev = head.weight.device
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(head(v.to(dev, head.weight.dtype)), -1)
+
+    names = name_neurons(f, vtr.to(dev), prep.topics.topic_names(), removal=removal)
+    sel = topic_selectivity(names, vtr, prep.train.topics, vte, prep.test.topics)
+    with torch.no_grad():
+        topic_err = float(((f(vte).cpu() - prep.test.topics) ** 2).sum(1).mean())
+    return {"names": names, "selectivity": sel, "vbar_train": vtr, "vbar_test": vte, "v_test": seq,
+            "topic_error_test": topic_err, "head_refit_loss": head_loss,
+            "profile": topic_activation_profile(names, vte, prep.test.topics, orientation=sel["orientation"])}
+
+
+def linear_probe(x_train: torch.Tensor, y_train: Sequence[int] | torch.Tensor, x_test: torch.Tensor,
+                 y_test: Sequence[int] | torch.Tensor, C: float = 1.0, seed: int = 0) -> float:
+    """Accuracy of a multinomial logistic regression on standardized frozen features (N, D)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed))
+    clf.fit(np.asarray(x_train, dtype=np.float64), np.asarray(y_train))
+    return float(clf.score(np.asarray(x_test, dtype=np.float64), np.asarray(y_test)))

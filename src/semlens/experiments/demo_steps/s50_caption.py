@@ -1,0 +1,49 @@
+"""Demo step: LSTM-B vs LSTM-I on the built-in clips (fast settings, one seed), topics, named neurons,
+selectivity, transfer and the figures of Dong et al. 2017."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from semlens.captioning import extract_frame_features
+from semlens.experiments.demo import DemoContext, console
+from semlens.experiments.dong import MODELS, DongSettings, compare_models, prepare_clips, sections
+from semlens.report import Section
+
+MAX_FRAMES = 8
+
+
+def run(ctx: DemoContext) -> list[Section]:
+    clips = ctx.artifacts["clips"]
+    st = DongSettings.fast()
+    t0 = time.perf_counter()
+    stride = max(1, -(-clips.frames.shape[1] // MAX_FRAMES))
+    if (Path(ctx.artifacts.get("clips_dir", "")) / "features").is_dir():
+        # the world step already encoded every frame with the demo classifier (frozen): reuse them
+        from semlens.world.msvd import CaptionCorpus
+
+        feats = CaptionCorpus(ctx.artifacts["clips_dir"]).stack_features(clips.video_ids)[:, ::stride]
+        source = "the demo classifier's frame features written by the world step"
+    else:
+        feats = extract_frame_features(ctx.artifacts["classifier"], torch.as_tensor(clips.frames)[:, ::stride],
+                                       device=ctx.device)
+        source = "the demo's alexnet-like classifier (frozen, last conv layer pooled)"
+    prep = prepare_clips(clips, feats, st.n_topics, seed=ctx.seed)
+    action = {s: np.asarray(clips.truth["action"])[list(clips.splits[s])] for s in ("train", "test")}
+    res = compare_models(prep, st, [ctx.seed], ctx.device, action_labels=action,
+                         log=lambda m: console.print(f"[dim]caption[/] {m}"))
+    prep.topics.save(ctx.path("caption", "topics.json"))
+    for m in MODELS:
+        res["last"][m]["model"].save(ctx.path("caption", f"{m.lower()}.safetensors"))
+    ctx.artifacts["caption_models"] = {m: res["last"][m]["model"] for m in MODELS}
+    ctx.artifacts["caption_prepared"] = prep
+    ctx.artifacts["caption_neurons"] = res["last"]["LSTM-I"]["analysis"]["names"]
+    out = sections(prep, res, st, [ctx.seed], title="Interpretable video captioning (Dong et al. 2017), fast demo")
+    out[0].text(f"Fast demo: one seed, {feats.shape[1]} frames per clip, frame features from {source}, "
+                f"{time.perf_counter() - t0:.0f} s in all. "
+                "`semlens reproduce dong --seeds 3` gives the mean ± std over seeds.")
+    return out

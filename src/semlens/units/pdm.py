@@ -1,0 +1,206 @@
+"""Naming neurons by prediction-difference maximization (PDM, Dong et al. 2017; METHODS.md §1.5) and
+scoring how selective the named neurons are for their topic (§1.10).
+
+For every neuron ``j`` of the representation ``v̄`` (N, D) and a map ``f: (M, D) -> (M, K)`` to topic
+probabilities, the dataset-mean prediction difference is
+
+    Δ[j, t] = mean_k ( f(v̄_k)[t] - f(v̄_k with neuron j removed)[t] )
+
+and neuron ``j`` is named ``t*(j) = argmax_t Δ[j, t]`` (no topic when ``max_t Δ[j, t] <= 0``).
+All neurons are evaluated at once by batched masking: a chunk of ``c`` neurons gives a
+(N, c, D) tensor of masked copies that goes through ``f`` in one call (no loop over neurons × videos).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["NeuronTopics", "prediction_difference", "name_neurons", "auc", "topic_selectivity",
+           "contains_topic"]
+
+TopicMap = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _check_rep(vbar: torch.Tensor) -> None:
+    if vbar.dim() != 2 or vbar.shape[0] == 0 or vbar.shape[1] == 0:
+        raise ValueError(f"representation must be (N, D) with N, D > 0; got {tuple(vbar.shape)}")
+    if not torch.isfinite(vbar).all():
+        raise ValueError("representation contains NaN or inf")
+
+
+@torch.no_grad()
+def prediction_difference(f: TopicMap, vbar: torch.Tensor, removal: str = "zero", *, reference: torch.Tensor | None
+                          = None, n_samples: int = 10, chunk: int | None = None, max_elements: int = 2**20,
+                          seed: int = 0) -> torch.Tensor:
+    """Δ (D, K) float32: mean drop of each topic probability when each neuron is removed.
+
+    vbar: (N, D) representations (one row per video). ``removal``:
+    ``"zero"`` sets the neuron to 0 (main definition), ``"mean"`` to its mean over ``reference``
+    (default: ``vbar``), ``"marginal"`` averages over ``n_samples`` values drawn from its empirical
+    distribution in ``reference`` (prediction-difference analysis). ``chunk`` neurons are masked at
+    once (default: as many as fit in ``max_elements`` floats).
+    """
+    _check_rep(vbar)
+    if removal not in {"zero", "mean", "marginal"}:
+        raise ValueError(f"unknown removal {removal!r}; use 'zero', 'mean' or 'marginal'")
+    N, D = vbar.shape
+    ref = vbar if reference is None else reference.to(vbar)
+    if ref.dim() != 2 or ref.shape[1] != D:
+        raise ValueError(f"reference must be (M, {D}); got {tuple(ref.shape)}")
+    P = f(vbar)
+    if P.dim() != 2 or P.shape[0] != N:
+        raise ValueError(f"f must map (N, D) to (N, K); got {tuple(P.shape)} for N={N}")
+    K = P.shape[1]
+    S = n_samples if removal == "marginal" else 1
+    if removal == "marginal":
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        pick = torch.randint(0, ref.shape[0], (S, D), generator=g).to(vbar.device)
+        fill = ref.gather(0, pick)  # (S, D): sampled values per neuron
+    elif removal == "mean":
+        fill = ref.mean(0, keepdim=True)
+    else:
+        fill = vbar.new_zeros(1, D)
+    c = chunk or max(1, min(D, max_elements // max(1, N * S * max(D, K))))
+    out = vbar.new_empty(D, K)
+    for start in range(0, D, c):  # chunk over neurons for memory; all videos at once
+        j = torch.arange(start, min(D, start + c), device=vbar.device)
+        onehot = torch.zeros(len(j), D, device=vbar.device, dtype=torch.bool)
+        onehot[torch.arange(len(j)), j] = True  # (c, D)
+        masked = torch.where(onehot[None, None], fill[:, None, None, :], vbar[None, :, None, :])  # (S, N, c, D)
+        Q = f(masked.reshape(-1, D)).reshape(S, N, len(j), K).mean(0)  # (N, c, K)
+        out[start:start + len(j)] = (P[:, None, :] - Q).mean(0)
+    return out.float()
+
+
+@dataclass
+class NeuronTopics:
+    """Result of PDM: ``differences`` (D, K), ``topic`` (D,) int64 (-1 = none), ``strength`` (D,) = max_t Δ."""
+
+    differences: torch.Tensor
+    topic: torch.Tensor
+    strength: torch.Tensor
+    topic_names: list[str]
+
+    @property
+    def n_topics(self) -> int:
+        return self.differences.shape[1]
+
+    def neurons_of(self, t: int) -> list[int]:
+        """Neurons named ``t``, strongest first."""
+        idx = (self.topic == t).nonzero().flatten()
+        order = self.differences[idx, t].argsort(descending=True)
+        return idx[order].tolist()
+
+    def table(self, top: int | None = None) -> list[dict[str, object]]:
+        """Neuron -> topic rows sorted by strength (named neurons only)."""
+        named = (self.topic >= 0).nonzero().flatten()
+        named = named[self.strength[named].argsort(descending=True)]
+        if top is not None:
+            named = named[:top]
+        return [{"neuron": int(j), "topic": int(self.topic[j]), "topic_name": self.topic_names[int(self.topic[j])],
+                 "strength": float(self.strength[j])} for j in named]
+
+    def topic_table(self, max_neurons: int = 8) -> list[dict[str, object]]:
+        """Per topic: number of neurons and the strongest ones."""
+        rows = []
+        for t in range(self.n_topics):
+            ns = self.neurons_of(t)
+            rows.append({"topic": t, "topic_name": self.topic_names[t], "n_neurons": len(ns),
+                         "neurons": " ".join(map(str, ns[:max_neurons]))})
+        return rows
+
+    def to_json(self) -> dict[str, object]:
+        return {"topic": self.topic.tolist(), "strength": self.strength.tolist(),
+                "topic_names": self.topic_names, "differences": self.differences.tolist()}
+
+
+def name_neurons(f: TopicMap, vbar: torch.Tensor, topic_names: Sequence[str] | None = None, removal: str = "zero",
+                 **kwargs: object) -> NeuronTopics:
+    """Run PDM and name every neuron by its argmax topic (neurons with max Δ <= 0 stay unnamed, -1)."""
+    delta = prediction_difference(f, vbar, removal=removal, **kwargs)  # type: ignore[arg-type]
+    strength, topic = delta.max(1)
+    topic = torch.where(strength > 0, topic, torch.full_like(topic, -1)).cpu()
+    names = list(topic_names) if topic_names is not None else [f"topic {t}" for t in range(delta.shape[1])]
+    if len(names) != delta.shape[1]:
+        raise ValueError(f"{len(names)} topic names for {delta.shape[1]} topics")
+    return NeuronTopics(delta.cpu(), topic, strength.cpu(), names)
+
+
+def contains_topic(s: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """(N, K) bool: video contains topic t when s_t >= threshold or t = argmax s (METHODS.md A6)."""
+    top = torch.zeros_like(s, dtype=torch.bool)
+    top[torch.arange(s.shape[0]), s.argmax(1)] = True
+    return (s >= threshold) | top
+
+
+def auc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """ROC AUC of ``scores`` (N, M) separating ``labels`` (N, M) bool, per column (M,); ties count half.
+
+    NaN where a column has no positive or no negative. Mann-Whitney U via average ranks (vectorized).
+    """
+    scores = scores.double()
+    N = scores.shape[0]
+    order = scores.argsort(0)
+    sorted_s = scores.gather(0, order)
+    ranks_sorted = torch.arange(1, N + 1, dtype=torch.float64, device=scores.device)[:, None].expand_as(scores)
+    # average ranks of ties: group equal consecutive values
+    new_group = torch.ones_like(sorted_s, dtype=torch.bool)
+    new_group[1:] = sorted_s[1:] != sorted_s[:-1]
+    gid = new_group.long().cumsum(0) - 1  # (N, M)
+    sums = torch.zeros_like(sorted_s).scatter_add_(0, gid, ranks_sorted)
+    cnts = torch.zeros_like(sorted_s).scatter_add_(0, gid, torch.ones_like(sorted_s))
+    avg = (sums / cnts.clamp(min=1)).gather(0, gid)
+    ranks = torch.empty_like(avg).scatter_(0, order, avg)
+    pos = labels.bool()
+    n1 = pos.sum(0).double()
+    n0 = N - n1
+    u = (ranks * pos).sum(0) - n1 * (n1 + 1) / 2
+    out = u / (n1 * n0)
+    return torch.where((n1 > 0) & (n0 > 0), out, torch.full_like(out, float("nan")))
+
+
+def topic_selectivity(names: NeuronTopics, vbar_fit: torch.Tensor, s_fit: torch.Tensor, vbar_eval: torch.Tensor,
+                      s_eval: torch.Tensor, threshold: float = 0.1) -> dict[str, object]:
+    """How well each topic's named neurons separate held-out videos with / without the topic.
+
+    Each neuron is oriented by the sign of (mean on videos with its topic − mean without) on the
+    fitting set (``vbar_fit`` (N, D), topic targets ``s_fit`` (N, K)); a topic's score on a video is the
+    mean oriented activation of its neurons; the AUC of that score on the evaluation set is the
+    topic's selectivity (0.5 = chance). Also returns the index (μ_in − μ_out)/(μ_in + μ_out) on |v̄|
+    per named neuron (METHODS.md §1.10), and each neuron's ``orientation`` (D,) ±1. Topics without
+    neurons or without both classes are skipped.
+    """
+    D, K = names.differences.shape
+    for name, v, s in (("fit", vbar_fit, s_fit), ("eval", vbar_eval, s_eval)):
+        _check_rep(v)
+        if v.shape[1] != D or s.shape != (v.shape[0], K):
+            raise ValueError(f"{name} set: need v̄ (N, {D}) and s (N, {K}); got {tuple(v.shape)}, {tuple(s.shape)}")
+    vf, ve = vbar_fit.double().cpu(), vbar_eval.double().cpu()
+    has_f, has_e = contains_topic(s_fit.cpu(), threshold), contains_topic(s_eval.cpu(), threshold)
+    topic = names.topic
+    named = topic >= 0
+    t_idx = topic.clamp(min=0)
+    in_f = has_f[:, t_idx].double()  # (N, D): video has neuron j's topic
+    mu_in = (vf * in_f).sum(0) / in_f.sum(0).clamp(min=1)
+    mu_out = (vf * (1 - in_f)).sum(0) / (1 - in_f).sum(0).clamp(min=1)
+    sign = torch.where(mu_in >= mu_out, 1.0, -1.0).double()
+    member = torch.zeros(D, K, dtype=torch.float64)
+    member[named.nonzero().flatten(), topic[named]] = 1.0
+    n_per = member.sum(0)
+    score = (ve * sign) @ member / n_per.clamp(min=1)  # (N_eval, K)
+    per_topic = auc(score, has_e)
+    valid = (n_per > 0) & ~torch.isnan(per_topic)
+    a_in = (ve.abs() * has_e[:, t_idx]).sum(0) / has_e[:, t_idx].sum(0).clamp(min=1)
+    a_out = (ve.abs() * ~has_e[:, t_idx]).sum(0) / (~has_e[:, t_idx]).sum(0).clamp(min=1)
+    index = (a_in - a_out) / (a_in + a_out).clamp(min=1e-12)
+    return {
+        "auc_per_topic": [float(x) if valid[t] else None for t, x in enumerate(per_topic)],
+        "mean_auc": float(per_topic[valid].mean()) if valid.any() else float("nan"),
+        "selectivity_index": float(index[named].mean()) if named.any() else float("nan"),
+        "n_named": int(named.sum()),
+        "n_topics_scored": int(valid.sum()),
+        "orientation": sign.float(),
+    }
