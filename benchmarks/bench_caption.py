@@ -7,11 +7,10 @@ compared with one forward pass over the same set (and with a per-neuron Python l
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from _timing import median_time  # noqa: E402
 from semlens.models.captioner import AttentiveCaptioner, CaptionerConfig, Vocabulary
 from semlens.runtime import resolve_device
 from semlens.train.caption_trainer import CaptionData, CaptionTrainConfig, CaptionTrainer, mean_representations
@@ -19,18 +18,7 @@ from semlens.units.pdm import name_neurons
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_time(fn, repeats, device, warmup=1)
 
 
 def synthetic(n: int, T: int, F: int, vocab: Vocabulary, K: int, seed: int) -> CaptionData:

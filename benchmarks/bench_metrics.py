@@ -12,12 +12,11 @@ medians over repeats and the ratio (target <= 1.2), plus a per-image Python-loop
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from torch import nn
 
+from _timing import median_time  # noqa: E402
 from semlens.evaluate.explanations import perturbation_curve
 from semlens.runtime import resolve_device
 
@@ -44,16 +43,7 @@ def build(name: str, device: torch.device) -> tuple[nn.Module, str]:
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_time(fn, repeats, device, warmup=0)
 
 
 def main() -> None:

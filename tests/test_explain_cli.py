@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from typer.testing import CliRunner
 
 from semlens.checkpoint import save_weights
 from semlens.cli.main import app
+from semlens.experiments.demo import DemoContext
 from semlens.explain import attribute, list_methods
 
 USERMOD = textwrap.dedent(
@@ -116,17 +115,6 @@ class _Concepts:
     class_names: list[str]
 
 
-@dataclass
-class _Ctx:
-    out: Path
-    device: torch.device = torch.device("cpu")
-    seed: int = 0
-    artifacts: dict[str, Any] = field(default_factory=dict)
-
-    def path(self, *parts: str) -> Path:
-        p = self.out.joinpath(*parts)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return p
 
 
 def test_demo_step_with_stand_in_context(tmp_path):
@@ -139,7 +127,7 @@ def test_demo_step_with_stand_in_context(tmp_path):
     images = torch.rand(6, 3, 16, 16)
     evidence = torch.zeros(6, 16, 16, dtype=torch.bool)
     evidence[:, 4:12, 4:12] = True
-    ctx = _Ctx(tmp_path, artifacts={"classifier": model, "concepts_test": _Concepts(
+    ctx = DemoContext(tmp_path, torch.device("cpu"), artifacts={"classifier": model, "concepts_test": _Concepts(
         images, torch.tensor([0, 1, 2, 0, 1, 2]), evidence, ["a", "b", "c"])})
     sections = s20_explain.run(ctx)
     html = "".join(sections[0].blocks)
@@ -150,4 +138,5 @@ def test_demo_step_with_stand_in_context(tmp_path):
     # gradient x input conserves the logit up to the biases' share; its ratio is a finite number
     assert "n/a" in by["gradient"]["sum R / logit"]
     assert 0.0 <= by["epsilon-plus-flat"]["positive relevance on evidence"] <= 1.0
-    assert s20_explain.run(_Ctx(tmp_path))[0].blocks  # missing artifacts: a note, not a crash
+    # missing artifacts: a note, not a crash
+    assert s20_explain.run(DemoContext(tmp_path, torch.device("cpu")))[0].blocks
