@@ -12,7 +12,8 @@ from semlens.report import Section
 
 
 def _pick_concept(units_csv, layers, class_names, labels, pred) -> tuple[str, str] | None:
-    """The class-name concept with a detector whose classes the model gets wrong most often."""
+    """The class-name concept with a detector that the model misses most often (images of its classes
+    predicted as a class without it)."""
     from semlens.experiments.correction import deepest_layer_with
 
     best = None
@@ -20,8 +21,8 @@ def _pick_concept(units_csv, layers, class_names, labels, pred) -> tuple[str, st
         layer = deepest_layer_with(units_csv, layers, concept)
         if layer is None:
             continue
-        on = torch.tensor([concept in n.split(" ") for n in class_names])[labels]
-        errors = int((on & (pred != labels)).sum())
+        has = torch.tensor([concept in n.split(" ") for n in class_names])
+        errors = int((has[labels] & ~has[pred]).sum())
         if best is None or errors > best[0]:
             best = (errors, concept, layer)
     return None if best is None else (best[1], best[2])
@@ -53,7 +54,7 @@ def run(ctx: DemoContext) -> list[Section]:
     res = evaluate_correction(corr, test.images, test.labels, test.class_names, concept, n_remarks=16,
                               mu=1e-2, steps=40, lr=1e-3)
     sections = correction_sections(res, "Correction through named units (image classifier)")
-    sections[0].text(f"Concept chosen automatically: '{concept}' (the class concept with a detector whose classes the "
-                     f"demo classifier gets wrong most often). Took {time.perf_counter() - t0:.1f} s. The full "
+    sections[0].text(f"Concept chosen automatically: '{concept}' (the class concept with a detector that the demo "
+                     f"classifier misses most often). Took {time.perf_counter() - t0:.1f} s. The full "
                      "experiment with a class made rare in training is `semlens reproduce correction`.")
     return sections
