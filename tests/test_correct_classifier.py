@@ -94,3 +94,26 @@ def test_enhanced_prediction_equals_manual_patch_and_propagation_fixes_layer(bro
     assert res.data_loss[-1] < 0.5 * res.data_loss[0], res.data_loss[::10]
     assert all(torch.equal(a, b) for a, b in zip(head_before, model[6].parameters(), strict=True))
     assert count_hooks(model) == 0
+
+
+def test_evaluate_correction_selects_missed_concepts_and_huge_mu_changes_nothing(broden, tmp_path):
+    from semlens.experiments.correction import evaluate_correction
+
+    names = UnitNames.from_csv(_names(tmp_path, [{"layer": "2", "unit": 1, "concept": "red", "iou": 0.3}]), "2")
+    model = nn.Sequential(*list(_model())[:-1], nn.Linear(8, len(broden.class_names)))
+    has = torch.tensor(["red" in n.split(" ") for n in broden.class_names])
+    with torch.no_grad():  # a model that always answers a class without red: every red image is "missed"
+        model[-1].bias[int(torch.nonzero(~has)[0])] = 100.0
+    corr = ClassifierCorrector(model, "2", names)
+    corr.fit_references(broden, range(len(broden)))
+    b = broden.load_batch(range(len(broden)))
+    labels = broden.task_labels
+    pred = corr.predict(b.images).argmax(-1)
+    missed = int((has[labels] & ~has[pred]).sum())
+    res = evaluate_correction(corr, b.images, labels, broden.class_names, "red", n_remarks=4, mu=1e12, steps=3)
+    assert missed == int(has[labels].sum()) > 4 and res["remarks"] == 4 and res["heldout_images"] == missed - 4
+    assert res["before"]["remarked_recall"] == 0.0 and res["propagation_distance"] is not None
+    for key in ("test_accuracy", "concept_heldout_recall", "other_classes_accuracy"):
+        assert res["after"][key] == pytest.approx(res["before"][key], abs=1e-6)
+    with pytest.raises(ValueError, match="no class name contains"):
+        evaluate_correction(corr, b.images, labels, broden.class_names, "plaid")
