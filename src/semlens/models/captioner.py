@@ -250,8 +250,28 @@ class AttentiveCaptioner(nn.Module):
     @torch.no_grad()
     def greedy(self, feats: torch.Tensor, lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
         """Greedy decoding: (B, L) word ids (no BOS), EOS kept, PAD after it."""
-        max_len = max_len or self.config.max_len + 1
         v, mask = self.encode(feats, lengths)
+        return self._greedy_states(v, mask, max_len)
+
+    @torch.no_grad()
+    def decode_states(self, v: torch.Tensor, mask: torch.Tensor, beam: int = 1, max_len: int | None = None,
+                      length_penalty: float = 0.0) -> torch.Tensor:
+        """Decode from given encoder states ``v`` (B, T, D) with frame mask (B, T) bool: (B, L) word ids
+        (no BOS, EOS kept, PAD after). ``beam=1`` is greedy decoding (as :meth:`greedy`), else beam search."""
+        if v.dim() != 3 or v.shape[-1] != self.rep_dim:
+            raise ValueError(f"v must be (B, T, {self.rep_dim}); got {tuple(v.shape)}")
+        if mask.shape != v.shape[:2] or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be bool {tuple(v.shape[:2])}; got {mask.dtype} {tuple(mask.shape)}")
+        if not bool(mask.any(1).all()):
+            raise ValueError("every sample needs at least one valid frame in mask")
+        if not torch.isfinite(v).all():
+            raise ValueError("v contains NaN or inf")
+        if beam == 1:
+            return self._greedy_states(v, mask, max_len)
+        return self._beam_states(v, mask, beam, max_len, length_penalty)
+
+    def _greedy_states(self, v: torch.Tensor, mask: torch.Tensor, max_len: int | None) -> torch.Tensor:
+        max_len = max_len or self.config.max_len + 1
         v_proj = self.att_v(v)
         state = self._init_state(v, mask)
         word = torch.full((v.shape[0],), BOS, dtype=torch.long, device=v.device)
@@ -275,8 +295,14 @@ class AttentiveCaptioner(nn.Module):
         """
         if beam < 1:
             raise ValueError(f"beam must be >= 1; got {beam}")
-        max_len = max_len or self.config.max_len + 1
         v, mask = self.encode(feats, lengths)
+        return self._beam_states(v, mask, beam, max_len, length_penalty)
+
+    def _beam_states(self, v: torch.Tensor, mask: torch.Tensor, beam: int, max_len: int | None,
+                     length_penalty: float) -> torch.Tensor:
+        if beam < 1:
+            raise ValueError(f"beam must be >= 1; got {beam}")
+        max_len = max_len or self.config.max_len + 1
         B, T, D = v.shape
         K = beam
         v = v.repeat_interleave(K, 0)
