@@ -25,20 +25,25 @@ def _project(path: Path):
 
 @feedback_app.command("init")
 def init(
-    model: str = typer.Option(..., help="Built-in model name or package.module:factory."),
     weights: Path = typer.Option(..., help="Weights of the model to correct (.safetensors or .pt)."),
-    data: Path = typer.Option(..., help="Broden-format dataset (samples and reference images)."),
-    names: Path = typer.Option(..., help="units.csv written by `semlens dissect`."),
-    layer: str = typer.Option(..., help="The dissected layer whose units are enhanced."),
-    kind: str = typer.Option("classifier", help="Model kind."),
+    data: Path = typer.Option(..., help="Broden dataset (classifier) or MSVD-style features corpus (captioner)."),
+    kind: str = typer.Option("classifier", help="Model kind: classifier or captioner."),
+    model: str = typer.Option("", help="classifier: built-in model name or package.module:factory."),
+    names: Path = typer.Option(None, help="classifier: units.csv written by `semlens dissect`."),
+    layer: str = typer.Option("", help="classifier: the dissected layer whose units are enhanced."),
+    topics: Path = typer.Option(None, help="captioner: topic model JSON (default: WEIGHTS' .topics.json)."),
     project: Path = _PROJECT,
 ) -> None:
     """Create a correction project and register WEIGHTS as its base version."""
     from semlens.correct.project import CorrectionProject
 
+    if kind == "captioner" and topics is None:
+        topics = weights.with_name(weights.stem + ".topics.json")
+    settings = {"data": str(data), "names": str(names) if names else "", "layer": layer,
+                "topics": str(topics) if topics else ""}
     with user_errors():
-        p = CorrectionProject.init(project, kind=kind, model=model, weights=weights, data=str(data),
-                                   names=str(names), layer=layer)
+        p = CorrectionProject.init(project, kind=kind, model=model, weights=weights,
+                                   **{k: v for k, v in settings.items() if v})
         v = p.store.current_version()
     console.print(f"project ready in {project}; base version {v.id}")
 
@@ -46,7 +51,7 @@ def init(
 @feedback_app.command("add")
 def add(
     sample: str = typer.Argument(..., help="Sample id (image file name without extension)."),
-    missing: str = typer.Option(..., "--missing", help="The concept or topic the prediction misses."),
+    missing: str = typer.Option(..., "--missing", help="The concept (classifier) or topic (captioner) missed."),
     text: str = typer.Option("", help="Free text kept with the remark."),
     author: str = typer.Option(None, help="Author (default: $USER)."),
     device: str = typer.Option("cpu"),

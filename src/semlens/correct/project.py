@@ -20,7 +20,7 @@ from semlens.checkpoint import load_weights, read_config, save_weights
 from semlens.correct.store import FeedbackStore, FeedbackStoreError, Remark, suggest
 from semlens.models import build_model
 
-__all__ = ["Corrector", "CorrectionProject", "CORRECTORS", "ClassifierProjectCorrector"]
+__all__ = ["Corrector", "CorrectionProject", "CORRECTORS", "ClassifierProjectCorrector", "CaptionerProjectCorrector"]
 
 
 class Corrector(Protocol):
@@ -100,8 +100,72 @@ class ClassifierProjectCorrector:
         return {"data_loss_first": res.data_loss[0], "data_loss_last": res.data_loss[-1], "steps": res.steps}
 
 
+@dataclass
+class CaptionerProjectCorrector:
+    """Attentive captioner + MSVD-style features corpus; neurons named by PDM on the training split
+    (see :mod:`semlens.correct.captioner`). Topics are named as in the topic model (e.g. ``"dog/runs"``)."""
+
+    config: dict[str, Any]
+    weights: Path
+    device: torch.device
+    remark_kind: str = "missing_topic"
+
+    def __post_init__(self) -> None:
+        from semlens.captioning import analyze_neurons, prepare
+        from semlens.correct.captioner import CaptionCorrector
+        from semlens.models.captioner import AttentiveCaptioner
+        from semlens.units.topics import TopicModel
+        from semlens.world import CaptionCorpus
+
+        cfg = self.config
+        self.model = AttentiveCaptioner.load(self.weights, map_location=self.device).eval()
+        self.corpus = CaptionCorpus(cfg["data"])
+        topics = TopicModel.load(cfg["topics"])
+        splits = {s: list(self.corpus.split(s)) for s in ("train", "test")}
+        ids = splits["train"] + splits["test"]
+        prep = prepare({v: self.corpus.features(v) for v in ids}, {v: self.corpus.captions[v] for v in ids}, splits,
+                       vocab=self.model.vocab, topic_model=topics, max_len=self.model.config.max_len)
+        names = analyze_neurons(self.model, prep)["names"]
+        self.engine = CaptionCorrector.fit(self.model, names, prep.train.feats, prep.train.lengths,
+                                           prep.train.topics, max_neurons=cfg.get("max_neurons"))
+
+    def sample_ids(self) -> list[str]:
+        return list(self.corpus.video_ids)
+
+    def _feats(self, sample_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from semlens.models.captioner import pad_features
+
+        known = set(self.corpus.video_ids)
+        for s in sample_ids:
+            if s not in known:
+                raise KeyError(f"unknown sample id {s!r}.{suggest(s, list(known))}")
+        return pad_features([torch.as_tensor(self.corpus.features(s), dtype=torch.float32) for s in sample_ids])
+
+    def check(self, sample_id: str, target: str) -> None:
+        self._feats([sample_id])
+        self.engine.neurons(target)
+
+    def describe(self, sample_id: str, enhanced: Sequence[str] = ()) -> str:
+        feats, lengths = self._feats([sample_id])
+        return self.engine.captions(feats, lengths, [list(enhanced)] if enhanced else None)[0]
+
+    def unit_names(self, target: str) -> list[str]:
+        return [f"v:{j}" for j in self.engine.neurons(target)]
+
+    def correct(self, remarks: Sequence[Remark], params: dict[str, Any]) -> dict[str, Any]:
+        by_sample: dict[str, list[str]] = {}
+        for r in remarks:
+            by_sample.setdefault(r.sample_id, []).append(r.target)
+        ids = sorted(by_sample)
+        feats, lengths = self._feats(ids)
+        res = self.engine.propagate(feats, lengths, [by_sample[s] for s in ids], mu=params["mu"],
+                                    steps=params["steps"], lr=params["lr"])
+        return {"data_loss_first": res.data_loss[0], "data_loss_last": res.data_loss[-1], "steps": res.steps}
+
+
 CORRECTORS: dict[str, Callable[[dict[str, Any], Path, torch.device], Corrector]] = {
     "classifier": ClassifierProjectCorrector,
+    "captioner": CaptionerProjectCorrector,
 }
 
 DEFAULT_PARAMS = {"mu": 1e-2, "steps": 50, "lr": 1e-3}
@@ -138,8 +202,12 @@ class CorrectionProject:
         if "model_kwargs" not in cfg:
             cfg["model_kwargs"] = read_config(weights).get("model_kwargs", {}) if str(weights).endswith(
                 ".safetensors") else {}
-        for key in ("data", "names"):
-            if key in cfg:
+        required = {"classifier": ("model", "data", "names", "layer"), "captioner": ("data", "topics")}[kind]
+        missing = [k for k in required if not cfg.get(k)]
+        if missing:
+            raise ValueError(f"a {kind} project needs {', '.join('--' + k for k in missing)}")
+        for key in ("data", "names", "topics"):
+            if cfg.get(key):
                 cfg[key] = str(Path(cfg[key]).resolve())
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
