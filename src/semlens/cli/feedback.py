@@ -96,7 +96,7 @@ def show(remark_id: int, project: Path = _PROJECT) -> None:
 def apply(
     mu: float = typer.Option(None, help="Weight of ||theta' - theta||^2 (default 1e-2)."),
     steps: int = typer.Option(None, help="Fine-tuning steps (default 50)."),
-    lr: float = typer.Option(None, help="Learning rate (default 1e-3)."),
+    lr: float = typer.Option(None, help="Adam learning rate (default 1e-4)."),
     device: str = typer.Option("cpu"),
     project: Path = _PROJECT,
 ) -> None:

@@ -168,7 +168,7 @@ CORRECTORS: dict[str, Callable[[dict[str, Any], Path, torch.device], Corrector]]
     "captioner": CaptionerProjectCorrector,
 }
 
-DEFAULT_PARAMS = {"mu": 1e-2, "steps": 50, "lr": 1e-3}
+DEFAULT_PARAMS = {"mu": 1e-2, "steps": 50, "lr": 1e-4}  # METHODS.md §1.6
 
 
 class CorrectionProject:

@@ -3,9 +3,10 @@
 ``semlens reproduce correction`` (issue "Human-in-the-loop correction", image variant):
 
 1. generate concept images; in the training set keep only ``keep_fraction`` of the images of
-   ``rare_class`` (default "red square": red is common elsewhere — red circles — but rare on squares);
+   ``rare_class`` (default "red square": red and squares are common elsewhere, but rarely together);
 2. train ``alexnet-like``; dissect its conv layers on Broden-format training images; pick the deepest
-   conv layer with at least one unit that detects ``concept`` (default "red");
+   conv layer with at least one unit that detects ``concept`` (default "red"; the trained model calls red
+   squares red circles, so the shape is what it misses, but no unit detects "square" — the run reports that);
 3. :func:`evaluate_correction`: remarks are test images of the concept's classes that the model gets
    wrong, each saying "misses <concept>"; measured are the immediate fix (activation enhancement) on
    the remarked images, then correction propagation on them, its generalization to *held-out* test
@@ -43,8 +44,8 @@ class ImageCorrectionConfig:
     lr: float = 2e-3
     n_remarks: int = 16
     mu: float = 1e-2
-    steps: int = 40
-    correct_lr: float = 1e-3
+    steps: int = 50
+    correct_lr: float = 1e-4
     min_iou: float = 0.04
     seed: int = 0
     device: str = "auto"
@@ -71,7 +72,7 @@ def deepest_layer_with(units_csv: str | Path, layers: list[str], concept: str, m
 
 def evaluate_correction(corrector: ClassifierCorrector, images: torch.Tensor, labels: torch.Tensor,
                         class_names: list[str], concept: str, *, n_remarks: int = 16, mu: float = 1e-2,
-                        steps: int = 40, lr: float = 1e-3) -> dict[str, Any]:
+                        steps: int = 50, lr: float = 1e-4) -> dict[str, Any]:
     """Remarks "misses <concept>" on test images of the classes whose name contains ``concept`` that the
     model assigns to a class *without* it; measured before, with enhancement and after propagation:
     concept recall (share of those classes' images predicted as a class with the concept — the image
