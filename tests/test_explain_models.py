@@ -380,3 +380,60 @@ def test_subclass_with_custom_forward_is_checked_not_trusted():
     net = nn.Sequential(ScaledConv(3, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 2)).to(DT)
     with pytest.raises(UnsupportedModelError, match=r"0 \(ScaledConv\): op 'tanh'"):
         attribute(net, torch.rand(1, 3, 6, 6, dtype=DT), 0, "lrp-epsilon")
+
+
+class _ReluUses(nn.Module):
+    """Each conv's output is used differently: module ReLU after BN, functional in-place ReLU, clamp, residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.c = nn.Conv2d(4, 4, 3, padding=1)
+        self.d = nn.Conv2d(4, 4, 3, padding=1)
+        self.e = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.relu(self.bn(self.a(x)))  # a: ReLU after a folded BN (in place)
+        h = F.relu(self.b(h), inplace=True)  # b: functional in-place ReLU
+        h = self.c(h).clamp(min=0)  # c: ReLU written as clamp
+        d = self.d(h)
+        h = F.relu(d) + d  # d: also used by an addition -> negative outputs get relevance
+        h = F.relu(self.e(h))
+        h = h + h.mean()  # e's ReLU output is reused; e itself is still followed only by a ReLU
+        return self.head(h.mean((2, 3)))
+
+
+def test_probe_finds_layers_followed_only_by_relu():
+    from semlens.explain.graph_check import probe_model
+
+    net = _ReluUses().eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    g = probe_model(net, torch.rand(1, 3, 8, 8))
+    assert sorted(g.relu_only) == ["a", "b", "c", "e"]
+
+
+@pytest.mark.parametrize("method", ["epsilon-gamma-box", "epsilon-plus", "epsilon-alpha2-beta1"])
+def test_relu_shortcut_equals_general_path(method, monkeypatch):
+    """Skipping the negative-output half where a ReLU follows gives the same relevance as computing it."""
+    import semlens.explain.attributor as attributor_mod
+
+    net = _ReluUses().to(DT).eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.3, 0.3)
+        net.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(3, 3, 8, 8, dtype=DT)
+    fast = attribute(net, x, 1, method)
+    real_init = attributor_mod._Binding.__init__
+
+    def no_shortcut(self, *args, relu_follows=False, **kw):
+        real_init(self, *args, relu_follows=False, **kw)
+
+    monkeypatch.setattr(attributor_mod._Binding, "__init__", no_shortcut)
+    slow = attribute(net, x, 1, method)
+    torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-12)
+    assert float(fast.abs().sum()) > 0

@@ -104,12 +104,13 @@ class _Mask(torch.autograd.Function):
 class _Binding:
     """A rule bound to one layer: replaces the layer's ``forward`` on the instance while the attributor is active."""
 
-    def __init__(self, attributor: Attributor, name: str, module: nn.Module, rule: Rule) -> None:
+    def __init__(self, attributor: Attributor, name: str, module: nn.Module, rule: Rule,
+                 relu_follows: bool = False) -> None:
         self.attributor = attributor
         self.name = name
         self.module = module
         self.rule = rule
-        self.op = LayerOp(module, name)
+        self.op = LayerOp(module, name, relu_follows)
         self._key: tuple | None = None
         self._params: dict[str, Any] = {}
         self._saved_forward = module.__dict__.get("forward")
@@ -287,7 +288,8 @@ class Attributor:
             if twice:
                 raise ValueError(f"input-domain rule on a layer called more than once per forward: {', '.join(twice)}")
             for name, rule in self.rules.items():
-                self._bindings.append(_Binding(self, name, get_module(self.model, name), rule))
+                self._bindings.append(_Binding(self, name, get_module(self.model, name), rule,
+                                               relu_follows=name in graph.relu_only))
         except BaseException:
             self._teardown()
             raise

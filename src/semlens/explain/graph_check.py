@@ -75,7 +75,9 @@ class ModelGraph:
 
     ``calls``: module name -> number of calls in one forward; ``first_layers``: conv/linear layers reading the model
     input; ``bn_pairs``: (linear name, batchnorm name) pairs where the BN consumes only that layer's output;
-    ``bn_unfoldable``: BN name -> reason; ``culprits``: unsupported modules/ops; ``output_shape``: model output shape.
+    ``bn_unfoldable``: BN name -> reason; ``culprits``: unsupported modules/ops; ``output_shape``: model output shape;
+    ``relu_only``: conv/linear layers every output of which (after its folded BatchNorm, if any) is used by ReLUs only,
+    so that output units with ``z <= 0`` never receive relevance (rules skip the work for them).
     """
 
     calls: dict[str, int] = field(default_factory=dict)
@@ -84,6 +86,7 @@ class ModelGraph:
     bn_unfoldable: dict[str, str] = field(default_factory=dict)
     culprits: list[str] = field(default_factory=list)
     output_shape: tuple[int, ...] = ()
+    relu_only: list[str] = field(default_factory=list)
 
 
 _TRUSTED_FORWARDS = {cls.forward for cls in _TRUSTED}
@@ -149,6 +152,10 @@ class _Probe:
         self.keep: list[Any] = []  # keeps tensors alive so that their ids stay unique during the probe
         self.producer: dict[int, str] = {}  # id(tensor) -> name of the conv/linear module call that produced it
         self.consumers: dict[int, int] = {}
+        # uses of each tensor value, keyed by (id, generation): an in-place ReLU starts a new generation (new value)
+        self.uses: dict[tuple[int, int], list[str]] = {}  # value -> kinds of its uses ("relu", an op or module type)
+        self.generation: dict[int, int] = {}
+        self.outputs: dict[str, list[tuple[int, int]]] = {}  # conv/linear/BN name -> its output values
         self.bn_inputs: dict[str, torch.Tensor] = {}
         self._culprits: dict[str, None] = {}
 
@@ -161,11 +168,17 @@ class _Probe:
     def in_trusted(self) -> bool:
         return any(_trusted(m) for m in self.stack)
 
-    def consume(self, tensors: list[Any]) -> None:
+    def value(self, t: torch.Tensor) -> tuple[int, int]:
+        return id(t), self.generation.get(id(t), 0)
+
+    def consume(self, tensors: list[Any], kind: str = "other", inplace_relu: bool = False) -> None:
         for t in tensors:
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 self.consumers[id(t)] = self.consumers.get(id(t), 0) + 1
+                self.uses.setdefault(self.value(t), []).append(kind)
                 self.keep.append(t)
+        if inplace_relu and tensors and isinstance(tensors[0], torch.Tensor):
+            self.generation[id(tensors[0])] = self.generation.get(id(tensors[0]), 0) + 1
 
     def pre(self, module: nn.Module, args: tuple) -> None:
         name = self.name(module)
@@ -179,7 +192,8 @@ class _Probe:
                     self.culprit(f"{name} ({type(module).__name__}): layer type with parameters "
                                  f"({', '.join(own)}) has no LRP rule")
             return
-        self.consume(list(args))
+        relu = type(module) is nn.ReLU
+        self.consume(list(args), "relu" if relu else type(module).__name__, inplace_relu=relu and module.inplace)
         a = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if isinstance(module, LINEAR_TYPES):
             if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.padding_mode != "zeros":
@@ -197,8 +211,10 @@ class _Probe:
         self.stack.pop()
         if self.in_trusted():
             return
-        if isinstance(module, LINEAR_TYPES) and isinstance(out, torch.Tensor):
-            self.producer[id(out)] = self.name(module)
+        if isinstance(module, LINEAR_TYPES + _BN_TYPES) and isinstance(out, torch.Tensor):
+            if isinstance(module, LINEAR_TYPES):
+                self.producer[id(out)] = self.name(module)
+            self.outputs.setdefault(self.name(module), []).append(self.value(out))
             self.keep.append(out)
 
     def on_op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
@@ -211,7 +227,12 @@ class _Probe:
         op = _op_name(func)
         if op in _QUERY_OPS:
             return
-        self.consume(flat)
+        is_relu = op in ("relu", "relu_") or (op in ("clamp", "clamp_", "clamp_min", "clamp_min_")
+                                              and kwargs.get("min", args[1] if len(args) > 1 else None) == 0
+                                              and kwargs.get("max", args[2] if len(args) > 2 else None) is None)
+        inplace = op.endswith("_") and not op.startswith("__") or kwargs.get("inplace") is True or (
+            op == "relu" and len(args) > 1 and args[1] is True)
+        self.consume(flat, "relu" if is_relu else op, inplace_relu=is_relu and inplace)
         where = self.name(self.stack[-1]) if self.stack else "<model>"
         kind = type(self.stack[-1]).__name__ if self.stack else type(self.model).__name__
         if op in _PASS_OPS:
@@ -254,6 +275,18 @@ class _Probe:
             else:
                 g.bn_pairs.append((src, bn_name))
         g.culprits = list(self._culprits)
+        folded = dict(g.bn_pairs)
+
+        def relu_only(v: tuple[int, int]) -> bool:
+            uses = self.uses.get(v, [])
+            return bool(uses) and all(u == "relu" for u in uses)
+
+        for name, outs in self.outputs.items():
+            if name not in self.producer.values():
+                continue  # a BatchNorm
+            finals = self.outputs.get(folded[name], []) if name in folded else outs
+            if finals and len(finals) == len(outs) and all(relu_only(t) for t in finals):
+                g.relu_only.append(name)
         return g
 
 

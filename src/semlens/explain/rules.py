@@ -71,11 +71,14 @@ class LayerOp:
     ``forward(x, w, b)`` computes the layer with weights ``w`` (same shape as the module's) and bias ``b``;
     ``input_grad(g, w, shape)`` is its transpose (vector-Jacobian product w.r.t. the input, shape ``shape``).
     ``channel_dim`` is the output dimension that indexes output units (1 for convolutions, -1 for Linear).
+    ``relu_follows``: every use of the layer's output (after its folded BatchNorm) is a ReLU, so outputs ``z <= 0``
+    receive zero relevance and a rule may skip their part (set by the attributor from the model probe).
     """
 
-    def __init__(self, module: nn.Module, name: str) -> None:
+    def __init__(self, module: nn.Module, name: str, relu_follows: bool = False) -> None:
         self.module = module
         self.name = name
+        self.relu_follows = relu_follows
         if isinstance(module, nn.Linear):
             self.kind = "linear"
             self.channel_dim = -1
@@ -274,12 +277,22 @@ class Gamma(Rule):
             eps = self.stabilizer
             p["lo"] = torch.tensor([eps, -torch.inf], dtype=w.dtype, device=w.device)
             p["hi"] = torch.tensor([torch.inf, -eps], dtype=w.dtype, device=w.device)
+        zeros = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        p["bp_stab"] = (zeros if p["bp"] is None else p["bp"]) + self.stabilizer
         p["brest"] = None if op.bias is None or b is not None else op.bias.detach()
         return p
 
     def forward(self, op, a, p):
         eps = self.stabilizer
-        if p["cat"] and _nonnegative(a):
+        nonneg = _nonnegative(a)
+        if nonneg and op.relu_follows:
+            # only outputs z > 0 receive relevance (a ReLU follows): they use z+ = a(w + g w+) + b + g b+ >= z > 0, so
+            # the true output and one modified evaluation suffice. The clamp keeps the ratio finite where z <= 0 (its
+            # value there is multiplied by a zero gradient).
+            z = op.forward(a, p["w"], p["b"])
+            zp = op.forward(a, p["wp"], p["bp_stab"]).clamp_(min=eps)
+            return z, ("plus", a, torch.div(z, zp, out=zp), p)
+        if p["cat"] and nonneg:
             # one wider layer gives z+ + eps and z- - eps; (w + g w+) + (w + g w-) = (2 + g) w, so
             # z = (z+ + z-) / (2 + g) (the stabilizers cancel). Where z > 0: z+ >= z > 0; where z < 0: z- <= z < 0;
             # so after clamping z+ >= eps and z- <= -eps, the ratios z / z± are >= 0 exactly on the branch that
@@ -292,7 +305,7 @@ class Gamma(Rule):
                 z = z + op.bias_view(p["brest"], z.ndim)
             trail = [1] * (zz.ndim - dim - 1)
             zz.clamp_(min=p["lo"].view(2, *trail), max=p["hi"].view(2, *trail))
-            return z, ("cat", a, torch.div(z.unsqueeze(dim), zz).clamp_(min=0), dim, p)
+            return z, ("cat", a, torch.div(z.unsqueeze(dim), zz, out=zz).clamp_(min=0), dim, p)
         z = op.forward(a, p["w"], p["b"])
         pos, neg = a.clamp(min=0), a.clamp(max=0)
         zp = op.forward(pos, p["wp"], p["bp"]) + op.forward(neg, p["wn"])
@@ -302,12 +315,12 @@ class Gamma(Rule):
         return z, ("signed", a > 0, a, kp, kn, p)
 
     def backward(self, op, state, g):
+        if state[0] == "plus":
+            _, a, k, p = state
+            return op.input_grad(k.mul_(g), p["wp"], a)
         if state[0] == "cat":
             _, a, kk, dim, p = state
-            hn = g * kk.select(dim, 1)
-            if not bool(hn.any()):  # typical when a ReLU follows: no relevance reaches a negative output
-                return op.input_grad(g * kk.select(dim, 0), p["wp"], a)
-            return op.input_grad((kk * g.unsqueeze(dim)).flatten(dim, dim + 1), p["wcat"], a)
+            return op.input_grad(kk.mul_(g.unsqueeze(dim)).flatten(dim, dim + 1), p["wcat"], a)
         _, positive, shape, kp, kn, p = state
         hp, hn = g * kp, g * kn
         gpos = op.input_grad(hp, p["wp"], shape) + op.input_grad(hn, p["wn"], shape)
@@ -363,9 +376,10 @@ class AlphaBeta(Rule):
         if _nonnegative(a):
             # non-negative inputs: z+ >= 0 and z- <= 0, so stab(z+) = z+ + eps and stab(z-) = z- - eps (where z- = 0
             # every contribution to it is 0, so the sign chosen there does not change the relevance)
-            if not self.beta:  # z+ only: true output plus one modified evaluation
+            if not self.beta:  # z+ only: true output plus one modified evaluation (z+ + eps >= eps > 0)
                 z = op.forward(a, p["w"], p["b"])
-                return z, ("plus", a, z / op.forward(a, p["wp"], p["bp_stab"]), None, p)
+                zp = op.forward(a, p["wp"], p["bp_stab"])
+                return z, ("plus", a, torch.div(z, zp, out=zp), None, p)
             if p["cat"]:  # one wider layer: stabilized channels [z+ + eps ; z- - eps], viewed as (..., 2, C, ...)
                 zz = op.forward(a, p["wcat"], p["bcat_stab"])
                 dim = op.channel_dim % zz.ndim
@@ -373,7 +387,7 @@ class AlphaBeta(Rule):
                 z = zz.sum(dim)  # the stabilizers cancel
                 if p["brest"] is not None:
                     z = z + op.bias_view(p["brest"], z.ndim)
-                return z, ("cat", a, torch.div(z.unsqueeze(dim), zz), dim, p)
+                return z, ("cat", a, torch.div(z.unsqueeze(dim), zz, out=zz), dim, p)
             else:
                 zp, zn = op.forward(a, p["wp"], p["bp"]), op.forward(a, p["wn"], p["bn"])
             z = zp + zn
@@ -394,10 +408,10 @@ class AlphaBeta(Rule):
         kind, *rest = state
         if kind == "cat":
             shape, kk, dim, p = rest
-            return op.input_grad((kk * g.unsqueeze(dim)).flatten(dim, dim + 1), p["wcat_bwd"], shape)
+            return op.input_grad(kk.mul_(g.unsqueeze(dim)).flatten(dim, dim + 1), p["wcat_bwd"], shape)
         if kind == "plus":
             shape, kp, _, p = rest
-            return op.input_grad(g * kp, p["wp_bwd"], shape)
+            return op.input_grad(kp.mul_(g), p["wp_bwd"], shape)
         if kind == "nonneg":
             shape, kp, kn, p = rest
             if kn is None:
