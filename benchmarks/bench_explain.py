@@ -5,6 +5,11 @@ backward-based attribution pays), and of each method inside a prepared :class:`s
 state, as when explaining many batches), with the ratio to forward + input-gradient. One-shot ``attribute()`` calls
 add one single-sample probe forward (model check) and are listed separately.
 
+``flops`` is the ratio of convolution/matmul FLOPs (``torch.utils.flop_counter``) of the method to those of the
+baseline: the floor the time ratio could reach if elementwise work were free. It shows, per model, how many extra
+weight evaluations a rule needs (e.g. Zennit's generalised γ needs both the ``w+γw⁺`` and ``w+γw⁻`` halves, forward
+and backward, wherever relevance reaches negative outputs of a layer, as before a residual sum).
+
     python benchmarks/bench_explain.py [--quick] [--device cpu|cuda|auto] [--repeats N]
 """
 
@@ -18,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -63,6 +69,35 @@ def paired(fn, base, repeats: int, device: torch.device) -> tuple[float, float, 
     return statistics.median(tf), statistics.median(tb), statistics.median(ratios)
 
 
+class _FlopCount(TorchDispatchMode):
+    """Counts the FLOPs of convolutions and matrix products (PyTorch's flop formulas) under dispatch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry
+
+        self.registry = flop_registry
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = self.registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
+def flop_ratio(fn, base) -> float:
+    """Convolution/matmul FLOPs of ``fn`` divided by those of ``base`` (one call each)."""
+    counts = []
+    for f in (fn, base):
+        with _FlopCount() as counter:
+            f()
+        counts.append(counter.total)
+    return counts[0] / counts[1]
+
+
 def bench_model(label: str, model: torch.nn.Module, x: torch.Tensor, repeats: int, device: torch.device,
                 methods: list[str]) -> list[str]:
     target = 0
@@ -81,10 +116,12 @@ def bench_model(label: str, model: torch.nn.Module, x: torch.Tensor, repeats: in
         w[:, target] = 1
         torch.autograd.grad(out, xr, w)
 
-    def show(name: str, t: float, tb: float, ratio: float, goal: float | None = None) -> None:
+    def show(name: str, t: float, tb: float, ratio: float, goal: float | None = None, flops: float | None = None
+             ) -> None:
         verdict = "" if goal is None else f"  target <= {goal:.2f}  {'OK' if ratio <= goal else 'MISSED'}"
+        floor = "" if flops is None else f"  flops {flops:4.2f}"
         rows.append(f"{label:8s} {name:30s} {t * 1e3:9.1f} ms  (baseline {tb * 1e3:8.1f} ms)  ratio {ratio:5.2f}"
-                    f"{verdict}")
+                    f"{floor}{verdict}")
         print(rows[-1], flush=True)
 
     with frozen(model), frozen(base_model):
@@ -93,7 +130,8 @@ def bench_model(label: str, model: torch.nn.Module, x: torch.Tensor, repeats: in
     for method in methods:
         with Attributor(model, method) as attr, frozen(base_model):
             t, tb, r = paired(lambda attr=attr: attr(x, target), fwd_grad, repeats, device)
-        show(method, t, tb, r, TARGETS.get(method))
+            flops = flop_ratio(lambda attr=attr: attr(x, target), fwd_grad)
+        show(method, t, tb, r, TARGETS.get(method), flops)
     with frozen(base_model):
         t, tb, r = paired(lambda: attribute(model, x, target, "epsilon-plus-flat"), fwd_grad, repeats, device)
     show("one-shot attribute(epsilon-plus-flat)", t, tb, r)
