@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -88,3 +90,31 @@ def test_propagation_is_deterministic_and_validates():
         propagate(_encoder(), x, t * float("nan"), representation="2")
     with pytest.raises(ValueError, match="representation has shape"):
         propagate(_encoder(), x, t, representation="0")
+
+
+def test_propagation_stops_the_forward_at_the_representation():
+    """Layers after the representation are not run (they cannot change the loss), and the result equals a run through
+    a model truncated at that layer."""
+    torch.manual_seed(0)
+    full = nn.Sequential(_encoder(), nn.Linear(6, 3))
+    truncated = copy.deepcopy(full[0])  # an independent copy of the encoder alone
+    calls = []
+    full[1].register_forward_hook(lambda *_: calls.append(1))
+    x, t = torch.randn(8, 4), torch.randn(8, 6)
+    propagate(full, x, t, representation="0.2", mu=0.1, steps=5, lr=1e-2)
+    propagate(truncated, x, t, representation="2", mu=0.1, steps=5, lr=1e-2)
+    assert calls == []
+    for a, b, c in zip(full[0].parameters(), truncated.parameters(), _encoder().parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+        assert not torch.equal(a, c)  # both moved away from the initial weights
+
+    class Skips(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 6), nn.Linear(4, 6)
+
+        def forward(self, inp):
+            return self.used(inp)
+
+    with pytest.raises(ValueError, match="did not run"):
+        propagate(Skips(), x, t, representation="unused", steps=1)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from semlens.layers import capture_activations, frozen
+from semlens.layers import frozen, get_module
 
 __all__ = ["reference_activations", "enhance", "propagate", "PropagationResult"]
 
@@ -61,6 +61,33 @@ def enhance(
     shape = [1] * v.dim()
     shape[dim] = n_units
     return v + delta.view(shape)
+
+
+class _Reached(Exception):
+    """Raised by a forward hook to stop the forward pass once the representation exists."""
+
+
+def _forward_to(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
+    """Output of ``layer`` (with its autograd graph) for ``model(x)``; the layers after it are not run."""
+    module = get_module(model, layer)
+    box: dict[str, torch.Tensor] = {}
+
+    def hook(_m: nn.Module, _inputs: object, out: object) -> None:
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"layer {layer!r} returned {type(out).__name__}, not a tensor")
+        box["v"] = out
+        raise _Reached
+
+    handle = module.register_forward_hook(hook)
+    try:
+        model(x)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if "v" not in box:
+        raise ValueError(f"layer {layer!r} did not run during the forward pass")
+    return box["v"]
 
 
 @dataclass
@@ -109,9 +136,7 @@ def propagate(
     def represent(x: torch.Tensor) -> torch.Tensor:
         if callable(representation):
             return representation(model, x)
-        with capture_activations(model, representation, detach=False) as acts:
-            model(x)
-        return acts[representation]
+        return _forward_to(model, representation, x)
 
     bs = batch_size or inputs.shape[0]
     saved_grads = [p.grad for p in chosen]
