@@ -11,7 +11,8 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "rank", "world_size", "shard_indices", "all_reduce_sum", "init_from_env", "barrier"]
+__all__ = ["is_distributed", "rank", "world_size", "local_rank", "shard_indices", "all_reduce_sum", "init_from_env",
+           "barrier", "broadcast", "all_gather", "shutdown"]
 
 
 def is_distributed() -> bool:
@@ -24,6 +25,11 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
+
+
+def local_rank() -> int:
+    """This process's index on its machine (``LOCAL_RANK`` set by ``torchrun``; 0 in one process)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if is_distributed() else 0
 
 
 def init_from_env(backend: str | None = None) -> bool:
@@ -63,3 +69,40 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def _comm(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on a device the process group's backend can exchange (NCCL needs CUDA tensors)."""
+    if dist.get_backend() == "nccl" and t.device.type != "cuda":
+        return t.to(torch.device("cuda", torch.cuda.current_device()))
+    return t
+
+
+def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``t`` on every process with its value on rank ``src`` (in place) and return it."""
+    if is_distributed():
+        c = _comm(t)
+        dist.broadcast(c, src=src)
+        if c is not t:
+            t.copy_(c)
+    return t
+
+
+def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """``[t of rank 0, t of rank 1, ...]`` on every process (same shape everywhere; ``[t]`` in one process).
+
+    The gathered tensors live on ``t``'s device.
+    """
+    if not is_distributed():
+        return [t]
+    c = _comm(t.contiguous())
+    parts = [torch.empty_like(c) for _ in range(world_size())]
+    dist.all_gather(parts, c)
+    return [p.to(t.device) for p in parts]
+
+
+def shutdown() -> None:
+    """Wait for every process, then destroy the default process group (no-op in one process)."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -30,15 +30,19 @@ def register(app: typer.Typer) -> None:
         """Train MODEL on the classification task of DATA (split 'train'; accuracy on split 'val').
 
         Interrupted runs resume from OUT/checkpoints when started again with the same arguments.
+        Data parallel: ``torchrun --nproc_per_node=N -m semlens.cli.main train ...`` splits every batch
+        over N processes (same batches, same result up to float rounding); rank 0 writes the outputs.
         """
         import torch
         from torch.utils.data import TensorDataset
 
+        from semlens import distributed
         from semlens.models import build_model
         from semlens.train import TrainConfig, Trainer
         from semlens.world import BrodenDataset
 
         with user_errors():
+            started = not distributed.is_distributed() and distributed.init_from_env()
             ds = BrodenDataset(data, categories=[])
             if ds.task_labels is None:
                 raise ValueError(f"{data} has no task.csv: not a concept-world dataset with class labels")
@@ -56,8 +60,12 @@ def register(app: typer.Typer) -> None:
             trainer = Trainer(net, TensorDataset(x_tr, y_tr), val, cfg, checkpoint_dir=out / "checkpoints",
                               model_config=config)
             history = trainer.fit()
-            path = trainer.save(out / "model.safetensors")
-            (out / "history.json").write_text(json.dumps(history, indent=2))
-            last = history[-1] if history else {}
-            typer.echo(f"wrote {path}; train acc {last.get('train_acc', float('nan')):.3f}, "
-                       f"val acc {last.get('val_acc', float('nan')):.3f}")
+            path = trainer.save(out / "model.safetensors")  # rank 0 only under torchrun
+            if distributed.rank() == 0:
+                (out / "history.json").write_text(json.dumps(history, indent=2))
+                last = history[-1] if history else {}
+                procs = f" ({distributed.world_size()} processes)" if distributed.is_distributed() else ""
+                typer.echo(f"wrote {path}{procs}; train acc {last.get('train_acc', float('nan')):.3f}, "
+                           f"val acc {last.get('val_acc', float('nan')):.3f}")
+            if started:
+                distributed.shutdown()

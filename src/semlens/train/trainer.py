@@ -11,10 +11,21 @@ RNG states, counters and history; loadable with ``torch.load(weights_only=True)`
 Extra terms: any object with ``layers: list[str]`` (outputs captured with gradients during the
 forward) and ``__call__(model, activations) -> scalar tensor`` added to the loss; its value is logged
 under ``getattr(term, "name", type(term).__name__)``.
+
+Data parallel (``torchrun --nproc_per_node=N``, see docs/training.md): when a process group is
+initialised before the trainer is built, each global batch (the same batches as one process) is cut
+into ``N`` contiguous slices, one per rank. Rank ``r`` back-propagates ``(n_r / b)`` times its slice's
+task loss and activation terms (terms with non-empty ``layers``), and rank 0 alone adds the weight
+terms (empty ``layers``, e.g. :class:`~semlens.train.regularizers.BlockNorm`); the gradients, a
+has-gradient flag per parameter and the step's statistics are then summed in one flattened
+``all_reduce``, so every rank holds the gradient of the full-batch objective and takes the same
+optimizer step. Parameters and buffers are broadcast from rank 0 at the start, buffers (BatchNorm
+running statistics) again after every step. Only rank 0 writes files or shows progress bars.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -28,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from semlens import distributed
 from semlens.checkpoint import CheckpointError, save_weights
 from semlens.layers import capture_activations, frozen
 from semlens.runtime import progress, resolve_device
@@ -114,6 +126,10 @@ class Trainer:
         self.model_config = dict(model_config or {})
         self.loss_fn = loss_fn or F.cross_entropy
         self.device = resolve_device(self.config.device)
+        if distributed.is_distributed() and self.device.type == "cuda" and self.device.index is None:
+            # one GPU per process under torchrun: LOCAL_RANK picks it (and makes it current, for NCCL)
+            self.device = torch.device("cuda", distributed.local_rank() % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
         if len(train_data) == 0:  # type: ignore[arg-type]
             raise ValueError("train_data is empty")
         self.history: list[dict[str, Any]] = []
@@ -134,6 +150,31 @@ class Trainer:
                             generator=torch.Generator().manual_seed(self.config.seed))
         for batch in loader:
             yield batch[0], batch[1]
+
+    def _shard_batches(self, data: Dataset, order: Tensor, batch_size: int):
+        """Yield ``(x, y, b)``: this rank's contiguous slice of each global batch of ``order`` and the global
+        batch size ``b``; ``x`` and ``y`` are ``None`` where the slice is empty (batches smaller than the world).
+        """
+        r, w = distributed.rank(), distributed.world_size()
+        parts = []
+        for s in range(0, len(order), batch_size):
+            b = min(batch_size, len(order) - s)
+            mine = distributed.shard_indices(b, r, w)
+            parts.append((order[s + mine.start: s + mine.stop], b))
+        if isinstance(data, TensorDataset) and len(data.tensors) >= 2:
+            x_all, y_all = data.tensors[0], data.tensors[1]
+            for idx, b in parts:
+                yield (x_all[idx], y_all[idx], b) if len(idx) else (None, None, b)
+            return
+        chunks = [idx.tolist() for idx, _ in parts if len(idx)]
+        loader = iter(DataLoader(data, batch_sampler=chunks, num_workers=self.config.num_workers,
+                                 generator=torch.Generator().manual_seed(self.config.seed)))
+        for idx, b in parts:
+            if len(idx):
+                batch = next(loader)
+                yield batch[0], batch[1], b
+            else:
+                yield None, None, b
 
     def _epoch_order(self, epoch: int) -> Tensor:
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
@@ -159,9 +200,15 @@ class Trainer:
         total = max(1, c.epochs * self.steps_per_epoch())
         return c.lr * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
 
-    def _loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-        """Forward one batch; return total loss, task loss, logits and the extra terms' values."""
-        layers = list(dict.fromkeys(n for t in self.extra_terms for n in t.layers))
+    def _loss(self, x: Tensor, y: Tensor, which: Sequence[int] | None = None
+              ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+        """Forward one batch; return total loss, task loss, logits and the extra terms' values.
+
+        ``which``: indices of the extra terms to evaluate (default all); the values follow that order.
+        """
+        which = range(len(self.extra_terms)) if which is None else which
+        terms = [(self.term_names[i], self.extra_terms[i]) for i in which]
+        layers = list(dict.fromkeys(n for _, t in terms for n in t.layers))
         if layers:
             with capture_activations(self.model, layers, detach=False) as acts:
                 logits = self.model(x)
@@ -170,7 +217,7 @@ class Trainer:
             logits, captured = self.model(x), {}
         task = self.loss_fn(logits, y)
         values = []
-        for name, term in zip(self.term_names, self.extra_terms, strict=True):
+        for name, term in terms:
             v = term(self.model, {k: captured[k] for k in term.layers})
             if not isinstance(v, Tensor) or v.numel() != 1:
                 raise TypeError(f"extra term {name!r} must return a scalar tensor, got {type(v).__name__}")
@@ -186,6 +233,15 @@ class Trainer:
                          running: dict[str, float]) -> None:
         if self.checkpoint_dir is None:
             return
+        extra: dict[str, Any] = {}
+        if distributed.is_distributed():  # collective: every rank's RNG states travel to rank 0
+            extra["world_size"] = distributed.world_size()
+            extra["rng_cpu_ranks"] = [t.cpu() for t in distributed.all_gather(torch.get_rng_state())]
+            if self.device.type == "cuda":
+                cuda_state = torch.cuda.get_rng_state(self.device)
+                extra["rng_cuda_ranks"] = [t.cpu() for t in distributed.all_gather(cuda_state)]
+            if distributed.rank() != 0:
+                return
         d = self.checkpoint_dir
         d.mkdir(parents=True, exist_ok=True)
         state = {
@@ -199,6 +255,7 @@ class Trainer:
             "running": dict(running),
             "history": list(self.history),
             "config": asdict(self.config),
+            **extra,
         }
         tmp = d / "last.pt.tmp"
         torch.save(state, tmp)
@@ -206,26 +263,168 @@ class Trainer:
         os.replace(tmp, d / "last.pt")
 
     def _load_checkpoint(self, opt: torch.optim.Optimizer) -> tuple[int, int, dict[str, float]] | None:
-        if self.checkpoint_dir is None or not (self.checkpoint_dir / "last.pt").is_file():
+        if self.checkpoint_dir is None:
             return None
         path = self.checkpoint_dir / "last.pt"
+        found = path.is_file()
+        if distributed.is_distributed():
+            distributed.barrier()  # rank 0 finished writing before anyone reads
+            self._agree(float(found), f"{path} exists on some processes only: checkpoint_dir must be on a "
+                                      "filesystem shared by all processes")
+        if not found:
+            return None
+        error: Exception | None = None
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             self.model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
         except Exception as err:  # noqa: BLE001 - any failure means an unusable checkpoint
-            raise CheckpointError(f"cannot resume from {path}: {type(err).__name__}: {err}") from err
+            error = err
+        if distributed.is_distributed():
+            self._agree(float(error is not None), f"cannot resume from {path}: unreadable on some processes")
+        if error is not None:
+            raise CheckpointError(f"cannot resume from {path}: {type(error).__name__}: {error}") from error
+        if distributed.is_distributed():
+            self._agree(float(state["global_step"]), f"{path} differs between processes (global_step)")
         saved = state.get("config", {})
         for key in ("batch_size", "seed", "epochs", "optimizer"):
             if saved.get(key) != getattr(self.config, key):
                 raise CheckpointError(f"{path} was written with {key}={saved.get(key)!r}, but this run has "
                                       f"{key}={getattr(self.config, key)!r}; use another checkpoint_dir")
-        torch.set_rng_state(state["rng_cpu"])
-        if torch.cuda.is_available() and state["rng_cuda"]:
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self._restore_rng(state)
         self.global_step = int(state["global_step"])
         self.history = list(state["history"])
         return int(state["epoch"]), int(state["step_in_epoch"]), dict(state["running"])
+
+    def _restore_rng(self, state: dict[str, Any]) -> None:
+        """Put back the RNG states of a checkpoint: each rank its own when the world size is unchanged."""
+        r, w = distributed.rank(), distributed.world_size()
+        if w == 1 or state.get("world_size") == w:
+            torch.set_rng_state(state["rng_cpu_ranks"][r] if w > 1 else state["rng_cpu"])
+        elif r == 0:
+            torch.set_rng_state(state.get("rng_cpu_ranks", [state["rng_cpu"]])[0])
+        else:  # a different number of processes than the run that wrote it: fresh per-rank streams
+            torch.manual_seed(self._rank_seed() + 1_000_003 * int(state["global_step"]))
+        if w > 1 and state.get("world_size") == w and self.device.type == "cuda" and state.get("rng_cuda_ranks"):
+            torch.cuda.set_rng_state(state["rng_cuda_ranks"][r], self.device)
+        elif w == 1 and torch.cuda.is_available() and state["rng_cuda"]:
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+    # -- data parallel ---------------------------------------------------------------------------
+    def _rank_seed(self) -> int:
+        """Seed of this rank's torch RNG (dropout & co.): ``seed`` on rank 0, ``seed + r`` on rank r."""
+        return self.config.seed + distributed.rank()
+
+    def _agree(self, value: float, message: str) -> None:
+        """Raise ``CheckpointError(message)`` on every rank unless ``value`` is the same on all ranks."""
+        values = distributed.all_gather(torch.tensor([value], dtype=torch.float64, device=self.device))
+        if any(v.item() != values[0].item() for v in values):
+            raise CheckpointError(message)
+
+    def _broadcast_tensors(self, tensors: Sequence[Tensor]) -> None:
+        """Overwrite ``tensors`` with rank 0's values: one flattened broadcast per dtype."""
+        groups: dict[torch.dtype, list[Tensor]] = {}
+        for t in tensors:
+            groups.setdefault(t.dtype, []).append(t)
+        with torch.no_grad():
+            for group in groups.values():
+                flat = distributed.broadcast(torch.cat([t.reshape(-1) for t in group]))
+                for t, v in zip(group, flat.split([t.numel() for t in group]), strict=True):
+                    t.copy_(v.view_as(t))
+
+    def _check_distributed_model(self) -> None:
+        """Refuse set-ups that would fail or hang under a process group, naming the culprit."""
+        sync = [n for n, m in self.model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
+        if not sync:
+            return
+        if self.device.type != "cuda":
+            raise ValueError(f"SyncBatchNorm layers {sync} need CUDA tensors (torch {torch.__version__} has no CPU "
+                             "SyncBatchNorm); use plain BatchNorm (rank 0's running statistics are broadcast)")
+        n, b, w = len(self.train_data), self.config.batch_size, distributed.world_size()  # type: ignore[arg-type]
+        if min(b, n % b or b) < w:
+            raise ValueError(f"SyncBatchNorm needs every rank to get samples of every batch, but batch_size={b} with "
+                             f"{n} samples leaves a batch smaller than the {w} processes; change batch_size")
+
+    def _local_step(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, epoch: int, step: int) -> list[float]:
+        """One optimizer step on the whole batch ``x, y`` (one process).
+
+        Returns the step's statistics ``[loss·b, task·b, term_i·b..., correct, b]``.
+        """
+        x, y = x.to(self.device), y.to(self.device)
+        if not torch.isfinite(x).all():
+            raise ValueError(f"training batch {step} of epoch {epoch} contains NaN or inf inputs")
+        total, task, logits, values = self._loss(x, y)
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"loss became {total.item()} at epoch {epoch}, step {step}")
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        if self.config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        opt.step()
+        b = y.shape[0]
+        correct = (logits.argmax(1) == y).sum().item() if logits.dim() == 2 and y.dim() == 1 else 0
+        return [total.item() * b, task.item() * b, *(v.item() * b for v in values), correct, b]
+
+    def _dist_step(self, opt: torch.optim.Optimizer, params: list[nn.Parameter], x: Tensor | None,
+                   y: Tensor | None, b: int, epoch: int, step: int) -> list[float]:
+        """One data-parallel optimizer step on this rank's slice ``x, y`` of a global batch of ``b`` samples.
+
+        Returns the step's statistics summed over ranks: ``[loss·b, task·b, term_i·b..., correct, seen]``.
+        """
+        r = distributed.rank()
+        dtype = functools.reduce(torch.promote_types, [p.dtype for p in params], torch.float32)
+        weight_terms = [i for i, t in enumerate(self.extra_terms) if not t.layers]
+        batch_terms = [i for i, t in enumerate(self.extra_terms) if t.layers]
+        stats = torch.zeros(5 + len(self.extra_terms), dtype=dtype, device=self.device)
+        n = 0 if y is None else int(y.shape[0])
+        opt.zero_grad(set_to_none=True)
+        if n:
+            x, y = x.to(self.device), y.to(self.device)  # type: ignore[union-attr]
+            if not torch.isfinite(x).all():
+                stats[0] = 1.0  # every rank raises below, after the all_reduce
+                n = 0
+        if n:
+            which = batch_terms + (weight_terms if r == 0 else [])
+            _, task, logits, values = self._loss(x, y, which)  # type: ignore[arg-type]
+            per_sample = task + sum(values[: len(batch_terms)]) if batch_terms else task
+            once = sum(values[len(batch_terms):]) if r == 0 and weight_terms else None
+            objective = per_sample * (n / b) if once is None else per_sample * (n / b) + once
+            objective.backward()
+            with torch.no_grad():
+                loss_sum = per_sample.detach() * n + (once.detach() * b if once is not None else 0.0)
+                parts = [loss_sum, task.detach() * n]
+                term_sums = [torch.zeros((), device=self.device)] * len(self.extra_terms)
+                for k, (i, v) in enumerate(zip(which, values, strict=True)):
+                    term_sums[i] = v.detach() * (n if k < len(batch_terms) else b)
+                parts += term_sums
+                if logits.dim() == 2 and y.dim() == 1:  # type: ignore[union-attr]
+                    parts.append((logits.argmax(1) == y).sum())
+                else:
+                    parts.append(torch.zeros((), device=self.device))
+                parts.append(torch.tensor(float(n), device=self.device))
+                stats[1:] = torch.stack([p.to(dtype).reshape(()) for p in parts])
+        # one flattened all_reduce: gradients | has-gradient flags | statistics
+        grads = [p.grad.reshape(-1).to(dtype) if p.grad is not None
+                 else torch.zeros(p.numel(), dtype=dtype, device=self.device) for p in params]
+        flags = torch.tensor([float(p.grad is not None) for p in params], dtype=dtype, device=self.device)
+        buf = distributed.all_reduce_sum(torch.cat([*grads, flags, stats]))
+        total_stats = buf[-stats.numel():].tolist()
+        if total_stats[0] > 0:
+            raise ValueError(f"training batch {step} of epoch {epoch} contains NaN or inf inputs")
+        if not math.isfinite(total_stats[1]):
+            raise FloatingPointError(f"loss became {total_stats[1] / b} at epoch {epoch}, step {step}")
+        offset, flags = 0, buf[-stats.numel() - len(params): -stats.numel()]
+        for p, has in zip(params, flags.tolist(), strict=True):
+            k = p.numel()
+            p.grad = buf[offset: offset + k].view_as(p).to(p.dtype) if has > 0 else None
+            offset += k
+        if self.config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        opt.step()
+        buffers = list(self.model.buffers())
+        if buffers:
+            self._broadcast_tensors(buffers)
+        return total_stats[1:]
 
     # -- public API ------------------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:
@@ -234,14 +433,16 @@ class Trainer:
         Returns one dict per epoch: ``epoch``, ``loss``, ``task_loss``, one key per extra term,
         ``train_acc`` (running, on the training batches), ``val_acc`` (if val_data), ``lr``, ``seconds``.
         """
-        c = self.config
         was_training = self.model.training
         self.model.to(self.device)
+        if distributed.is_distributed():
+            self._check_distributed_model()
+            self._broadcast_tensors([*self.model.parameters(), *self.model.buffers()])
         opt = self._make_optimizer()
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         # dropout & co. draw from torch's RNG, seeded here and isolated from the caller's RNG state
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(c.seed)
+            torch.manual_seed(self._rank_seed())
             try:
                 return self._fit(opt)
             finally:
@@ -255,6 +456,8 @@ class Trainer:
         if resumed is not None:
             start_epoch, start_step, running = resumed
         n_steps = self.steps_per_epoch()
+        parallel = distributed.is_distributed()
+        params = [p for g in opt.param_groups for p in g["params"]]
         for epoch in range(start_epoch, c.epochs):
             t0 = time.perf_counter()
             self.model.train()
@@ -263,31 +466,21 @@ class Trainer:
                 running = {"loss": 0.0, "task_loss": 0.0, "correct": 0.0, "seen": 0.0,
                            **{n: 0.0 for n in self.term_names}}
             order = self._epoch_order(epoch)[skip * c.batch_size:]
-            batches = self._batches(self.train_data, order, c.batch_size)
+            if parallel:
+                batches = self._shard_batches(self.train_data, order, c.batch_size)
+            else:
+                batches = ((x, y, 0) for x, y in self._batches(self.train_data, order, c.batch_size))
             step = skip
-            for x, y in progress(batches, total=n_steps - skip, desc=f"epoch {epoch + 1}/{c.epochs}",
-                                 enabled=c.show_progress):
-                x, y = x.to(self.device), y.to(self.device)
-                if not torch.isfinite(x).all():
-                    raise ValueError(f"training batch {step} of epoch {epoch} contains NaN or inf inputs")
+            for x, y, b in progress(batches, total=n_steps - skip, desc=f"epoch {epoch + 1}/{c.epochs}",
+                                    enabled=c.show_progress if distributed.rank() == 0 else False):
                 for group in opt.param_groups:
                     group["lr"] = self._lr(self.global_step)
-                total, task, logits, values = self._loss(x, y)
-                if not torch.isfinite(total):
-                    raise FloatingPointError(f"loss became {total.item()} at epoch {epoch}, step {step}")
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                if c.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-                opt.step()
-                b = y.shape[0]
-                running["loss"] += total.item() * b
-                running["task_loss"] += task.item() * b
-                for name, v in zip(self.term_names, values, strict=True):
-                    running[name] += v.item() * b
-                if logits.dim() == 2 and y.dim() == 1:
-                    running["correct"] += (logits.argmax(1) == y).sum().item()
-                running["seen"] += b
+                if parallel:
+                    sums = self._dist_step(opt, params, x, y, b, epoch, step)
+                else:
+                    sums = self._local_step(opt, x, y, epoch, step)
+                for key, v in zip(["loss", "task_loss", *self.term_names, "correct", "seen"], sums, strict=True):
+                    running[key] += v
                 step += 1
                 self.global_step += 1
                 if c.checkpoint_every and self.global_step % c.checkpoint_every == 0 and step < n_steps:
@@ -306,18 +499,31 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, dataset: Dataset, batch_size: int | None = None) -> float:
-        """Top-1 accuracy of the model on ``dataset`` of ``(x, y)`` (eval mode; model state restored)."""
+        """Top-1 accuracy of the model on ``dataset`` of ``(x, y)`` (eval mode; model state restored).
+
+        Under a process group this is collective (call it on every rank): each rank scores a contiguous
+        shard and the correct counts are summed, so every rank returns the accuracy on the whole dataset.
+        """
         n = len(dataset)  # type: ignore[arg-type]
         if n == 0:
             raise ValueError("cannot evaluate on an empty dataset")
+        mine = distributed.shard_indices(n)
         correct = 0
         with frozen(self.model):
-            for x, y in self._batches(dataset, torch.arange(n), batch_size or max(256, self.config.batch_size)):
+            for x, y in self._batches(dataset, torch.arange(mine.start, mine.stop),
+                                      batch_size or max(256, self.config.batch_size)):
                 logits = self.model(x.to(self.device))
                 correct += (logits.argmax(1).cpu() == y.cpu()).sum().item()
+        if distributed.is_distributed():
+            correct = int(distributed.all_reduce_sum(torch.tensor([correct], device=self.device)).item())
         return correct / n
 
     def save(self, path: str | os.PathLike, extra_config: dict[str, Any] | None = None) -> Path:
-        """Write the model's weights with ``model_config`` (+ history, + ``extra_config``) as safetensors."""
+        """Write the model's weights with ``model_config`` (+ history, + ``extra_config``) as safetensors.
+
+        Under a process group only rank 0 writes (the weights are identical on every rank); all return the path.
+        """
         cfg = {**self._weights_config(len(self.history)), "history": self.history, **(extra_config or {})}
+        if distributed.rank() != 0:
+            return Path(path)
         return save_weights(self.model, path, config=cfg)
