@@ -181,3 +181,86 @@ def test_report_sections_with_bar_chart_and_unit_cards(tmp_path):
     assert len(sections) == 2 and all("data:image/png" in "".join(s.blocks) for s in sections)
     html = Report(sections=sections).write(tmp_path / "r.html").read_text()
     assert "unit cards" in html
+
+
+def test_layers_of_equal_map_size_are_grouped_without_changing_any_count():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(3, 5, 3, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    ds = random_dataset(n=9)
+    both = dissect(net, ds, ["0", "2", "4"], quantile=0.05, batch_size=4, device="cpu")
+    for name in ("0", "2", "4"):  # "0" and "2" (12x12) share a group
+        alone = dissect(net, ds, name, quantile=0.05, batch_size=4, device="cpu")
+        assert torch.equal(both.layers[name].thresholds, alone.layers[name].thresholds)
+        assert torch.equal(both.layers[name].intersection, alone.layers[name].intersection)
+        assert torch.equal(both.layers[name].activation, alone.layers[name].activation)
+        ref = reference_iou(net, ds, name, both.layers[name].thresholds, (8, 8))
+        np.testing.assert_array_equal(both.layers[name].iou.numpy(), ref)
+
+
+def test_concepts_repeated_across_categories_and_whole_image_labels_count_once():
+    g = torch.Generator().manual_seed(4)
+    n, seg = 6, 8
+    images = torch.rand(n, 3, 12, 12, generator=g)
+    color = torch.randint(0, 4, (n, 2, seg, seg), generator=g)
+    obj = torch.tensor([0, 4, 5, 1, 6])[torch.randint(0, 5, (n, 1, seg, seg), generator=g)]  # 1: a colour, 6: a scene
+    scene = torch.tensor([0, 6, 7])[torch.randint(0, 3, (n, 1), generator=g)]
+    ds = TensorSegmentationDataset(images, LABELS, pixel={"color": color, "object": obj}, image_level={"scene": scene})
+    net = tiny_net()
+    res = dissect(net, ds, ["0", "2"], quantile=0.1, batch_size=4, device="cpu")
+    streamed = dissect(net, ds, ["0", "2"], quantile=0.1, batch_size=5, device="cpu", cache_bytes=0)
+    for name in ("0", "2"):
+        ref = reference_iou(net, ds, name, res.layers[name].thresholds, (seg, seg))
+        np.testing.assert_array_equal(res.layers[name].iou.numpy(), ref)
+        assert torch.equal(res.layers[name].intersection, streamed.layers[name].intersection)
+
+
+@pytest.mark.parametrize("size,seg", [((5, 5), (8, 8)), ((7, 4), (16, 13)), ((16, 16), (6, 6)), ((3, 9), (3, 9))])
+def test_sparse_upsampler_finds_exactly_the_pixels_above_threshold(size, seg):
+    from _dissect_helpers import reference_upsample
+    from semlens.units.dissect import _SparseUpsampler
+
+    g = torch.Generator().manual_seed(size[0] * 31 + seg[1])
+    acts = torch.randn(3, 4, *size, generator=g)
+    acts[0, 1] = 0.5  # a flat map exactly at its threshold: nothing is above it
+    thresholds = acts.transpose(0, 1).reshape(4, -1).quantile(0.8, dim=1)
+    thresholds[1] = 0.5
+    up = reference_upsample(acts, seg) > thresholds.double().numpy().reshape(1, -1, 1, 1)
+    expected = sorted(zip(*(t.tolist() for t in np.nonzero(up.reshape(3, 4, -1))), strict=True))
+    upsampler = _SparseUpsampler(size[0], size[1], seg, torch.device("cpu"))
+    for bound in (thresholds, thresholds - 0.7):  # a table built with a lower bound holds more blocks
+        table = upsampler.block_table(acts, bound)
+        got = [t for chunk in upsampler.active_pixels(*table, thresholds, max_elements=50)
+               for t in zip(*(c.tolist() for c in chunk), strict=True)]
+        assert sorted(got) == expected
+
+
+def test_torch_only_path_used_on_cuda_gives_identical_results(monkeypatch):
+    import importlib
+
+    net, ds = tiny_net(), random_dataset(n=9)
+    fast = dissect(net, ds, ["0", "2"], quantile=0.05, batch_size=4, device="cpu")
+    monkeypatch.setattr(importlib.import_module("semlens.units.dissect"), "NUMPY_ON_CPU", False)
+    monkeypatch.setattr(importlib.import_module("semlens.units.quantile"), "NUMPY_ON_CPU", False)
+    plain = dissect(net, ds, ["0", "2"], quantile=0.05, batch_size=4, device="cpu")
+    for name in ("0", "2"):
+        assert torch.equal(fast.layers[name].thresholds, plain.layers[name].thresholds)
+        assert torch.equal(fast.layers[name].intersection, plain.layers[name].intersection)
+        assert torch.equal(fast.layers[name].activation, plain.layers[name].activation)
+
+
+def test_cache_pruned_with_risen_bounds_still_needs_one_forward_and_gives_the_streamed_counts(monkeypatch):
+    import importlib
+
+    mod = importlib.import_module("semlens.units.dissect")
+    net, ds = tiny_net(), random_dataset(n=40, size=24, seg=16)
+    load, calls, prunes = ds.load_batch, [], []
+    monkeypatch.setattr(ds, "load_batch", lambda idx: calls.append(1) or load(idx))
+    prune = mod._prune_cache
+    monkeypatch.setattr(mod, "_prune_cache", lambda c, b: prunes.append(1) or prune(c, b))
+    cached = dissect(net, ds, ["0", "2"], quantile=0.02, batch_size=2, device="cpu", cache_bytes=100_000)
+    assert prunes and len(calls) == 1 + 20  # probe + one forward per batch: the pruned cache fitted
+    streamed = dissect(net, ds, ["0", "2"], quantile=0.02, batch_size=2, device="cpu", cache_bytes=0)
+    for name in ("0", "2"):
+        assert torch.equal(cached.layers[name].intersection, streamed.layers[name].intersection)
+        assert torch.equal(cached.layers[name].activation, streamed.layers[name].activation)

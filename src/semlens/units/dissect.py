@@ -5,7 +5,7 @@ Two streamed passes over a Broden-format dataset (see ``docs/dissection.md``):
 1. **Thresholds.** For every unit ``k`` of every probed layer, ``T_k`` is the ``1 − quantile`` quantile
    of its activations over every spatial location of every image (exact when the needed top values
    fit in ``quantile_memory`` bytes, otherwise a fixed-memory sketch with a documented error bound;
-   :mod:`semlens.units.quantile`).
+   :mod:`semlens.units.quantile`). The exact estimator keeps a running lower bound of ``T_k``.
 2. **Tally.** Activation maps are upsampled bilinearly (``align_corners=False``) to the mask
    resolution, binarised with ``S_k(x) > T_k`` and counted against the concept masks: per unit ×
    concept intersections (``bincount`` over ``unit · L + label`` keys of the active pixels), per unit ×
@@ -13,13 +13,19 @@ Two streamed passes over a Broden-format dataset (see ``docs/dissection.md``):
    label pixels, all in int64. A pixel carries a set of concepts (pixel-map entries of every chosen
    category plus the image's whole-image labels), each counted once.
 
+The upsampling is sparse: only the 2×2-cell "blocks" with a corner above the threshold are evaluated
+(float64, the exact ``F.interpolate`` formula). During pass 1 the blocks above the running lower bound
+(a superset of those above the final ``T_k``; a few % of the cells) are kept with their corner values,
+and the encoded labels too, while they fit in ``cache_bytes``; pass 2 then needs no second forward.
+Layers with the same map size are processed as one group (their units concatenated).
+
 ``IoU[k, c] = I[k, c] / (A[k, cat(c)] + L[c] − I[k, c] + 1e-10)`` exactly as NetDissect-Lite. Each unit
 is labelled with its best concept over all categories; it is a detector when that IoU exceeds
 ``iou_threshold``; a layer's unique detectors are the distinct concepts of its detectors.
 
-Memory does not depend on the number of images; runs resume from a checkpoint directory; under
-``torchrun`` each process takes a contiguous shard and integer counts are summed, so the result is
-identical to a one-process run.
+Memory does not depend on the number of images (the cache is capped; beyond it the data are streamed
+twice); runs resume from a checkpoint directory; under ``torchrun`` each process takes a contiguous
+shard and integer counts are summed, so the result is identical to a one-process run.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -252,17 +259,18 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str] | None
 
 
 # ----------------------------------------------------------------------------------------------
-# labels: per batch, a set of concept columns per pixel
+# labels: per batch, a set of concept numbers per pixel
 
 
 @dataclass
 class _Labels:
-    pixel: torch.Tensor  # (B, Kp, P) int64 column + 1 (0 = none), deduplicated per pixel
-    image: torch.Tensor  # (B, Ki) int64 column + 1, deduplicated per image
+    pixel: torch.Tensor  # (B * P, Kp) concept numbers (0 = none), deduplicated per pixel; uint8/int16/int32
+    image: torch.Tensor  # (B, Ki) int64 concept numbers, deduplicated per image
     annotated: torch.Tensor  # (B, n_categories) float64 0/1
+    label_pixels: torch.Tensor  # (n_numbers,) int64 labelled pixels per concept number in this batch
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.pixel, self.image, self.annotated))
+        return sum(t.numel() * t.element_size() for t in (self.pixel, self.image, self.annotated, self.label_pixels))
 
 
 def _dedupe(labels: torch.Tensor) -> torch.Tensor:
@@ -274,24 +282,39 @@ def _dedupe(labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _compact_dtype(n_numbers: int) -> torch.dtype:
+    """Smallest integer dtype holding concept numbers 0 .. n_numbers − 1."""
+    if n_numbers <= 256:
+        return torch.uint8
+    return torch.int16 if n_numbers <= 2**15 else torch.int32
+
+
 class _LabelEncoder:
-    """Turns a batch's label maps into concept-number sets per pixel (0 = none)."""
+    """Turns a batch's label maps into deduplicated concept-number sets per pixel (0 = none).
+
+    Each pixel-label channel (an entry k of a category's (B, K, sh, sw) maps) is histogrammed once;
+    two channels (or a channel and the whole-image labels) are compared pixel by pixel only when
+    their histograms share a concept, i.e. only when a duplicate is possible in this batch.
+    """
 
     def __init__(self, categories: list[str], n_numbers: int, seg: tuple[int, int], device: torch.device):
         self.categories, self.n_numbers, self.seg, self.device = categories, n_numbers, seg, device
+        self.dtype = _compact_dtype(n_numbers)
 
-    def _cols(self, t: torch.Tensor, where: str) -> torch.Tensor:
-        t = t.to(self.device, torch.long)
-        if t.numel():
-            lo, hi = int(t.min()), int(t.max())
-            if lo < 0 or hi >= self.n_numbers:
-                bad = hi if hi >= self.n_numbers else lo
-                raise DissectionError(f"{where} holds concept number {bad}, which is not in the dataset's label table")
-        return t
+    def _hist(self, t: torch.Tensor, where: str) -> torch.Tensor:
+        """(n_numbers,) int64 histogram of the 1-D integer tensor ``t``; bad numbers raise DissectionError."""
+        try:
+            hist = torch.bincount(t, minlength=self.n_numbers)  # raises on negative numbers
+        except RuntimeError:
+            hist = None
+        if hist is None or hist.numel() > self.n_numbers:
+            bad = int(t.min()) if hist is None else int(t.max())
+            raise DissectionError(f"{where} holds concept number {bad}, which is not in the dataset's label table")
+        return hist
 
     def encode(self, batch: Any, b: int) -> _Labels:
         P = self.seg[0] * self.seg[1]
-        pix, img, ann = [], [], []
+        chans, hists, img, ann = [], [], [], []
         for cat in self.categories:
             t = (getattr(batch, "pixel", None) or {}).get(cat)
             if t is not None and t.numel():
@@ -300,24 +323,49 @@ class _LabelEncoder:
                 if tuple(t.shape[-2:]) != self.seg:
                     raise DissectionError(f"masks of category {cat!r} are {tuple(t.shape[-2:])}, expected "
                                           f"{self.seg} (mismatched mask size)")
-                pix.append(self._cols(t.reshape(b, -1, P), f"pixel labels of {cat!r}"))
+                if t.is_floating_point() or t.dtype == torch.bool:
+                    raise DissectionError(f"pixel labels of {cat!r} must be integers, got {t.dtype}")
+                t = t.to(self.device)
+                for j in range(t.shape[1]):
+                    chans.append(t[:, j].reshape(-1))
+                    hists.append(self._hist(chans[-1], f"pixel labels of {cat!r}"))
             s = (getattr(batch, "image_level", None) or {}).get(cat)
             if s is not None and s.numel():
-                img.append(self._cols(s.reshape(b, -1), f"whole-image labels of {cat!r}"))
+                s = s.to(self.device, torch.long).reshape(b, -1)
+                self._hist(s.reshape(-1), f"whole-image labels of {cat!r}")
+                img.append(s)
             a = (getattr(batch, "annotated", None) or {}).get(cat)
             if a is None:
                 a = torch.zeros(b, dtype=torch.bool, device=self.device)
                 if t is not None and t.numel():
-                    a = a | t.reshape(b, -1).to(self.device).gt(0).any(1)
+                    a = a | t.reshape(b, -1).gt(0).any(1)
                 if s is not None and s.numel():
-                    a = a | s.reshape(b, -1).to(self.device).gt(0).any(1)
+                    a = a | s.gt(0).any(1)
             ann.append(a.to(self.device).reshape(b).bool())
-        pixel = _dedupe(torch.cat(pix, 1)) if pix else torch.zeros(b, 0, P, dtype=torch.long, device=self.device)
         image = _dedupe(torch.cat(img, 1)) if img else torch.zeros(b, 0, dtype=torch.long, device=self.device)
-        if pixel.shape[1] and image.shape[1]:  # a whole-image concept already covers every pixel
-            covered = (pixel.unsqueeze(-1) == image[:, None, None, :]).any(-1)
-            pixel = pixel.masked_fill(covered, 0)
-        return _Labels(pixel, image, torch.stack(ann, 1).double())
+        image_hist = torch.bincount(image.reshape(-1), minlength=self.n_numbers)
+        present = [h[1:] > 0 for h in hists]
+        in_image = image_hist[1:] > 0
+        for k, ch in enumerate(chans):
+            dup = None
+            for j in range(k):  # the same concept in an earlier channel at the same pixel
+                if bool((present[k] & present[j]).any()):
+                    same = ch == chans[j]
+                    dup = same if dup is None else dup | same
+            if bool((present[k] & in_image).any()):  # a whole-image concept already covers every pixel
+                covered = (ch.view(b, P, 1) == image.view(b, 1, -1)).any(-1).view(-1)
+                dup = covered if dup is None else dup | covered
+            if dup is not None:
+                chans[k] = ch.masked_fill(dup, 0)
+                hists[k] = torch.bincount(chans[k], minlength=self.n_numbers)
+        if chans:
+            pixel = torch.stack([c.to(self.dtype) for c in chans], 1)
+        else:
+            pixel = torch.zeros(b * P, 0, dtype=self.dtype, device=self.device)
+        label_pixels = P * image_hist
+        for h in hists:
+            label_pixels += h
+        return _Labels(pixel, image, torch.stack(ann, 1).double(), label_pixels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,18 +390,21 @@ class _ThresholdPass:
             if isinstance(e, ExactTopQuantile):
                 gathered = all_gather_cat(e.values.contiguous(), dim=1)
                 e.values = e.values[:, :0]
-                e.update(gathered)
+                e.merge(gathered)
             else:
                 distributed.all_reduce_sum(e.counts)
 
 
 class _TallyPass:
-    def __init__(self, shapes: dict[str, int], n_cols: int, n_cats: int, top_n: int, device: torch.device):
+    """Pass-2 counts: intersections and activated pixels per group of layers, top images per layer."""
+
+    def __init__(self, groups: dict[str, int], layers: dict[str, int], n_cols: int, n_cats: int, top_n: int,
+                 device: torch.device):
         z = {"dtype": torch.int64, "device": device}
-        self.inter = {n: torch.zeros(c, n_cols, **z) for n, c in shapes.items()}
-        self.act = {n: torch.zeros(c, n_cats, **z) for n, c in shapes.items()}
-        self.top_val = {n: torch.full((c, top_n), float("-inf"), device=device) for n, c in shapes.items()}
-        self.top_idx = {n: torch.full((c, top_n), -1, **z) for n, c in shapes.items()}
+        self.inter = {g: torch.zeros(c, n_cols, **z) for g, c in groups.items()}
+        self.act = {g: torch.zeros(c, n_cats, **z) for g, c in groups.items()}
+        self.top_val = {n: torch.full((c, top_n), float("-inf"), device=device) for n, c in layers.items()}
+        self.top_idx = {n: torch.full((c, top_n), -1, **z) for n, c in layers.items()}
         self.label_pixels = torch.zeros(n_cols, **z)
         self.annotated = torch.zeros(n_cats, **z)
         self.top_n = top_n
@@ -400,92 +451,269 @@ def bilinear_axis(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, to
     return i0, i1, src - i0
 
 
+NUMPY_ON_CPU = True  # CPU tensors take NumPy's faster kernels in the helpers below; False: torch only
+
+
+def _greater(a: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) bool ``a > bound`` per channel (bound: (C,)); NumPy's kernel on CPU (about 2x faster)."""
+    if NUMPY_ON_CPU and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and a.is_contiguous():
+        return torch.from_numpy(np.greater(a.numpy(), bound.to(a.dtype).numpy().reshape(1, -1, 1, 1)))
+    return a > bound.view(1, -1, 1, 1)
+
+
+def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(0, idx)``; NumPy's gather on CPU (several times faster for large sparse gathers)."""
+    if NUMPY_ON_CPU and t.device.type == "cpu" and idx.device.type == "cpu" and t.dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(t.numpy()[idx.numpy()])
+    return t.index_select(0, idx)
+
+
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool)
+
+
+def _take_cols(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(1, idx)`` for a 2-D ``t``, contiguous; NumPy's gather on CPU."""
+    if NUMPY_ON_CPU and t.device.type == "cpu" and idx.device.type == "cpu" and t.dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(np.ascontiguousarray(t.numpy()[:, idx.numpy()]))
+    return t.index_select(1, idx)
+
+
+def _or_shifted(mask: torch.Tensor, shift: int) -> torch.Tensor:
+    """(n,) bool ``mask[i] | mask[i + shift]`` (the last ``shift`` entries unchanged); NumPy on CPU."""
+    if shift >= mask.numel():
+        return mask
+    if NUMPY_ON_CPU and mask.device.type == "cpu":
+        m = mask.numpy()
+        out = m.copy()
+        np.logical_or(m[:-shift], m[shift:], out=out[:-shift])
+        return torch.from_numpy(out)
+    out = mask.clone()
+    out[:-shift] |= mask[shift:]
+    return out
+
+
+def _nonzero_coords(mask: torch.Tensor) -> torch.Tensor:
+    """(ndim, n) int64 coordinates of the True entries of a bool tensor, in ascending (row-major) order.
+
+    NumPy on CPU (several times faster than ``torch.nonzero`` there).
+    """
+    if NUMPY_ON_CPU and mask.device.type == "cpu" and mask.ndim == 1:
+        return torch.from_numpy(np.flatnonzero(mask.numpy())).unsqueeze(0)
+    if NUMPY_ON_CPU and mask.device.type == "cpu" and mask.ndim == 3:
+        m = mask.numpy()
+        a, b, n = m.shape
+        flat = np.flatnonzero(m)
+        # entries per (i, j) plane from the sorted flat indices: no division over the n entries
+        counts = np.diff(np.searchsorted(flat, np.arange(a * b + 1) * n))
+        planes = np.arange(a * b)
+        coords = np.stack([np.repeat(planes // b, counts), np.repeat(planes % b, counts),
+                           flat - np.repeat(planes * n, counts)])
+        return torch.from_numpy(coords)
+    return mask.nonzero().t()
+
+
+def _tiles(i0: torch.Tensor, n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut the output indices of each source index into tiles of at most S = ceil(n_out / n_in).
+
+    Returns table (n_tiles, S) output indices (−1 padded), first (n_in,) first tile of each source
+    index and count (n_in,) its number of tiles (0 when no output reads it first).
+    """
+    n_out = i0.numel()
+    size = max(1, -(-n_out // n_in))
+    counts = torch.bincount(i0, minlength=n_in)
+    tiles_per = -(-counts // size)  # ceil
+    first = torch.cumsum(tiles_per, 0) - tiles_per
+    order = torch.argsort(i0, stable=True)  # output indices grouped by source index, ascending
+    rank = torch.arange(n_out) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    tile = first[i0[order]] + rank // size
+    table = torch.full((int(tiles_per.sum()), size), -1, dtype=torch.long)
+    table[tile, rank % size] = order
+    return table, first, tiles_per
+
+
 class _SparseUpsampler:
     """Bilinear upsampling (h, w) -> (sh, sw) evaluated only where it can exceed a threshold.
 
     Output pixel (i, j) is a convex combination of the source cells (i0(i) | i1(i), j0(j) | j1(j)),
     with i1 ∈ {i0, i0 + 1}. Grouping output pixels by (i0, j0) partitions them into blocks; block
-    (y, x) can only hold a value above ``T`` when one of the cells (y|y+1, x|x+1) is above ``T``. So
-    only blocks next to an active cell (about ``quantile`` of all cells) are evaluated, in float64,
-    each output pixel at most once: O(active cells × scale²) work instead of O(units × sh × sw).
+    (y, x) can only hold a value above ``T`` when one of its corner cells (y|y+1, x|x+1) is above
+    ``T``. So only blocks next to an active cell (about ``quantile`` of all cells) are evaluated, in
+    float64 exactly as ``(1−ly)·((1−lx)·a00 + lx·a01) + ly·((1−lx)·a10 + lx·a11)``, each output pixel at
+    most once: O(active cells × scale²) work instead of O(units × sh × sw). Blocks are cut into tiles
+    of ⌈scale⌉ × ⌈scale⌉ pixels (edge blocks are larger), and a tile is skipped when the bilinear
+    form's maximum over the tile (at one of its four extreme (ly, lx) vertices) is clearly below ``T``.
+
+    A *block table* is ``(coords, corners)``: coords (3, n) int16/int32 rows (image, unit, cell y·w + x) of
+    the blocks in the (B, C, h, w) activations, corners (4, n) float32 values of cells (y, x), (y, x1),
+    (y1, x), (y1, x1). Blocks selected with a bound ``≤ T`` contain every block needed for ``T``, so a
+    table built during the threshold pass (with the quantile's running lower bound) replaces the
+    activations.
     """
 
     def __init__(self, h: int, w: int, seg: tuple[int, int], device: torch.device) -> None:
-        self.seg = seg
-        self.iy0, self.iy1, self.ly = (t.to(device) for t in bilinear_axis(h, seg[0]))
-        self.ix0, self.ix1, self.lx = (t.to(device) for t in bilinear_axis(w, seg[1]))
-        self.rows_of = self._blocks(self.iy0, h).to(device)  # (h, R)
-        self.cols_of = self._blocks(self.ix0, w).to(device)  # (w, K)
-        # per block: weights of its output rows/cols (0 in padding) and the second source index
-        # NaN in padding slots: their values compare False with any threshold, no validity mask needed
-        self.ly_block = torch.where(self.rows_of >= 0, self.ly[self.rows_of.clamp_min(0)], float("nan"))
-        self.lx_block = torch.where(self.cols_of >= 0, self.lx[self.cols_of.clamp_min(0)], float("nan"))
-        self.next_y = torch.clamp(torch.arange(h, device=device) + 1, max=h - 1)
-        self.next_x = torch.clamp(torch.arange(w, device=device) + 1, max=w - 1)
+        self.h, self.w, self.seg = h, w, seg
+        iy0, _, ly = bilinear_axis(h, seg[0])
+        ix0, _, lx = bilinear_axis(w, seg[1])
+        ty, self.first_y, self.count_y = (t.to(device) for t in _tiles(iy0, h))
+        tx, self.first_x, self.count_x = (t.to(device) for t in _tiles(ix0, w))
+        self.size = ty.shape[1], tx.shape[1]
+        self.rows_of, self.cols_of = ty.reshape(-1), tx.reshape(-1)  # (tiles · S,) output rows / cols, −1 padded
+        # per tile: weights of its output rows/cols; NaN in padding slots: their values compare False
+        # with any threshold, so no validity mask is needed
+        ly, lx = ly.to(device), lx.to(device)
+        self.ly_tile = torch.where(ty >= 0, ly[ty.clamp_min(0)], float("nan"))
+        self.lx_tile = torch.where(tx >= 0, lx[tx.clamp_min(0)], float("nan"))
+        # extreme weights of each tile (the bilinear form's maximum over a tile sits at one of them)
+        self.ly_ext = torch.stack([self.ly_tile.nan_to_num(2.0).amin(1), self.ly_tile.nan_to_num(-1.0).amax(1)], 1)
+        self.lx_ext = torch.stack([self.lx_tile.nan_to_num(2.0).amin(1), self.lx_tile.nan_to_num(-1.0).amax(1)], 1)
+        # transposed copies: gathering columns gives (S, n) blocks whose long axis is contiguous
+        self.ly_tile_t, self.lx_tile_t = self.ly_tile.t().contiguous(), self.lx_tile.t().contiguous()
+        self.ly_ext_t, self.lx_ext_t = self.ly_ext.t().contiguous(), self.lx_ext.t().contiguous()
+        # per cell (y·w + x): row, column, and flat offsets to its right and lower neighbours (clamped)
+        cell = torch.arange(h * w, device=device)
+        self.y_of, self.x_of = cell // w, cell % w
+        self.d_right = (self.x_of < w - 1).long()
+        self.d_down = (self.y_of < h - 1).long() * w
 
-    @staticmethod
-    def _blocks(i0: torch.Tensor, n_in: int) -> torch.Tensor:
-        """(n_in, R): output indices whose first source index is each input index (−1 padded)."""
-        counts = torch.bincount(i0, minlength=n_in)
-        width = max(1, int(counts.max()))
-        table = torch.full((n_in, width), -1, dtype=torch.long)
-        order = torch.argsort(i0, stable=True)
-        slot = torch.arange(i0.numel()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        table[i0[order], slot] = order
-        return table
+    def block_table(self, acts: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks with a corner cell above ``bound`` (C,): coords (3, n) int16 (int32 when a size exceeds
+        32767) rows (image, unit, cell y·w + x), in ascending order, and corners (4, n) float32.
 
-    def active_pixels(self, acts: torch.Tensor, thresholds: torch.Tensor,
+        acts: (B, C, h, w). Dense work: one comparison, two boolean ORs and one nonzero over the cells.
+        """
+        acts = acts.contiguous()
+        B, C, h, w = acts.shape
+        above = _greater(acts, bound).view(-1)
+        # block (y, x) reads cells (y|y+1, x|x+1): OR the flat mask with itself shifted by 1 and by w. The
+        # shifts also flag a few blocks at row and plane ends whose (clamped) corners are all below the
+        # bound; harmless, since every consumer re-checks the corners against its own threshold
+        coords = _nonzero_coords(_or_shifted(_or_shifted(above, 1), w).view(B, C, h * w))
+        b, u, cell = coords
+        keys = (b * C + u) * (h * w) + cell
+        k01 = keys + _take(self.d_right, cell)
+        k10 = keys + _take(self.d_down, cell)
+        k11 = k01 + (k10 - keys)
+        flat = acts.view(-1)
+        corners = torch.stack([_take(flat, k) for k in (keys, k01, k10, k11)], 0).float()
+        return coords.to(torch.int16 if max(B, C, h * w) < 2**15 else torch.int32), corners
+
+    def active_pixels(self, coords: torch.Tensor, corners: torch.Tensor, thresholds: torch.Tensor,
                       max_elements: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield chunks of active pixels as (image, unit, pixel index) int64 triples, each pixel once.
 
-        acts: (B, C, h, w); thresholds: (C,). A pixel is active when its upsampled value > threshold.
+        coords, corners: a block table (see the class docstring); thresholds: (units,). A pixel is
+        active when its upsampled value (float64) > its unit's threshold.
         """
         sw = self.seg[1]
-        # block (y, x) needs evaluation when one of the cells (y|y+1, x|x+1) exceeds the threshold:
-        # expand each active cell to the (up to) 4 blocks that read it, then deduplicate (sparse work)
-        B, C, h, w = acts.shape
-        cb, cu, cy, cx = (acts > thresholds.view(1, -1, 1, 1)).nonzero(as_tuple=True)
-        dy = torch.tensor([0, -1, 0, -1], device=acts.device)
-        dx = torch.tensor([0, 0, -1, -1], device=acts.device)
-        ny, nx = cy.unsqueeze(1) + dy, cx.unsqueeze(1) + dx
-        ok = (ny >= 0) & (nx >= 0)
-        keys = (((cb * C + cu) * h).unsqueeze(1) + ny) * w + nx
-        keys = torch.unique(keys[ok])
-        b, rest = keys // (C * h * w), keys % (C * h * w)
-        u, y, x = rest // (h * w), (rest % (h * w)) // w, rest % w
-        flat = acts.reshape(-1)
-        lyr, lxc = self.ly_block, self.lx_block
-        R, K = self.rows_of.shape[1], self.cols_of.shape[1]
-        chunk = max(1, max_elements // (R * K))
-        for s in range(0, b.numel(), chunk):
-            bs, us, ys, xs = b[s:s + chunk], u[s:s + chunk], y[s:s + chunk], x[s:s + chunk]
-            base = (bs * C + us) * (h * w)
-            y1, x1 = self.next_y[ys], self.next_x[xs]  # i1, j1 of the block (the block shares its 2x2 cells)
-            a00, a01 = flat[base + ys * w + xs].double(), flat[base + ys * w + x1].double()
-            a10, a11 = flat[base + y1 * w + xs].double(), flat[base + y1 * w + x1].double()
-            lx, ly = lxc[xs], lyr[ys]  # (n, K), (n, R); padding slots hold NaN
-            top = (1 - lx) * a00.unsqueeze(1) + lx * a01.unsqueeze(1)  # (n, K)
-            bottom = (1 - lx) * a10.unsqueeze(1) + lx * a11.unsqueeze(1)
-            val = (1 - ly).unsqueeze(2) * top.unsqueeze(1) + ly.unsqueeze(2) * bottom.unsqueeze(1)  # (n, R, K)
-            k, r, c = (val > thresholds[us].double().view(-1, 1, 1)).nonzero(as_tuple=True)
-            ysk, xsk = ys[k], xs[k]
-            yield bs[k], us[k], self.rows_of[ysk, r] * sw + self.cols_of[xsk, c]
+        top_corner = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
+        live = _nonzero_coords(top_corner > _take(thresholds, coords[1].long()))[0]  # a corner above T
+        img, u, cell = _take_cols(coords, live).long()
+        corners = _take_cols(corners, live)  # (4, n)
+        y, x = _take(self.y_of, cell), _take(self.x_of, cell)
+        # blocks -> tiles (1, 2 or 4 per block)
+        ny, nx = _take(self.count_y, y), _take(self.count_x, x)
+        per = ny * nx
+        if bool((per == 1).all()):
+            blk = None
+            ty, tx = _take(self.first_y, y), _take(self.first_x, x)
+            c, uu = corners.double(), u
+        else:
+            blk = torch.repeat_interleave(torch.arange(live.numel(), device=live.device), per)
+            j = torch.arange(blk.numel(), device=live.device) - torch.repeat_interleave(torch.cumsum(per, 0) - per, per)
+            nxb = _take(nx, blk)
+            ty = _take(self.first_y, _take(y, blk)) + j // nxb
+            tx = _take(self.first_x, _take(x, blk)) + j % nxb
+            c, uu = _take_cols(corners, blk).double(), _take(u, blk)
+        t = _take(thresholds.double(), uu)
+        S, K = self.size
+        # corners and weights are (4 | S | K, n): every elementwise op below runs along the long axis n
+        if S * K > 4:  # skip tiles whose largest value is clearly below T (vertex bound; margin >> rounding)
+            lyv, lxv = _take_cols(self.ly_ext_t, ty), _take_cols(self.lx_ext_t, tx)  # (2, n)
+            top = (1 - lxv) * c[0] + lxv * c[1]
+            bottom = (1 - lxv) * c[2] + lxv * c[3]
+            vmax = torch.maximum(torch.maximum((1 - lyv[0]) * top[0] + lyv[0] * bottom[0],
+                                               (1 - lyv[0]) * top[1] + lyv[0] * bottom[1]),
+                                 torch.maximum((1 - lyv[1]) * top[0] + lyv[1] * bottom[0],
+                                               (1 - lyv[1]) * top[1] + lyv[1] * bottom[1]))
+            scale = torch.maximum(torch.maximum(c[0].abs(), c[1].abs()), torch.maximum(c[2].abs(), c[3].abs()))
+            keep = _nonzero_coords(vmax >= t - 1e-9 * scale)[0]
+            ty, tx, t, uu = (_take(v, keep) for v in (ty, tx, t, uu))
+            c = c.index_select(1, keep)
+            blk = keep if blk is None else _take(blk, keep)
+        chunk = max(1, max_elements // (S * K))
+        for s in range(0, ty.numel(), chunk):
+            cs = c[:, s:s + chunk]
+            lx = _take_cols(self.lx_tile_t, tx[s:s + chunk])  # (K, n); padding slots hold NaN
+            ly = _take_cols(self.ly_tile_t, ty[s:s + chunk])  # (S, n)
+            top = (1 - lx) * cs[0] + lx * cs[1]  # (K, n)
+            bottom = (1 - lx) * cs[2] + lx * cs[3]
+            val = (1 - ly).unsqueeze(1) * top.unsqueeze(0) + ly.unsqueeze(1) * bottom.unsqueeze(0)  # (S, K, n)
+            r, cc, k = _nonzero_coords(val > t[s:s + chunk])
+            k = k + s
+            rows = _take(self.rows_of, _take(ty, k) * S + r)
+            cols = _take(self.cols_of, _take(tx, k) * K + cc)
+            src = k if blk is None else _take(blk, k)  # the live block of each active pixel
+            yield _take(img, src), _take(uu, k), rows * sw + cols
 
 
-def _tally_layer(acts: torch.Tensor, thresholds: torch.Tensor, upsampler: _SparseUpsampler, labels: _Labels,
-                 inter: torch.Tensor, act: torch.Tensor, max_elements: int) -> None:
-    """Add one batch of one layer to the int64 counts (in place). acts: (B, C, h, w)."""
-    B, C = acts.shape[:2]
+def _pack_by_unit(coords: torch.Tensor, values: torch.Tensor, bound: torch.Tensor,
+                  shape: tuple[int, ...]) -> torch.Tensor:
+    """(C, m) values above ``bound`` (C,) grouped by unit (−inf padded); coords (3, n): (image, unit, cell)
+    of each value in (B, C, h, w), in ascending order (grouped by image, then unit).
+
+    No sort: a value's slot in its unit's row is the count of that unit's values in earlier images
+    plus its rank within its (image, unit) plane.
+    """
+    B, C = shape[:2]
+    unit = coords[1].long()
+    plane = coords[0].long() * C + unit
+    sel = _nonzero_coords(values > _take(bound, unit))[0]
+    plane, unit, values = plane.index_select(0, sel), unit.index_select(0, sel), values.index_select(0, sel)
+    counts = torch.bincount(plane, minlength=B * C)
+    per_image = counts.view(B, C)
+    before = (torch.cumsum(per_image, 0) - per_image).view(-1)  # same unit, earlier images
+    start = torch.cumsum(counts, 0) - counts
+    slot = (before - start).index_select(0, plane) + torch.arange(plane.numel(), device=plane.device)
+    m = int(per_image.sum(0).max()) if B else 0
+    packed = torch.full((C * m,), float("-inf"), dtype=values.dtype, device=values.device)
+    packed.index_copy_(0, unit * m + slot, values)
+    return packed.view(C, m)
+
+
+def _prune_cache(cache: list[tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor], _Labels]],
+                 bounds: dict[str, torch.Tensor]) -> int:
+    """Drop, in place, the cached blocks whose corners are all ≤ the current lower bounds; return the bytes left.
+
+    Tables of early batches were built with looser bounds; blocks below a later (higher, still valid)
+    bound cannot be above the final threshold.
+    """
+    total = 0
+    for tables, maxima, labels in cache:
+        for g, (coords, corners) in tables.items():
+            top = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
+            keep = _nonzero_coords(top > _take(bounds[g], coords[1].long()))[0]
+            tables[g] = (_take_cols(coords, keep), _take_cols(corners, keep))
+            total += sum(t.numel() * t.element_size() for t in tables[g])
+        total += labels.nbytes() + sum(m.numel() * m.element_size() for m in maxima.values())
+    return total
+
+
+def _tally_layer(table: tuple[torch.Tensor, torch.Tensor], units: int, thresholds: torch.Tensor,
+                 upsampler: _SparseUpsampler, labels: _Labels, inter: torch.Tensor, act: torch.Tensor,
+                 max_elements: int) -> None:
+    """Add one batch of one layer (a block table of its (B, C, h, w) activations) to the int64 counts."""
+    B, C = labels.annotated.shape[0], units
+    P = upsampler.seg[0] * upsampler.seg[1]
     n_cols = inter.shape[1]
-    for bb, uu, pix in upsampler.active_pixels(acts, thresholds, max_elements):
-        pair = bb * C + uu
-        count = torch.bincount(pair, minlength=B * C).view(B, C)  # active pixels per image and unit
+    for bb, uu, pix in upsampler.active_pixels(*table, thresholds, max_elements):
+        count = torch.bincount(bb * C + uu, minlength=B * C).view(B, C)  # active pixels per image and unit
         if labels.pixel.shape[1]:
-            keys = (uu * n_cols).unsqueeze(1) + labels.pixel[bb, :, pix]
-            inter += torch.bincount(keys.flatten(), minlength=C * n_cols).view(C, n_cols)
+            lab = labels.pixel.index_select(0, bb * P + pix)  # (n, Kp) concept numbers at the active pixels
+            keys = (uu * n_cols).unsqueeze(1) + lab
+            inter += torch.bincount(keys.view(-1), minlength=C * n_cols).view(C, n_cols)
         cnt = count.t().double()  # (C, B)
         if labels.image.shape[1]:
-            onehot = torch.zeros(B, n_cols, dtype=torch.float64, device=acts.device)
+            onehot = torch.zeros(B, n_cols, dtype=torch.float64, device=cnt.device)
             onehot.scatter_(1, labels.image, 1.0)
             inter += (cnt @ onehot).round().long()
         act += (cnt @ labels.annotated).round().long()
@@ -551,8 +779,9 @@ def dissect(
     :class:`SegmentationBatch`). ``transform`` maps images before the model (e.g. normalisation).
     ``categories``: subset of the dataset's categories (default all). ``seg_size``: mask resolution
     (default: the dataset's masks). ``checkpoint``: a directory; a killed run resumes from it.
-    ``cache_bytes``: keep activations and encoded labels of the first pass in memory when they fit,
-    so the second pass needs no forward; 0 streams twice. ``quantile_memory``: bytes for exact
+    ``cache_bytes``: keep the first pass's sparse block tables (cells near or above the running
+    threshold bound, with their values) and encoded labels in memory while they fit, so the second
+    pass needs no forward; 0 (or a sketch threshold) streams twice. ``quantile_memory``: bytes for exact
     thresholds before falling back to the sketch. ``max_elements``: upsampled values per chunk.
     ``indices``: dissect only these images of ``dataset`` (e.g. a held-out split); ``top_images`` then
     hold dataset indices.
@@ -621,46 +850,84 @@ def dissect(
         encoder = _LabelEncoder(cats, n_cols, seg, dev)
         fingerprint = {"layers": names, "shapes": {k: list(v) for k, v in shapes.items()}, "quantile": quantile,
                        "categories": cats, "concepts": len(concepts), "seg": list(seg), "image": list(img_shape),
-                       "top_n": top_n, "quantile_memory": quantile_memory,
+                       "top_n": top_n, "quantile_memory": quantile_memory, "version": 2,
                        "indices": hashlib.sha1(torch.tensor(pick).numpy().tobytes()).hexdigest()}
+        # layers with the same map size are processed as one group (units concatenated): same quantile
+        # level, same upsampler, a third of the tensor operations for three 13x13 layers, say
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            groups.setdefault("x".join(map(str, shapes[name][1:])), []).append(name)
+        units = {g: sum(shapes[m][0] for m in members) for g, members in groups.items()}
+        offset = {name: sum(shapes[m][0] for m in members[:members.index(name)])
+                  for members in groups.values() for name in members}
 
-        def load(indices: list[int]) -> tuple[dict[str, torch.Tensor], _Labels | None, Any]:
+        def load(indices: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Any, int]:
+            """Forward one batch: activations (B, C_g, h, w) per group, spatial maxima (B, C) per layer, the batch."""
             batch = read(indices)
             imgs = _check_images(batch.images, img_shape, [pick[i] for i in indices]).to(dev, torch.float32)
             acts = forward_until(model, transform(imgs) if transform else imgs, names)
+            maxima = {}
             for name, a in acts.items():
-                if not (torch.isfinite(a.amax()) and torch.isfinite(a.amin())):
+                hi = a.amax(dim=(2, 3))  # spatial maxima (top images); NaN propagates into them
+                if not torch.isfinite(hi).all():
                     raise DissectionError(f"layer {name!r} produced NaN/Inf on images {indices[:5]}...")
-            return acts, batch, len(indices)
+                maxima[name] = hi
+            grouped = {g: acts[m[0]].float() if len(m) == 1 else torch.cat([acts[x].float() for x in m], 1)
+                       for g, m in groups.items()}
+            return grouped, maxima, batch, len(indices)
 
-        # pass 1: thresholds
-        estimators = {name: make_quantile_estimator(c, n * h * w, quantile, dev, quantile_memory)
-                      for name, (c, h, w) in shapes.items()}
+        # pass 1: thresholds (and, while it fits in cache_bytes, a compact cache for pass 2: the block
+        # tables of every group above the quantile's running lower bound, and the encoded labels)
+        estimators = {g: make_quantile_estimator(units[g], n * shapes[m[0]][1] * shapes[m[0]][2], quantile, dev,
+                                                 quantile_memory) for g, m in groups.items()}
+        upsamplers = {g: _SparseUpsampler(*shapes[m[0]][1:], seg, dev) for g, m in groups.items()}
         thr_pass = _ThresholdPass(estimators)
         thr_file = checkpoint_path(ckpt_dir / "thresholds.safetensors") if ckpt_dir else None
-        cache: list[tuple[dict[str, torch.Tensor], _Labels]] | None = [] if cache_bytes > 0 else None
+        # the cache needs a running lower bound of each threshold: exact estimators only
+        use_cache = cache_bytes > 0 and all(isinstance(e, ExactTopQuantile) for e in estimators.values())
+        cache: list[tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor], _Labels]] | None
+        cache = [] if use_cache else None
         cached = 0
-        thresholds: dict[str, torch.Tensor]
+        thresholds: dict[str, torch.Tensor]  # per group (C_g,)
         if thr_file is not None and thr_file.exists():
             state, meta = load_state(thr_file)
             if meta.get("fingerprint") != json.loads(json.dumps(fingerprint)):
                 raise DissectionError(f"checkpoint {thr_file} belongs to a different dissection; delete "
                                       f"{ckpt_dir} to start over")
-            thresholds = {name: state[name].to(dev) for name in names}
+            thresholds = {g: torch.cat([state[m] for m in members]).to(dev) for g, members in groups.items()}
             cache = None
         else:
             def step1(indices: list[int], _b: int) -> None:
                 nonlocal cache, cached
-                acts, batch, b = load(indices)
-                for name, a in acts.items():
-                    estimators[name].update(a.transpose(0, 1).reshape(a.shape[1], -1))
+                acts, maxima, batch, b = load(indices)
+                tables = {}
+                for g, a in acts.items():
+                    est = estimators[g]
+                    if not isinstance(est, ExactTopQuantile) or not est.full:
+                        est.update(a.transpose(0, 1))
+                        if cache is not None:
+                            tables[g] = upsamplers[g].block_table(a, est.lower_bound)
+                    else:  # only values above the running k-th largest can enter the top k
+                        bound = est.lower_bound
+                        if cache is not None:
+                            tables[g] = coords, corners = upsamplers[g].block_table(a, bound)
+                            values = corners[0]  # every cell above the bound is the first corner of its block
+                        else:
+                            a = a.contiguous()
+                            coords = _nonzero_coords(_greater(a, bound).view(a.shape[0], a.shape[1], -1))
+                            values = _take(a.view(-1), (coords[0] * a.shape[1] + coords[1]) * a[0, 0].numel()
+                                           + coords[2])
+                        est.update(_pack_by_unit(coords, values, bound, a.shape))
+                    if cache is not None:
+                        cached += sum(t.numel() * t.element_size() for t in tables[g])
                 if cache is not None:
                     labels = encoder.encode(batch, b)
-                    cached += labels.nbytes() + sum(a.numel() * a.element_size() for a in acts.values())
-                    if cached <= cache_bytes:
-                        cache.append((acts, labels))
-                    else:
-                        cache = None
+                    cached += labels.nbytes() + sum(m.numel() * m.element_size() for m in maxima.values())
+                    cache.append((tables, maxima, labels))
+                    if cached > cache_bytes:  # drop blocks the risen bounds exclude; give up if still too big
+                        cached = _prune_cache(cache, {g: e.lower_bound for g, e in estimators.items()})
+                        if cached > cache_bytes:
+                            cache = None
 
             info = run_batches(n, batch_size, step1, accumulator=thr_pass,
                                checkpoint=ckpt_dir / "pass1.safetensors" if ckpt_dir else None,
@@ -669,29 +936,31 @@ def dissect(
             if info.resumed_at > 0:
                 cache = None
             thr_pass.merge_across_processes()
-            thresholds = {name: e.result().to(dev) for name, e in estimators.items()}
+            thresholds = {g: e.result().to(dev) for g, e in estimators.items()}
             if thr_file is not None:
-                save_state(thr_file, thresholds, {"fingerprint": fingerprint})
+                per_layer = {m: thresholds[g][offset[m]:offset[m] + shapes[m][0]] for g, ms in groups.items()
+                             for m in ms}
+                save_state(thr_file, per_layer, {"fingerprint": fingerprint})
 
         # pass 2: tally
-        upsamplers = {name: _SparseUpsampler(h, w, seg, dev) for name, (_, h, w) in shapes.items()}
-        tally = _TallyPass({k: v[0] for k, v in shapes.items()}, n_cols, len(cats), top_n, dev)
+        tally = _TallyPass(units, {name: shapes[name][0] for name in names}, n_cols, len(cats), top_n, dev)
 
         def step2(indices: list[int], b: int) -> None:
             if cache is not None:
-                acts, labels = cache[b]
-                cache[b] = ({}, labels)  # release memory as we go
+                tables, maxima, labels = cache[b]
+                cache[b] = ({}, {}, labels)  # release memory as we go
             else:
-                acts, batch, nb = load(indices)
+                acts, maxima, batch, nb = load(indices)
                 labels = encoder.encode(batch, nb)
+                tables = {g: upsamplers[g].block_table(a, thresholds[g]) for g, a in acts.items()}
+                del acts
             idx = torch.as_tensor([pick[i] for i in indices], device=dev)
-            for name, a in acts.items():
-                _tally_layer(a, thresholds[name], upsamplers[name], labels, tally.inter[name], tally.act[name],
+            for g in groups:
+                _tally_layer(tables[g], units[g], thresholds[g], upsamplers[g], labels, tally.inter[g], tally.act[g],
                              max_elements)
-                tally.add_top(name, a.amax(dim=(2, 3)), idx)
-            P = seg[0] * seg[1]
-            tally.label_pixels += torch.bincount(labels.pixel.flatten(), minlength=n_cols)
-            tally.label_pixels += P * torch.bincount(labels.image.flatten(), minlength=n_cols)
+            for name in names:
+                tally.add_top(name, maxima[name], idx)
+            tally.label_pixels += labels.label_pixels
             tally.annotated += labels.annotated.sum(0).round().long()
 
         run_batches(n, batch_size, step2, accumulator=tally,
@@ -707,13 +976,16 @@ def dissect(
                                   "no image is annotated in it")
     label_pixels = tally.label_pixels.cpu()[concept_cols]
     results = {}
+    group_of = {m: g for g, ms in groups.items() for m in ms}
     for name in names:
-        inter = tally.inter[name].cpu()[:, concept_cols]
-        act = tally.act[name].cpu()[:, cat_of_col]
+        g, lo, hi = group_of[name], offset[name], offset[name] + shapes[name][0]
+        inter = tally.inter[g][lo:hi].cpu()[:, concept_cols]
+        layer_act = tally.act[g][lo:hi].cpu()
+        act = layer_act[:, cat_of_col]
         iou = inter.double() / (act.double() + label_pixels.double() - inter.double() + 1e-10)
         best_iou, best = iou.max(dim=1)
         results[name] = LayerDissection(
-            name=name, thresholds=thresholds[name].float().cpu(), intersection=inter, activation=tally.act[name].cpu(),
+            name=name, thresholds=thresholds[g][lo:hi].float().cpu(), intersection=inter, activation=layer_act,
             iou=iou, best_concept=best, best_iou=best_iou, top_images=tally.top_idx[name].cpu(),
             top_values=tally.top_val[name].cpu(),
         )
@@ -721,7 +993,7 @@ def dissect(
         layers=results, concept_numbers=[c[0] for c in concepts], concept_names=[c[1] for c in concepts],
         concept_categories=[c[2] for c in concepts], categories=cats, label_pixels=label_pixels,
         annotated_images=annotated, n_images=n, quantile=quantile, iou_threshold=iou_threshold, seg_size=seg,
-        exact_thresholds={k: isinstance(e, ExactTopQuantile) for k, e in estimators.items()},
+        exact_thresholds={m: isinstance(estimators[g], ExactTopQuantile) for m, g in group_of.items()},
     )
 
 

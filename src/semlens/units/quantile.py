@@ -5,7 +5,8 @@ and merge exactly across processes, so a sharded run gives the same thresholds a
 
 * :class:`ExactTopQuantile` keeps only the ``k`` largest values per unit that the requested level
   needs (``k ≈ q · total + 2``) and returns exactly ``numpy.quantile(values, 1 - q)`` (linear
-  interpolation between order statistics). Memory: ``C · k`` floats.
+  interpolation between order statistics). Memory: at most ``3 · C · k`` floats. Its running
+  ``lower_bound`` (the k-th largest value so far) lets callers drop values that cannot matter.
 * :class:`HistogramQuantileSketch` is the fallback when ``C · k`` does not fit: a histogram over the
   float32 bit pattern (sign, 8 exponent bits and the top ``m`` mantissa bits). Memory
   ``C · 2**(9 + m)`` int64 counts, independent of the amount of data. Its error bound is
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 __all__ = ["quantile_positions", "ExactTopQuantile", "HistogramQuantileSketch", "make_quantile_estimator"]
@@ -42,62 +44,155 @@ def quantile_positions(total: int, q: float) -> tuple[int, float]:
     return lo, pos - lo
 
 
+NUMPY_ON_CPU = True  # CPU tensors take NumPy's faster kernels; False: torch only (the path CUDA takes)
+
+
+def _pack_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(units, m) the entries of ``x`` (units, ...) where ``keep``, row by row, −inf padded (m = most kept)."""
+    if NUMPY_ON_CPU and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):  # several times faster
+        xn, kn = x.reshape(x.shape[0], -1).numpy(), keep.reshape(x.shape[0], -1).numpy()
+        vals = xn[kn]  # row-major: grouped by row
+        cnt = np.count_nonzero(kn, axis=1)
+        m = int(cnt.max()) if cnt.size else 0
+        rows = np.repeat(np.arange(x.shape[0]) * m - (np.cumsum(cnt) - cnt), cnt)  # row·m − row start
+        out = np.full(x.shape[0] * m, -np.inf, dtype=xn.dtype)
+        out[rows + np.arange(vals.size)] = vals
+        return torch.from_numpy(out.reshape(x.shape[0], m))
+    count = keep.sum(tuple(range(1, x.ndim)))
+    m = int(count.max()) if count.numel() else 0
+    vals = x[keep]  # ordered by unit (logical order of x)
+    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), count)
+    slot = torch.arange(rows.numel(), device=x.device) - (torch.cumsum(count, 0) - count)[rows]
+    packed = torch.full((x.shape[0], m), float("-inf"), dtype=x.dtype, device=x.device)
+    packed[rows, slot] = vals
+    return packed
+
+
+def _prefilter(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Drop most entries of ``x`` (units, n ≫ k) that cannot be among each row's k largest (exact).
+
+    A strided sample estimates a level a bit below each row's k-th largest; rows where fewer than
+    ``k`` entries reach it keep everything, the others keep only entries ≥ it, so the k largest of
+    every row survive.
+    """
+    n = x.shape[1]
+    stride = max(1, n // 4096)
+    sample = x[:, ::stride]
+    rank = min(sample.shape[1], int(1.3 * k * sample.shape[1] / n) + 16)  # about 4 sigma below the k-th
+    level = sample.topk(rank, dim=1, sorted=False).values.amin(1, keepdim=True)
+    keep = x >= level
+    short = keep.sum(1) < k
+    if bool(short.any()):
+        keep |= short.unsqueeze(1)
+    return _pack_rows(x, keep)
+
+
 class ExactTopQuantile:
-    """Exact ``1 - q`` quantile per unit, keeping the top ``k`` values per unit (descending).
+    """Exact ``1 - q`` quantile per unit, keeping the top ``k`` values per unit.
 
     ``total``: number of values per unit over the whole dataset (all shards), known up front.
+
+    Updates are lazy: once ``k`` values per unit are kept, a block only contributes the values above
+    each unit's current k-th largest (``lower_bound``), packed into a pending ``(units, m)`` buffer;
+    the ``topk`` over kept ∪ pending runs only when the pending width reaches ``k / 4`` (and before any
+    read-out), so most batches cost one comparison. A first block much wider than ``k`` is pre-filtered
+    with a sampled level that is verified to leave at least ``k`` values per row (exact). Memory: at
+    most about ``3 · units · k`` floats.
     """
 
     def __init__(self, units: int, total: int, q: float, device: torch.device | str = "cpu") -> None:
         self.units, self.total, self.q = units, total, q
         self.lo, self.frac = quantile_positions(total, q)
         self.k = total - self.lo  # ascending indices lo .. total-1
-        self.values = torch.empty(units, 0, device=device)
+        self._values = torch.empty(units, 0, device=device)
+        self._bound = torch.full((units,), float("-inf"), device=device)  # min of the kept values
+        self._pending: list[torch.Tensor] = []
+        self._pending_width = 0
 
     @staticmethod
     def needed(total: int, q: float) -> int:
         """Values kept per unit for ``total`` values at level ``1 - q``."""
         return total - quantile_positions(total, q)[0]
 
-    def update(self, x: torch.Tensor) -> None:
-        """Add ``x``: (units, n) float values.
+    @property
+    def values(self) -> torch.Tensor:
+        """(units, min(k, seen)) kept values (the largest seen so far per unit, in no particular order)."""
+        self._compact()
+        return self._values
 
-        Once ``k`` values are kept, only values above a unit's current k-th largest can still enter
-        its top ``k``; they are packed into a (units, m) block (m = most survivors of one unit) first.
+    @values.setter
+    def values(self, v: torch.Tensor) -> None:
+        self._values, self._pending, self._pending_width = v, [], 0
+        self._bound = v.amin(1) if v.shape[1] else torch.full((self.units,), float("-inf"), device=v.device)
+
+    @property
+    def full(self) -> bool:
+        """Whether ``k`` values per unit are kept (then ``lower_bound`` is finite)."""
+        return self._values.shape[1] == self.k
+
+    @property
+    def lower_bound(self) -> torch.Tensor:
+        """(units,) a lower bound of the final k-th largest value (−inf until ``k`` values were seen).
+
+        Every value that can still matter for the quantile (or lie above the threshold) is
+        strictly greater than this bound, at any point of the stream.
         """
-        x = x.to(self.values.dtype)
-        if self.values.shape[1] == self.k and x.shape[1] > 0:
-            keep = x > self.values[:, -1:]
-            count = keep.sum(1)
-            m = int(count.max())
-            if m == 0:
-                return
-            rows, cols = keep.nonzero(as_tuple=True)
-            slot = torch.arange(rows.numel(), device=x.device) - (torch.cumsum(count, 0) - count)[rows]
-            packed = torch.full((x.shape[0], m), float("-inf"), dtype=x.dtype, device=x.device)
-            packed[rows, slot] = x[rows, cols]
-            x = packed
-        cat = torch.cat([self.values, x], dim=1)
-        self.values = cat.topk(min(self.k, cat.shape[1]), dim=1, sorted=True).values
+        if not self.full:
+            return torch.full((self.units,), float("-inf"), dtype=self._values.dtype, device=self._values.device)
+        return self._bound
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add ``x``: (units, ...) float values (any trailing shape, any strides, e.g. a transposed view)."""
+        x = x.to(self._values.dtype)
+        if x.ndim == 1:
+            x = x.unsqueeze(1)
+        if x[0].numel() == 0:
+            return
+        if not self.full:
+            self._pending.append(x.reshape(self.units, -1))
+            self._pending_width += self._pending[-1].shape[1]
+            if self._values.shape[1] + self._pending_width >= self.k:
+                self._compact()
+            return
+        packed = _pack_rows(x, x > self._bound.view(-1, *([1] * (x.ndim - 1))))
+        if packed.shape[1] == 0:
+            return
+        self._pending.append(packed)
+        self._pending_width += packed.shape[1]
+        if self._pending_width * 4 >= self.k:  # compact often enough to keep the bound tight
+            self._compact()
+
+    def _compact(self) -> None:
+        if not self._pending:
+            return
+        cat = torch.cat([self._values, *self._pending], dim=1)
+        self._pending, self._pending_width = [], 0
+        k = min(self.k, cat.shape[1])
+        if cat.shape[1] > 8 * k:
+            cat = _prefilter(cat, k)
+        self._values = cat.topk(k, dim=1, sorted=False).values  # unordered
+        self._bound = self._values.amin(1)
 
     def merge(self, other_values: torch.Tensor) -> None:
         """Merge another estimator's kept values, (units, k') (e.g. gathered from another process)."""
         self.update(other_values)
+        self._compact()
 
     def result(self) -> torch.Tensor:
         """(units,) float32 thresholds (requires all ``total`` values to have been seen)."""
-        if self.values.shape[1] < self.k:
-            raise RuntimeError(f"quantile needs {self.k} values per unit, saw only {self.values.shape[1]}")
-        v = self.values.double()
-        s_lo = v[:, self.k - 1]  # ascending index lo
-        s_hi = v[:, self.k - 2] if self.k >= 2 else s_lo
+        v = self.values
+        if v.shape[1] < self.k:
+            raise RuntimeError(f"quantile needs {self.k} values per unit, saw only {v.shape[1]}")
+        two = v.topk(min(2, self.k), dim=1, largest=False, sorted=True).values.double()  # the two smallest kept
+        s_lo = two[:, 0]  # ascending index lo
+        s_hi = two[:, 1] if self.k >= 2 else s_lo
         return (s_lo + self.frac * (s_hi - s_lo)).float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"values": self.values}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.values = state["values"].to(self.values.device)
+        self.values = state["values"].to(self._values.device)
 
 
 def _float_to_key(x: torch.Tensor) -> torch.Tensor:
@@ -129,8 +224,8 @@ class HistogramQuantileSketch:
         self.counts = torch.zeros(units, self.bins, dtype=torch.int64, device=device)
 
     def update(self, x: torch.Tensor) -> None:
-        """Add ``x``: (units, n) float values."""
-        b = (_float_to_key(x.float()) >> self.shift).long() + self.offset
+        """Add ``x``: (units, ...) float values (any trailing shape)."""
+        b = (_float_to_key(x.float().reshape(self.units, -1)) >> self.shift).long() + self.offset
         keys = b + torch.arange(self.units, device=b.device).unsqueeze(1) * self.bins
         self.counts += torch.bincount(keys.flatten(), minlength=self.units * self.bins).view(self.units, self.bins)
 
@@ -164,6 +259,6 @@ class HistogramQuantileSketch:
 def make_quantile_estimator(units: int, total: int, q: float, device: torch.device | str,
                             memory_bytes: int) -> ExactTopQuantile | HistogramQuantileSketch:
     """The exact estimator when ``units · k`` float32 values fit in ``memory_bytes``, else the sketch."""
-    if units * ExactTopQuantile.needed(total, q) * 4 * 2 <= memory_bytes:  # x2: concat buffer during update
+    if units * ExactTopQuantile.needed(total, q) * 4 * 3 <= memory_bytes:  # x3: kept + pending + topk buffer
         return ExactTopQuantile(units, total, q, device)
     return HistogramQuantileSketch(units, total, q, device)
