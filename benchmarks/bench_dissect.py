@@ -40,16 +40,18 @@ class ProceduralDataset:
     categories = ["color", "object", "part", "texture", "scene"]
     labels = LABELS
 
-    def __init__(self, n: int, size: int = 64) -> None:
-        self.n, self.size, self.seg_size = n, size, (size, size)
+    def __init__(self, n: int, size: int = 64, mask_size: int | None = None) -> None:
+        self.n, self.size = n, size
+        self.mask_size = mask_size or size
+        self.seg_size = (self.mask_size, self.mask_size)
 
     def __len__(self) -> int:
         return self.n
 
     def load_batch(self, indices) -> SegmentationBatch:
         g = torch.Generator().manual_seed(int(indices[0]))
-        b, s = len(indices), self.size
-        images = torch.rand(b, 3, s, s, generator=g)
+        b, s = len(indices), self.mask_size
+        images = torch.rand(b, 3, self.size, self.size, generator=g)
 
         def blocks(lo: int, hi: int, k: int) -> torch.Tensor:
             coarse = torch.randint(lo, hi, (b, k, s // 8, s // 8), generator=g)
@@ -63,11 +65,11 @@ class ProceduralDataset:
         return SegmentationBatch(images, pixel, {"scene": scene}, annotated)
 
 
-def make_model() -> tuple[nn.Module, list[str]]:
+def make_model(size: int = 64) -> tuple[nn.Module, list[str]]:
     try:
         from semlens.models import build_model
 
-        model = build_model("alexnet-like", num_classes=10, image_size=64)
+        model = build_model("alexnet-like", num_classes=10, image_size=size)
         return model.eval(), list(model.conv_layers)
     except Exception:  # noqa: BLE001 - reference models not available: an AlexNet-shaped stand-in
         torch.manual_seed(0)
@@ -100,11 +102,12 @@ def timed_dissect(model, ds, layers, batch_size, device, **kw) -> tuple[float, f
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def memory_child(n: int, device: str, batch_size: int, cache_bytes: int) -> None:
+def memory_child(n: int, device: str, batch_size: int, cache_bytes: int, size: int = 64,
+                 mask_size: int | None = None) -> None:
     dev = torch.device(device)
-    model, layers = make_model()
+    model, layers = make_model(size)
     model.to(dev)
-    ds = ProceduralDataset(n)
+    ds = ProceduralDataset(n, size, mask_size)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -120,20 +123,25 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--images", type=int, default=None)
+    ap.add_argument("--size", type=int, default=64, help="image size (alexnet-like is built for it; 224 = AlexNet's "
+                    "layout with stride-4 conv1)")
+    ap.add_argument("--mask-size", type=int, default=None, help="mask resolution (default: the image size; Broden "
+                    "stores masks at half the image resolution)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cache-bytes", type=int, default=1 << 28, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child is not None:
-        memory_child(args.memory_child, args.device, args.batch_size, args.cache_bytes)
+        memory_child(args.memory_child, args.device, args.batch_size, args.cache_bytes, args.size, args.mask_size)
         return
     dev = torch.device(args.device)
     n = args.images or (256 if args.quick else 1024)
     repeats = 2 if args.quick else 3
-    model, layers = make_model()
+    model, layers = make_model(args.size)
     model.to(dev)
-    ds = ProceduralDataset(n)
-    print(f"device {dev}, threads {torch.get_num_threads()}, {n} images 64x64, masks 64x64, layers {layers}, "
+    ds = ProceduralDataset(n, args.size, args.mask_size)
+    print(f"device {dev}, threads {torch.get_num_threads()}, {n} images {ds.size}x{ds.size}, masks "
+          f"{ds.mask_size}x{ds.mask_size}, layers {layers}, "
           f"batch {args.batch_size}")
     forward_only(model, ds, args.batch_size, dev)  # warm-up
     timed_dissect(model, ds, layers, args.batch_size, dev)
@@ -161,7 +169,8 @@ def main() -> None:
     for cache in (1 << 28, 0):
         for size in sizes:
             cmd = [sys.executable, __file__, "--memory-child", str(size), "--device", args.device,
-                   "--batch-size", str(args.batch_size), "--cache-bytes", str(cache)]
+                   "--batch-size", str(args.batch_size), "--cache-bytes", str(cache), "--size", str(args.size),
+                   "--mask-size", str(ds.mask_size)]
             run = subprocess.run(cmd, capture_output=True, text=True, check=True)
             res = json.loads(run.stdout.strip().splitlines()[-1])
             label = "default cache" if cache else "streaming"

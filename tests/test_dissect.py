@@ -10,6 +10,7 @@ from torch import nn
 from _dissect_helpers import LABELS, random_dataset, reference_iou, tiny_net
 from semlens.layers import UnknownLayerError, count_hooks
 from semlens.units import DissectionError, Dissector, TensorSegmentationDataset, dissect
+from semlens.units.dissect import _check_images
 from semlens.units.quantile import ExactTopQuantile, HistogramQuantileSketch
 
 
@@ -138,6 +139,13 @@ def test_bad_input_errors_name_the_culprit():
     nan.images[2, 0, 0, 0] = float("nan")
     with pytest.raises(DissectionError, match="NaN"):
         dissect(net, nan, "2", device="cpu")
+    inf = random_dataset()
+    inf.images[1, 0, 1, 1] = float("-inf")
+    with pytest.raises(DissectionError, match="NaN or Inf"):
+        dissect(net, inf, "2", device="cpu")
+    huge = random_dataset()  # finite values whose sum overflows float32: valid input, no error
+    huge.images[0] = 3e38
+    _check_images(huge.images, None, list(range(len(huge.images))))
     with pytest.raises(DissectionError, match="cannot process images"):
         dissect(net, random_dataset(size=4), "2", device="cpu")
     with pytest.raises(DissectionError, match="quantile"):
