@@ -18,7 +18,13 @@ from semlens.models.captioner import (
     VocabularyMismatchError,
     pad_features,
 )
-from semlens.train.caption_trainer import CaptionData, CaptionTrainConfig, CaptionTrainer, fit_topic_head
+from semlens.train.caption_trainer import (
+    CaptionData,
+    CaptionTrainConfig,
+    CaptionTrainer,
+    fit_topic_head,
+    validation_cider,
+)
 from semlens.train.interpretive import caption_nll
 
 CAPS = ["a dog runs", "a cat sleeps", "the dog sleeps", "a cat runs fast"]
@@ -198,3 +204,91 @@ def test_captions_per_video_sampling():
     for v in range(3):
         first = [int(i) for i in order if data.owner[i] == v][:2]
         assert sorted(first) == sorted(int(i) for i in keep if data.owner[i] == v)
+
+
+def test_model_selection_restores_best_validation_weights_and_resumes(tmp_path):
+    vocab = Vocabulary.build(CAPS)
+    data, val = toy_data(vocab), toy_data(vocab, n=8, seed=1)
+    cfg = CaptionTrainConfig(epochs=5, batch_size=8, lr=3e-2, lam=1.0, seed=0, device="cpu", select_every=1)
+    model = small_model()
+    tr = CaptionTrainer(model, data, cfg, val=val)
+    hist = tr.fit()
+    scores = [h["val_CIDEr"] for h in hist]
+    assert len(scores) == 5 and tr.best_epoch == scores.index(max(scores))
+    # the model holds the best epoch's weights: its validation CIDEr is the best one logged
+    assert validation_cider(model, val) == pytest.approx(max(scores), abs=1e-9)
+    assert not model.training
+    # ... and exactly the weights of a run stopped after that epoch
+    plain = small_model()
+    CaptionTrainer(plain, data, CaptionTrainConfig(**{**cfg.__dict__, "epochs": tr.best_epoch + 1,
+                                                      "select_every": 0})).fit()
+    assert tr.best_epoch < 4  # the toy run peaks before its last epoch, so restoring is not a no-op
+    for (k, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+    # interrupted after 2 epochs, resumed: same history and same selected weights
+    CaptionTrainer(small_model(), data, CaptionTrainConfig(**{**cfg.__dict__, "epochs": 2}), val=val,
+                   checkpoint_dir=tmp_path).fit()
+    m2 = small_model(seed=3)
+    tr2 = CaptionTrainer(m2, data, cfg, val=val, checkpoint_dir=tmp_path)
+    hist2 = tr2.fit()
+    assert [h["val_CIDEr"] for h in hist2] == pytest.approx(scores, abs=1e-9)
+    assert tr2.selected_epoch == tr.best_epoch
+    for (k, a), b in zip(model.state_dict().items(), m2.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+    # patience: training stops once `patience` evaluations in a row fail to improve
+    tr3 = CaptionTrainer(small_model(), data, CaptionTrainConfig(**{**cfg.__dict__, "epochs": 12, "patience": 1,
+                                                                   "lr": 1e-4}), val=val)
+    h3 = tr3.fit()
+    assert len(h3) == 12 or len(h3) == tr3.best_epoch + 2
+    best = max(h["val_CIDEr"] for h in h3)
+    assert all(h["val_CIDEr"] <= best for h in h3) and tr3.best_score == best
+    with pytest.raises(ValueError, match="needs validation data"):
+        CaptionTrainer(small_model(), data, cfg)
+    with pytest.raises(ValueError, match="patience"):
+        CaptionTrainer(small_model(), data, CaptionTrainConfig(select_every=1, patience=0), val=val)
+
+
+def test_validation_cider_matches_pycocoevalcap_on_decoded_captions():
+    from pycocoevalcap.cider.cider import Cider
+
+    vocab = Vocabulary.build(CAPS)
+    val = toy_data(vocab, n=6, seed=2)
+    model = small_model()
+    x, ln = val.video_batch(torch.arange(6), torch.device("cpu"))
+    cands = model.decode_batch(x, ln, beam=1)
+    want = Cider().compute_score({k: val.captions[k] for k in range(6)},
+                                 {k: [c or "<empty>"] for k, c in enumerate(cands)})[0]
+    assert validation_cider(model, val) == pytest.approx(want, abs=1e-12)
+
+
+def test_fit_topic_head_on_a_copy_with_weight_decay_and_validation_stopping():
+    model = small_model()
+    data, val = toy_data(model.vocab), toy_data(model.vocab, n=8, seed=1)
+    # held-out topic mixtures are softer than the training ones: fitting the training set to the end overfits
+    val = CaptionData(list(val.feats.unbind(0)), val.captions, model.vocab, 0.4 * val.topics + 0.2, max_len=6)
+    own = model.topic_head.weight.clone()
+    heads = {}
+    for name, kw in (("plain", {}), ("wd", {"weight_decay": 1e-1}), ("val", {"val": val, "eval_every": 5})):
+        heads[name] = torch.nn.Linear(16, 3)
+        fit_topic_head(model, data, steps=100, head=heads[name], **kw)
+    assert torch.equal(model.topic_head.weight, own)  # the model's own f is untouched
+    assert heads["wd"].weight.norm() < heads["plain"].weight.norm()  # the L2 penalty shrinks W
+    from semlens.train.caption_trainer import mean_representations
+    from semlens.train.interpretive import topic_loss
+
+    vv = mean_representations(model, val)
+
+    def val_loss(h):
+        with torch.no_grad():
+            return float(topic_loss(torch.softmax(h(vv), -1), val.topics).mean())
+
+    # the kept head is the best of the evaluated steps: same as re-running for k steps, k = 5, 10, ..., 100
+    by_steps = []
+    for k in range(5, 101, 5):
+        h = torch.nn.Linear(16, 3)
+        fit_topic_head(model, data, steps=k, head=h)
+        by_steps.append(val_loss(h))
+    assert val_loss(heads["val"]) == pytest.approx(min(by_steps), abs=1e-6)
+    assert min(by_steps) < by_steps[-1]  # the toy head overfits: stopping early matters here
+    with pytest.raises(ValueError, match="need 16 -> 3"):
+        fit_topic_head(model, data, head=torch.nn.Linear(5, 3))

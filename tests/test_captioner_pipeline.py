@@ -98,3 +98,84 @@ def test_frame_features_match_manual_pooling_and_restore_state():
     assert cnn.training and all(p.requires_grad for p in cnn.parameters()) and count_hooks(cnn) == 0
     with pytest.raises(ValueError, match=r"\(N, T, 3, S, S\)"):
         extract_frame_features(cnn, frames[0])
+
+
+def test_frame_features_several_layers_mean_and_max_pooled():
+    torch.manual_seed(1)
+    cnn = TinyCNN()
+    frames = torch.rand(2, 3, 3, 9, 9)
+    got = extract_frame_features(cnn, frames, layer=["conv", "head"], pool="meanmax", batch_size=4)
+    with torch.no_grad():
+        a = cnn.conv(frames.reshape(6, 3, 9, 9))
+        ref = torch.cat([a.mean((2, 3)), a.amax((2, 3)), cnn(frames.reshape(6, 3, 9, 9))], 1).reshape(2, 3, 10)
+    torch.testing.assert_close(got, ref)
+    with pytest.raises(ValueError, match="unknown pool"):
+        extract_frame_features(cnn, frames, pool="median")
+
+
+def test_choose_lambda_prefers_selectivity_without_caption_cost():
+    from semlens.experiments.dong import choose_lambda
+
+    rows = [{"lam": 0.0, "METEOR": 0.240, "selectivity_auc": 0.60},
+            {"lam": 1.0, "METEOR": 0.245, "selectivity_auc": 0.62},
+            {"lam": 10.0, "METEOR": 0.232, "selectivity_auc": 0.70},  # within the 0.01 tolerance
+            {"lam": 100.0, "METEOR": 0.200, "selectivity_auc": 0.80}]  # too costly for captions
+    assert choose_lambda(rows) == 10.0
+    assert choose_lambda(rows, meteor_tolerance=0.0) == 1.0
+    worse = [rows[0], {"lam": 5.0, "METEOR": 0.1, "selectivity_auc": 0.9}, {"lam": 50.0, "METEOR": 0.2,
+                                                                          "selectivity_auc": 0.7}]
+    assert choose_lambda(worse) == 50.0  # none qualifies: best validation METEOR
+    with pytest.raises(ValueError, match="λ = 0"):
+        choose_lambda(rows[1:])
+
+
+def test_analyze_neurons_same_procedure_for_both_heads_and_model_untouched():
+    feats, caps, splits, _ = corpus()
+    prep = prepare(feats, caps, splits, n_topics=3, max_len=8)
+    model, _ = train_captioner(prep, lam=2.0, epochs=2, batch_size=16, lr=1e-2, hidden=8, embed=8,
+                               decoder_hidden=12, attention=6, dropout=0.0, seed=0, device="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    own = analyze_neurons(model, prep, refit_head=False, split="val")
+    refit = analyze_neurons(model, prep, refit_head=True, method="masking")
+    refit_closed = analyze_neurons(model, prep, refit_head=True)
+    assert own["head_refit_loss"] is None and refit["head_refit_loss"] is not None
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # f refitted on a copy
+    torch.testing.assert_close(refit["names"].differences, refit_closed["names"].differences, atol=1e-6, rtol=0)
+    assert own["vbar_test"].shape == (prep.val.n_videos, 16)
+    with pytest.raises(ValueError, match="split"):
+        analyze_neurons(model, prep, split="train")
+
+
+def test_run_dong_sweeps_lambda_on_validation_and_writes_results(tmp_path, monkeypatch):
+    import json
+
+    import semlens.experiments.dong as dong
+    from semlens.evaluate.captioning import score_captions
+    from semlens.experiments.dong import DongSettings, choose_lambda, run_dong
+
+    # METEOR starts a 2 GB JVM per call (tested in test_caption_eval); here a Java-free stand-in keeps it fast
+    def no_java(refs, cands):
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+
+        gts, res = {k: list(refs[k]) for k in cands}, {k: [cands[k] or "<empty>"] for k in cands}
+        b4 = Bleu(4).compute_score(gts, res, verbose=0)[0][3]
+        return {"BLEU-1": 0.0, "BLEU-4": b4, "METEOR": b4, "ROUGE-L": 0.0, "CIDEr": Cider().compute_score(gts, res)[0]}
+
+    assert score_captions is dong.score_captions
+    monkeypatch.setattr(dong, "score_captions", no_java)
+
+    st = DongSettings(n_clips=40, frames=4, n_topics=3, lam_grid=(3.0,), epochs=2, batch_size=32, captions_per_video=2,
+                      hidden=8, embed=8, decoder_hidden=8, attention=4, dropout=0.0, beam=1, cnn_images=120,
+                      cnn_epochs=1, patience=1)
+    res = run_dong(tmp_path, seeds=1, settings=st, device="cpu", log=lambda _m: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["lam"] for r in saved["lambda_sweep"]] == [0.0, 3.0]
+    assert saved["lam"] == choose_lambda(saved["lambda_sweep"]) == res["lam"]
+    assert [r["lam"] for r in saved["runs"]["LSTM-I"]] == [saved["lam"]]
+    assert {"BLEU-4", "METEOR", "CIDEr", "selectivity_auc", "action_accuracy"} <= set(saved["summary"]["LSTM-B"])
+    assert "selectivity_auc_own_f" in saved["summary"]["LSTM-I"]
+    hist = saved["runs"]["LSTM-I"][0]["history"]
+    assert all({"nll", "topic", "lam_topic", "val_CIDEr"} <= set(h) for h in hist)
+    assert hist[0]["lam_topic"] == pytest.approx(3.0 * hist[0]["topic"])
+    assert (tmp_path / "report.html").is_file()

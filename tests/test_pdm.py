@@ -6,7 +6,14 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from semlens.units.pdm import auc, contains_topic, name_neurons, prediction_difference, topic_selectivity
+from semlens.units.pdm import (
+    LinearTopicMap,
+    auc,
+    contains_topic,
+    name_neurons,
+    prediction_difference,
+    topic_selectivity,
+)
 
 
 def hand_made_f():
@@ -98,3 +105,44 @@ def test_selectivity_of_a_perfect_and_a_random_neuron():
     assert sel["auc_per_topic"][0] == pytest.approx(1.0)
     assert 0.35 < sel["auc_per_topic"][1] < 0.65 and 0.35 < sel["auc_per_topic"][2] < 0.65
     assert sel["n_named"] == 6 and sel["n_topics_scored"] == 3
+
+
+@pytest.mark.parametrize("softmax", [True, False])
+@pytest.mark.parametrize("removal", ["zero", "mean", "marginal"])
+def test_closed_form_equals_masking_for_a_linear_map(softmax, removal):
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(5, 11, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64)
+    f = LinearTopicMap(W, b, softmax=softmax)
+    vbar = torch.randn(37, 11, generator=g, dtype=torch.float64)
+    ref = torch.randn(20, 11, generator=g, dtype=torch.float64)
+    kw = {"removal": removal, "reference": ref, "n_samples": 6, "seed": 2}
+    closed = prediction_difference(f, vbar, method="closed", chunk=4, **kw)
+    masked = prediction_difference(f, vbar, method="masking", **kw)
+    torch.testing.assert_close(closed, masked, atol=1e-6, rtol=0)
+    assert prediction_difference(f, vbar, **kw).equal(closed)  # "auto" picks the closed form
+    # independent oracle: the plain float64 loop (zero / mean removal)
+    if removal != "marginal":
+        fill = torch.zeros(11, dtype=torch.float64) if removal == "zero" else ref.mean(0)
+        torch.testing.assert_close(closed.double(), reference_delta(f, vbar, fill), atol=1e-6, rtol=0)
+
+
+def test_closed_form_recognises_nn_linear_and_checks_its_input():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 3).double()
+    vbar = torch.randn(9, 6, dtype=torch.float64)
+    got = prediction_difference(layer, vbar, method="closed")
+    with torch.no_grad():
+        want = prediction_difference(lambda v: layer(v), vbar, method="masking")
+        # affine f: Δ[j, t] = W[t, j] · mean_k v̄_kj, by hand
+        by_hand = (layer.weight.T * vbar.mean(0)[:, None]).float()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, by_hand, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="expects 6 neurons"):
+        prediction_difference(layer, torch.randn(9, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="method='closed' needs"):
+        prediction_difference(lambda v: v, vbar, method="closed")
+    with pytest.raises(ValueError, match="unknown method"):
+        prediction_difference(layer, vbar, method="fast")
+    with pytest.raises(ValueError, match=r"weight must be \(K, D\)"):
+        LinearTopicMap(torch.zeros(3))

@@ -11,6 +11,7 @@ Typical use::
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from semlens.train.caption_trainer import (
     fit_topic_head,
     mean_representations,
 )
-from semlens.units.pdm import NeuronTopics, contains_topic, name_neurons, topic_selectivity
+from semlens.units.pdm import LinearTopicMap, NeuronTopics, contains_topic, name_neurons, topic_selectivity
 from semlens.units.topics import TopicModel
 
 __all__ = ["extract_frame_features", "Prepared", "prepare", "prepare_corpus", "train_captioner", "generate",
@@ -38,36 +39,47 @@ __all__ = ["extract_frame_features", "Prepared", "prepare", "prepare_corpus", "t
 
 
 @torch.no_grad()
-def extract_frame_features(cnn: nn.Module, frames: torch.Tensor, layer: str | None = None, batch_size: int = 256,
-                           device: str | torch.device | None = None) -> torch.Tensor:
+def extract_frame_features(cnn: nn.Module, frames: torch.Tensor, layer: str | Sequence[str] | None = None,
+                           batch_size: int = 256, device: str | torch.device | None = None,
+                           pool: str = "mean") -> torch.Tensor:
     """Per-frame features of a frozen CNN: (N, T, 3, S, S) uint8 or float [0, 1] -> (N, T, C) float32.
 
-    ``layer``: dotted name whose output is used (spatially averaged if 4-D); default the CNN's last
-    entry of ``conv_layers``. Frames go through the CNN in batches of ``batch_size``; the CNN's
-    mode and ``requires_grad`` flags are restored afterwards.
+    ``layer``: dotted name (or list of names, concatenated in order) whose outputs are used; default the
+    CNN's last entry of ``conv_layers``. 4-D maps are pooled over space: ``pool="mean"`` (C values per
+    layer) or ``"meanmax"`` (spatial mean then max: 2C values; small objects survive max pooling but are
+    diluted by the mean). Frames go through the CNN in batches of ``batch_size``; the CNN's mode and
+    ``requires_grad`` flags are restored afterwards.
     """
     if frames.dim() != 5 or frames.shape[2] != 3:
         raise ValueError(f"frames must be (N, T, 3, S, S); got {tuple(frames.shape)}")
+    if pool not in {"mean", "meanmax"}:
+        raise ValueError(f"unknown pool {pool!r}; use 'mean' or 'meanmax'")
     if layer is None:
         layers = getattr(cnn, "conv_layers", None)
         if not layers:
             raise ValueError("give layer= (the CNN has no conv_layers attribute)")
         layer = layers[-1]
+    names = [layer] if isinstance(layer, str) else list(layer)
+    if not names:
+        raise ValueError("layer must name at least one module")
     dev = resolve_device(device) if device is not None else next(cnn.parameters()).device
     N, T = frames.shape[:2]
     flat = frames.reshape(N * T, *frames.shape[2:])
     out: list[torch.Tensor] = []
 
-    def pool(_name: str, a: torch.Tensor) -> torch.Tensor:
-        return a.flatten(2).mean(2) if a.dim() == 4 else a.flatten(1)
+    def pooled(_name: str, a: torch.Tensor) -> torch.Tensor:
+        if a.dim() != 4:
+            return a.flatten(1)
+        a = a.flatten(2)
+        return torch.cat([a.mean(2), a.amax(2)], 1) if pool == "meanmax" else a.mean(2)
 
-    with frozen(cnn), capture_activations(cnn, [layer], transform=pool) as acts:
+    with frozen(cnn), capture_activations(cnn, names, transform=pooled) as acts:
         starts = range(0, N * T, batch_size)
         for s in progress(starts, total=len(starts), desc="frame features"):
             x = flat[s: s + batch_size].to(dev)
             x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
             cnn(x)
-            out.append(acts[layer].float().cpu())
+            out.append(torch.cat([acts[n].float().cpu() for n in names], 1))
     return torch.cat(out).reshape(N, T, -1)
 
 
@@ -127,8 +139,14 @@ def prepare_corpus(corpus: Any, **kwargs: Any) -> Prepared:
 def train_captioner(prep: Prepared, lam: float = 0.0, *, epochs: int = 20, batch_size: int = 64, lr: float = 1e-3,
                     hidden: int = 512, embed: int = 512, decoder_hidden: int = 512, attention: int = 256,
                     dropout: float = 0.5, captions_per_video: int | None = None, seed: int = 0, device: str = "auto",
-                    checkpoint_dir: str | os.PathLike | None = None) -> tuple[AttentiveCaptioner, list[dict]]:
-    """Train LSTM-B (``lam=0``) or LSTM-I (``lam>0``); returns the model (eval mode) and its history."""
+                    checkpoint_dir: str | os.PathLike | None = None, select_every: int = 0,
+                    patience: int | None = None) -> tuple[AttentiveCaptioner, list[dict]]:
+    """Train LSTM-B (``lam=0``) or LSTM-I (``lam>0``); returns the model (eval mode) and its history.
+
+    ``select_every > 0``: keep the weights with the best validation CIDEr (evaluated every that many
+    epochs; needs ``prep.val``) and stop after ``patience`` evaluations without improvement. The history's
+    last entry then carries ``selected_epoch``.
+    """
     torch.manual_seed(seed)
     cfg = CaptionerConfig(feature_dim=prep.train.feature_dim, vocab=prep.vocab.words, n_topics=prep.topics.n_topics,
                           hidden=hidden, embed=embed, decoder_hidden=decoder_hidden, attention=attention,
@@ -136,9 +154,13 @@ def train_captioner(prep: Prepared, lam: float = 0.0, *, epochs: int = 20, batch
     model = AttentiveCaptioner(cfg)
     trainer = CaptionTrainer(model, prep.train, CaptionTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr,
                                                                    lam=lam, seed=seed, device=device,
-                                                                   captions_per_video=captions_per_video),
+                                                                   captions_per_video=captions_per_video,
+                                                                   select_every=select_every, patience=patience),
                              val=prep.val, checkpoint_dir=checkpoint_dir)
-    return model, trainer.fit()
+    hist = trainer.fit()
+    if hist:
+        hist[-1]["selected_epoch"] = trainer.selected_epoch
+    return model, hist
 
 
 @torch.no_grad()
@@ -191,30 +213,40 @@ def topic_activation_profile(names: NeuronTopics, vbar: torch.Tensor, s: torch.T
 
 
 def analyze_neurons(model: AttentiveCaptioner, prep: Prepared, refit_head: bool | None = None,
-                    removal: str = "zero") -> dict[str, Any]:
-    """Name the D neurons of v̄ by PDM on the training videos and score their topic selectivity on test.
+                    removal: str = "zero", split: str = "test", method: str = "auto",
+                    head_weight_decay: float = 1e-2) -> dict[str, Any]:
+    """Name the D neurons of v̄ by PDM on the training videos and score their topic selectivity on ``split``.
 
-    ``refit_head``: fit f on the frozen encoder first (default: only when the model was trained without
-    the interpretive loss, i.e. LSTM-B, whose f is untrained). Returns names, selectivity, v̄ per split.
+    ``refit_head``: name the neurons with a topic head f fitted on the frozen encoder (a copy: the model's
+    own f is untouched; L2 penalty ``head_weight_decay`` · ‖W‖², without which the head overfits the
+    training videos and predicts held-out topics worse than a constant) instead of the model's own f.
+    Default: refit only when the model was trained
+    without the interpretive loss (LSTM-B, whose own f is untrained). PDM uses the closed form for the
+    softmax-linear f (``method``, see :func:`semlens.units.pdm.prediction_difference`).
+    Returns names, selectivity, v̄ per split, the topic-prediction error on ``split`` and activation profiles.
     """
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test'; got {split!r}")
+    data = prep.test if split == "test" else prep.val
+    if data is None:
+        raise ValueError("the prepared data has no validation split")
     if refit_head is None:
         refit_head = float(model.config.extra.get("lam", 0.0)) == 0.0
-    head_loss = fit_topic_head(model, prep.train) if refit_head else None
-    vtr = mean_representations(model, prep.train)
-    vte, seq = mean_representations(model, prep.test, return_sequences=True)
     head = model.topic_head
-    dev = head.weight.device
-
-    def f(v: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(head(v.to(dev, head.weight.dtype)), -1)
-
-    names = name_neurons(f, vtr.to(dev), prep.topics.topic_names(), removal=removal)
-    sel = topic_selectivity(names, vtr, prep.train.topics, vte, prep.test.topics)
-    with torch.no_grad():
-        topic_err = float(((f(vte).cpu() - prep.test.topics) ** 2).sum(1).mean())
+    head_loss = None
+    if refit_head:
+        head = copy.deepcopy(model.topic_head)
+        head_loss = fit_topic_head(model, prep.train, head=head, weight_decay=head_weight_decay)
+    vtr = mean_representations(model, prep.train)
+    vte, seq = mean_representations(model, data, return_sequences=True)
+    f = LinearTopicMap.from_linear(head, softmax=True)
+    dev = f.weight.device
+    names = name_neurons(f, vtr.to(dev), prep.topics.topic_names(), removal=removal, method=method)
+    sel = topic_selectivity(names, vtr, prep.train.topics, vte, data.topics)
+    topic_err = float(((f(vte.to(dev)).cpu() - data.topics) ** 2).sum(1).mean())
     return {"names": names, "selectivity": sel, "vbar_train": vtr, "vbar_test": vte, "v_test": seq,
-            "topic_error_test": topic_err, "head_refit_loss": head_loss,
-            "profile": topic_activation_profile(names, vte, prep.test.topics, orientation=sel["orientation"])}
+            "topic_error_test": topic_err, "head_refit_loss": head_loss, "split": split,
+            "profile": topic_activation_profile(names, vte, data.topics, orientation=sel["orientation"])}
 
 
 def linear_probe(x_train: torch.Tensor, y_train: Sequence[int] | torch.Tensor, x_test: torch.Tensor,

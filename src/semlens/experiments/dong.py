@@ -1,9 +1,11 @@
 """``semlens reproduce dong``: LSTM-B vs LSTM-I (Dong et al., CVPR 2017) on the built-in captioned clips.
 
-Pipeline: clips -> frozen reference CNN (trained on concept images) -> per-frame features -> LDA topics
--> for each seed, LSTM-B (λ = 0) and LSTM-I (λ > 0) -> coco-caption scores on test, PDM neuron names,
-topic selectivity (AUC), action-recognition transfer (linear probe on frozen v̄) -> DIR/results.json
-(mean and std over seeds per metric and model) and DIR/report.html.
+Pipeline: clips -> frozen reference CNN (trained on concept images) -> per-frame features (an early and
+the last conv layer, mean- and max-pooled over space, standardised on the training split) -> LDA topics
+-> λ chosen on the validation split (sweep on seed 0) -> for each seed, LSTM-B (λ = 0) and LSTM-I (chosen
+λ), both with early stopping on validation CIDEr -> coco-caption scores on test, PDM neuron names, topic
+selectivity (AUC), action-recognition transfer (linear probe on frozen v̄) -> DIR/results.json (the λ
+sweep, and mean and std over seeds per metric and model) and DIR/report.html.
 """
 
 from __future__ import annotations
@@ -33,19 +35,26 @@ from semlens.models.captioner import save_json
 from semlens.report import Report, Section
 from semlens.runtime import resolve_device, seed_everything
 
-__all__ = ["DongSettings", "compare_models", "sections", "run_dong", "frame_cnn", "prepare_clips", "register_reproduce"]
+__all__ = ["DongSettings", "compare_models", "sweep_lambda", "choose_lambda", "sections", "run_dong", "frame_cnn",
+           "prepare_clips", "register_reproduce"]
 
 MODELS = ("LSTM-B", "LSTM-I")
 
 
 @dataclass
 class DongSettings:
-    """Sizes of one comparison (``fast()`` for the demo / ``--fast``)."""
+    """Sizes of one comparison (``fast()`` for the demo / ``--fast``).
+
+    ``lam`` is the LSTM-I weight used when no sweep runs; ``lam_grid`` (non-empty) makes :func:`run_dong`
+    choose λ on the validation split (see :func:`choose_lambda`). ``select_every``/``patience``: early
+    stopping on validation CIDEr. ``frame_layers``/``frame_pool``: the frozen CNN's per-frame descriptor.
+    """
 
     n_clips: int = 600
     frames: int = 16
     n_topics: int = 12
-    lam: float = 10.0
+    lam: float = 10.0  # what the validation sweep picks (full and --fast settings alike)
+    lam_grid: tuple[float, ...] = (1.0, 10.0, 100.0)
     epochs: int = 20
     batch_size: int = 64
     captions_per_video: int | None = None
@@ -58,12 +67,23 @@ class DongSettings:
     beam: int = 3
     cnn_images: int = 3000
     cnn_epochs: int = 6
+    frame_layers: tuple[str, ...] = ("features.conv2", "features.conv5")
+    frame_pool: str = "meanmax"
+    select_every: int = 1
+    patience: int | None = 5
+    meteor_tolerance: float = 0.01
 
     @classmethod
     def fast(cls) -> DongSettings:
         return cls(n_clips=240, frames=8, n_topics=8, epochs=10, batch_size=32, captions_per_video=4, lr=3e-3,
                    hidden=48, embed=32, decoder_hidden=48, attention=32, dropout=0.2, beam=2, cnn_images=1200,
-                   cnn_epochs=3)
+                   cnn_epochs=3, lam_grid=(1.0, 10.0, 100.0), patience=4)
+
+    def train_kwargs(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "hidden": self.hidden,
+                "embed": self.embed, "decoder_hidden": self.decoder_hidden, "attention": self.attention,
+                "dropout": self.dropout, "captions_per_video": self.captions_per_video,
+                "select_every": self.select_every, "patience": self.patience}
 
 
 def frame_cnn(settings: DongSettings, seed: int, device: torch.device, spec: str = "alexnet-like"
@@ -92,51 +112,112 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "n": int(arr.size)}
 
 
+def _train_eval(prep: Prepared, settings: DongSettings, lam: float, seed: int, device: torch.device,
+                action_labels: Mapping[str, np.ndarray] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train one model, score its test captions, name its neurons; returns (metrics record, artefacts)."""
+    t0 = time.perf_counter()
+    model, hist = train_captioner(prep, lam=lam, seed=seed, device=str(device), **settings.train_kwargs())
+    train_s = time.perf_counter() - t0
+    caps = generate(model, prep.test, beam=settings.beam)
+    scores = score_captions(dict(zip(prep.test.video_ids, prep.test.captions, strict=True)), caps)
+    # same naming procedure for every model: f fitted on the frozen encoder, PDM on train, AUC on test
+    ana = analyze_neurons(model, prep, refit_head=True)
+    sel_epoch = hist[-1].get("selected_epoch", hist[-1]["epoch"])
+    at_sel = next(h for h in hist if h["epoch"] == sel_epoch)
+    rec: dict[str, Any] = {"seed": seed, "lam": lam, **scores, "train_seconds": train_s,
+                           "clips_per_s": float(np.median([h["clips_per_s"] for h in hist])),
+                           "epochs_run": len(hist), "selected_epoch": sel_epoch,
+                           "final_nll": at_sel["nll"], "final_topic_loss": at_sel["topic"],
+                           "val_topic_loss": at_sel.get("val_topic", float("nan")),
+                           "topic_error_test": ana["topic_error_test"],
+                           "selectivity_auc": ana["selectivity"]["mean_auc"],
+                           "selectivity_index": ana["selectivity"]["selectivity_index"],
+                           "named_neurons": ana["selectivity"]["n_named"]}
+    own = None
+    if lam > 0:  # LSTM-I's own jointly trained f, as in the paper (secondary)
+        own = analyze_neurons(model, prep, refit_head=False)
+        rec["selectivity_auc_own_f"] = own["selectivity"]["mean_auc"]
+        rec["topic_error_test_own_f"] = own["topic_error_test"]
+    if action_labels is not None:
+        rec["action_accuracy"] = linear_probe(ana["vbar_train"], action_labels["train"], ana["vbar_test"],
+                                              action_labels["test"], seed=seed)
+    loss_curve = [{k: h[k] for k in ("epoch", "nll", "topic", "lam_topic", "val_nll", "val_topic", "val_CIDEr")
+                   if k in h} for h in hist]
+    rec["history"] = loss_curve
+    return rec, {"model": model, "analysis": ana, "analysis_own_f": own or ana, "history": hist, "captions": caps}
+
+
 def compare_models(prep: Prepared, settings: DongSettings, seeds: Sequence[int], device: torch.device,
                    action_labels: Mapping[str, np.ndarray] | None = None,
                    log: Callable[[str], None] = print,
-                   on_run: Callable[[dict[str, list[dict[str, Any]]]], None] | None = None) -> dict[str, Any]:
-    """Train and evaluate LSTM-B and LSTM-I for every seed.
+                   on_run: Callable[[dict[str, list[dict[str, Any]]]], None] | None = None,
+                   lam: float | None = None) -> dict[str, Any]:
+    """Train and evaluate LSTM-B (λ = 0) and LSTM-I (``lam``, default ``settings.lam``) for every seed.
 
     action_labels: optional "train"/"test" -> (N,) labels aligned with ``prep.train``/``prep.test`` for
     the transfer probe. ``on_run(runs)`` is called after every trained model (e.g. to save partial
     results). Returns per-run metrics, mean/std per model and the last seed's analyses.
     """
+    lam_i = settings.lam if lam is None else lam
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODELS}
     last: dict[str, Any] = {}
     for seed in seeds:
-        for name, lam in zip(MODELS, (0.0, settings.lam), strict=True):
-            t0 = time.perf_counter()
-            model, hist = train_captioner(
-                prep, lam=lam, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
-                hidden=settings.hidden, embed=settings.embed, decoder_hidden=settings.decoder_hidden,
-                attention=settings.attention, dropout=settings.dropout,
-                captions_per_video=settings.captions_per_video, seed=seed, device=str(device))
-            train_s = time.perf_counter() - t0
-            caps = generate(model, prep.test, beam=settings.beam)
-            scores = score_captions(dict(zip(prep.test.video_ids, prep.test.captions, strict=True)), caps)
-            ana = analyze_neurons(model, prep)
-            rec: dict[str, Any] = {"seed": seed, "lam": lam, **scores, "train_seconds": train_s,
-                                   "clips_per_s": float(np.median([h["clips_per_s"] for h in hist])),
-                                   "final_nll": hist[-1]["nll"], "final_topic_loss": hist[-1]["topic"],
-                                   "topic_error_test": ana["topic_error_test"],
-                                   "selectivity_auc": ana["selectivity"]["mean_auc"],
-                                   "selectivity_index": ana["selectivity"]["selectivity_index"],
-                                   "named_neurons": ana["selectivity"]["n_named"]}
-            if action_labels is not None:
-                rec["action_accuracy"] = linear_probe(ana["vbar_train"], action_labels["train"], ana["vbar_test"],
-                                                      action_labels["test"], seed=seed)
+        for name, lam_m in zip(MODELS, (0.0, lam_i), strict=True):
+            rec, art = _train_eval(prep, settings, lam_m, seed, device, action_labels)
             runs[name].append(rec)
             if on_run is not None:
                 on_run(runs)
-            last[name] = {"model": model, "analysis": ana, "history": hist, "captions": caps}
-            log(f"seed {seed} {name}: BLEU-4 {scores['BLEU-4']:.3f} METEOR {scores['METEOR']:.3f} "
-                f"CIDEr {scores['CIDEr']:.3f} selectivity AUC {rec['selectivity_auc']:.3f}"
+            last[name] = art
+            log(f"seed {seed} {name} (λ={lam_m:g}): BLEU-4 {rec['BLEU-4']:.3f} METEOR {rec['METEOR']:.3f} "
+                f"CIDEr {rec['CIDEr']:.3f} selectivity AUC {rec['selectivity_auc']:.3f}"
                 + (f" action acc {rec['action_accuracy']:.3f}" if "action_accuracy" in rec else "")
-                + f" ({train_s:.0f}s); e.g. '{caps[prep.test.video_ids[0]]}'")
-    keys = [k for k in runs[MODELS[0]][0] if k not in ("seed", "lam")]
-    summary = {m: {k: _stats([r[k] for r in runs[m]]) for k in keys} for m in MODELS}
-    return {"runs": runs, "summary": summary, "last": last}
+                + f" (epoch {rec['selected_epoch'] + 1} of {rec['epochs_run']}, {rec['train_seconds']:.0f}s); "
+                f"e.g. '{art['captions'][prep.test.video_ids[0]]}'")
+    keys = [k for k in runs[MODELS[1]][0] if k not in ("seed", "lam", "history")]
+    summary = {m: {k: _stats([r[k] for r in runs[m] if k in r]) for k in keys if k in runs[m][0]} for m in MODELS}
+    return {"runs": runs, "summary": summary, "last": last, "lam": lam_i}
+
+
+def sweep_lambda(prep: Prepared, settings: DongSettings, grid: Sequence[float], device: torch.device, seed: int = 0,
+                 log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Train one model per λ in ``[0, *grid]`` (seed ``seed``) and score it on the **validation** split:
+    BLEU-4, METEOR, CIDEr (coco-caption, beam ``settings.beam``), topic selectivity AUC (f fitted on the
+    frozen encoder, PDM on train, AUC on validation), validation topic loss at the selected epoch."""
+    if prep.val is None:
+        raise ValueError("the λ sweep needs a validation split")
+    rows = []
+    for lam in [0.0, *[g for g in grid if g > 0]]:
+        t0 = time.perf_counter()
+        model, hist = train_captioner(prep, lam=lam, seed=seed, device=str(device), **settings.train_kwargs())
+        caps = generate(model, prep.val, beam=settings.beam)
+        sc = score_captions(dict(zip(prep.val.video_ids, prep.val.captions, strict=True)), caps)
+        ana = analyze_neurons(model, prep, refit_head=True, split="val")
+        sel_epoch = hist[-1].get("selected_epoch", hist[-1]["epoch"])
+        at_sel = next(h for h in hist if h["epoch"] == sel_epoch)
+        row = {"lam": lam, "BLEU-4": sc["BLEU-4"], "METEOR": sc["METEOR"], "CIDEr": sc["CIDEr"],
+               "selectivity_auc": ana["selectivity"]["mean_auc"], "val_topic_loss": at_sel.get("val_topic"),
+               "train_topic_loss": at_sel["topic"], "train_nll": at_sel["nll"], "lam_topic": at_sel["lam_topic"],
+               "selected_epoch": sel_epoch, "seconds": time.perf_counter() - t0}
+        rows.append(row)
+        log(f"λ sweep (validation, seed {seed}) λ={lam:g}: BLEU-4 {row['BLEU-4']:.3f} METEOR {row['METEOR']:.3f} "
+            f"CIDEr {row['CIDEr']:.3f} selectivity AUC {row['selectivity_auc']:.3f} topic loss train "
+            f"{row['train_topic_loss']:.3f} val {row['val_topic_loss']:.3f} (λ·topic {row['lam_topic']:.2f} vs "
+            f"NLL {row['train_nll']:.2f}/caption)")
+    return rows
+
+
+def choose_lambda(rows: Sequence[Mapping[str, Any]], meteor_tolerance: float = 0.01) -> float:
+    """λ > 0 with the highest validation selectivity AUC among those whose validation METEOR is at least
+    λ = 0's minus ``meteor_tolerance`` (interpretability without a captioning cost); if none qualifies,
+    the λ > 0 with the best validation METEOR. ``rows``: output of :func:`sweep_lambda`."""
+    base = [r for r in rows if r["lam"] == 0]
+    cand = [r for r in rows if r["lam"] > 0]
+    if not base or not cand:
+        raise ValueError("choose_lambda needs the λ = 0 row and at least one λ > 0")
+    ok = [r for r in cand if r["METEOR"] >= base[0]["METEOR"] - meteor_tolerance]
+    if ok:
+        return float(max(ok, key=lambda r: r["selectivity_auc"])["lam"])
+    return float(max(cand, key=lambda r: r["METEOR"])["lam"])
 
 
 def _figures(prep: Prepared, last: Mapping[str, Any], video_has: np.ndarray) -> list[tuple[Any, str]]:
@@ -194,14 +275,16 @@ def _figures(prep: Prepared, last: Mapping[str, Any], video_has: np.ndarray) -> 
 
 
 def sections(prep: Prepared, result: Mapping[str, Any], settings: DongSettings, seeds: Sequence[int],
-             title: str = "Semantic interpretability for video captioning (Dong et al. 2017)") -> list[Section]:
+             title: str = "Semantic interpretability for video captioning (Dong et al. 2017)",
+             sweep: Sequence[Mapping[str, Any]] = ()) -> list[Section]:
     """Report sections: the table beside the paper's, topics, neuron names, selectivity, transfer, figures."""
     from semlens.units.pdm import contains_topic
 
     summ = result["summary"]
     main = Section(title)
     main.text(f"Built-in captioned clips ({prep.train.n_videos} train / {prep.test.n_videos} test videos), "
-              f"{prep.topics.n_topics} LDA topics, λ = {settings.lam}, {settings.epochs} epochs, beam "
+              f"{prep.topics.n_topics} LDA topics, λ = {result.get('lam', settings.lam):g}, ≤ {settings.epochs} epochs "
+              f"(early stopping on validation CIDEr), beam "
               f"{settings.beam}, seeds {list(seeds)}. Mean ± std over seeds; published rows are on "
               "YouTubeClips (MSVD) with GoogLeNet features and are not directly comparable to synthetic clips.")
     ours = {f"{m} (ours)": {k: summ[m][k] for k in ("BLEU-4", "METEOR", "CIDEr")} for m in MODELS}
@@ -209,13 +292,22 @@ def sections(prep: Prepared, result: Mapping[str, Any], settings: DongSettings, 
     rows = []
     for m in MODELS:
         row = {"model": m}
-        for k in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "selectivity_auc", "selectivity_index",
-                  "topic_error_test", "action_accuracy", "named_neurons", "clips_per_s"):
+        for k in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "selectivity_auc", "selectivity_auc_own_f",
+                  "selectivity_index", "topic_error_test", "action_accuracy", "selected_epoch", "clips_per_s"):
             if k in summ[m]:
                 row[k] = f"{summ[m][k]['mean']:.3f} ± {summ[m][k]['std']:.3f}"
         rows.append(row)
     main.table(rows, caption="All metrics (mean ± std over seeds). selectivity_auc: mean over topics of the AUC "
-                             "of the topic's named neurons on test; action_accuracy: linear probe on frozen v̄.")
+                             "of the topic's named neurons on test, neurons named by PDM with an f fitted on each "
+                             "frozen encoder (same procedure for both models); selectivity_auc_own_f: LSTM-I named "
+                             "with its jointly trained f; action_accuracy: linear probe on frozen v̄.")
+    if sweep:
+        main.table([{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()
+                     if k in ("lam", "BLEU-4", "METEOR", "CIDEr", "selectivity_auc", "val_topic_loss",
+                              "train_topic_loss", "lam_topic", "train_nll", "selected_epoch")} for r in sweep],
+                   caption="λ sweep on the validation split (seed 0). λ·topic and train NLL: the two loss terms "
+                           "per caption at the selected epoch. Chosen: highest validation selectivity with "
+                           f"METEOR ≥ λ=0's − {settings.meteor_tolerance}.")
     last = result["last"]
     examples = []
     for vid, refs in list(zip(prep.test.video_ids, prep.test.captions, strict=True))[:6]:
@@ -224,8 +316,8 @@ def sections(prep: Prepared, result: Mapping[str, Any], settings: DongSettings, 
     topics = Section("LDA topics of the clip captions")
     topics.table([{"topic": t, "name": n, "top words": " ".join(w)} for t, (n, w) in
                   enumerate(zip(prep.topics.topic_names(), prep.topics.top_words(8), strict=True))])
-    neurons = Section("Neurons named by prediction-difference maximization (LSTM-I, last seed)")
-    nt = last["LSTM-I"]["analysis"]["names"]
+    neurons = Section("Neurons named by prediction-difference maximization (LSTM-I, last seed, its own f)")
+    nt = last["LSTM-I"].get("analysis_own_f", last["LSTM-I"]["analysis"])["names"]
     neurons.table(nt.topic_table(), caption="Per topic: its neurons, strongest first.")
     neurons.table(nt.table(top=15), caption="Strongest neuron -> topic assignments (strength = max_t Δ[j, t]).")
     has = contains_topic(prep.test.topics).numpy()
@@ -237,7 +329,11 @@ def sections(prep: Prepared, result: Mapping[str, Any], settings: DongSettings, 
 
 def run_dong(out: str | Path, seeds: int = 3, fast: bool = False, device: str = "auto",
              settings: DongSettings | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The whole comparison; writes ``out/results.json`` and ``out/report.html`` and returns the results."""
+    """The whole comparison; writes ``out/results.json`` and ``out/report.html`` and returns the results.
+
+    With a non-empty ``settings.lam_grid``, λ for LSTM-I is first chosen on the validation split
+    (:func:`sweep_lambda` on seed 0, :func:`choose_lambda`); the sweep is saved under ``lambda_sweep``.
+    """
     try:
         from semlens.world import generate_clips
     except ImportError:  # not re-exported yet
@@ -252,31 +348,48 @@ def run_dong(out: str | Path, seeds: int = 3, fast: bool = False, device: str = 
     clips = generate_clips(n=st.n_clips, frames=st.frames, size=64, seed=0)
     log(f"generated {len(clips.video_ids)} clips; training the frame CNN ...")
     cnn = frame_cnn(st, seed=0, device=dev)
-    feats = extract_frame_features(cnn, torch.as_tensor(clips.frames), device=dev)
-    prep = prepare_clips(clips, feats, st.n_topics)
+    feats = extract_frame_features(cnn, torch.as_tensor(clips.frames), layer=list(st.frame_layers), device=dev,
+                                   pool=st.frame_pool)
+    prep = prepare_clips(clips, feats, st.n_topics, standardize=True)
     action = {s: np.asarray(clips.truth["action"])[list(clips.splits[s])] for s in ("train", "test")}
     seed_list = list(range(seeds))
-    res = compare_models(prep, st, seed_list, dev, action_labels=action, log=log,
-                         on_run=lambda runs: save_json({"partial": True, "runs": runs}, out / "results.json"))
+    sweep: list[dict[str, Any]] = []
+    lam = st.lam
+    if st.lam_grid:
+        sweep = sweep_lambda(prep, st, st.lam_grid, dev, seed=0, log=log)
+        lam = choose_lambda(sweep, st.meteor_tolerance)
+        log(f"chosen on validation: λ = {lam:g}")
+        save_json({"partial": True, "lambda_sweep": sweep, "lam": lam}, out / "results.json")
+    res = compare_models(prep, st, seed_list, dev, action_labels=action, log=log, lam=lam,
+                         on_run=lambda runs: save_json({"partial": True, "lambda_sweep": sweep, "lam": lam,
+                                                        "runs": runs}, out / "results.json"))
     results = {"paper": "Dong, Su, Zhu, Zhang, CVPR 2017", "data": "semlens built-in clips",
-               "settings": asdict(st), "seeds": seed_list, "summary": res["summary"], "runs": res["runs"],
+               "settings": asdict(st), "seeds": seed_list, "lam": lam, "lambda_sweep": sweep,
+               "summary": res["summary"], "runs": res["runs"],
                "topics": prep.topics.top_words(8), "seconds": time.perf_counter() - t0}
     save_json(results, out / "results.json")
     prep.topics.save(out / "topics.json")
     for m in MODELS:
         res["last"][m]["model"].save(out / f"{m.lower()}.safetensors")
     report = Report(title="semlens reproduce dong")
-    for sec in sections(prep, res, st, seed_list):
+    for sec in sections(prep, res, st, seed_list, sweep=sweep):
         report.add(sec)
     report.write(out / "report.html")
-    log(json.dumps({m: {k: round(res["summary"][m][k]["mean"], 4) for k in ("BLEU-4", "METEOR", "CIDEr")}
-                    for m in MODELS}))
+    log(json.dumps({m: {k: round(res["summary"][m][k]["mean"], 4) for k in ("BLEU-4", "METEOR", "CIDEr",
+                                                                           "selectivity_auc")} for m in MODELS}))
     return results
 
 
-def prepare_clips(clips: Any, feats: torch.Tensor, n_topics: int, seed: int = 0) -> Prepared:
-    """:func:`prepare` for a :class:`semlens.world.ClipSet` and its (N, T, C) frame features."""
+def prepare_clips(clips: Any, feats: torch.Tensor, n_topics: int, seed: int = 0, standardize: bool = False
+                  ) -> Prepared:
+    """:func:`prepare` for a :class:`semlens.world.ClipSet` and its (N, T, C) frame features.
+
+    ``standardize``: z-score every feature channel with the mean/std over the training split's frames.
+    """
     ids = list(clips.video_ids)
+    if standardize:
+        tr = feats[list(clips.splits["train"])].reshape(-1, feats.shape[-1])
+        feats = (feats - tr.mean(0)) / tr.std(0).clamp(min=1e-6)
     feat = {v: feats[k] for k, v in enumerate(ids)}
     caps = {v: list(clips.captions[k]) for k, v in enumerate(ids)}
     splits = {s: [ids[i] for i in clips.splits[s]] for s in ("train", "val", "test") if s in clips.splits}

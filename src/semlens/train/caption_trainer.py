@@ -1,8 +1,9 @@
 """Training loop of the attentive captioner: teacher forcing over (video, sentence) pairs, padding and
-masking, the interpretive loss, seeded shuffling/dropout, and checkpoint/resume at epoch boundaries.
+masking, the interpretive loss, seeded shuffling/dropout, model selection on validation CIDEr with early
+stopping, and checkpoint/resume at epoch boundaries.
 
 A resumed run reproduces an uninterrupted run exactly (same weights), because the shuffling order and
-dropout RNG of every epoch are derived from ``(seed, epoch)``.
+dropout RNG of every epoch are derived from ``(seed, epoch)`` and the best weights so far are saved.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from semlens.checkpoint import CheckpointError
 from semlens.models.captioner import PAD, AttentiveCaptioner, Vocabulary, pad_features, save_json
 from semlens.runtime import progress, resolve_device
 from semlens.train.interpretive import InterpretiveLoss, topic_loss
 
-__all__ = ["CaptionData", "CaptionTrainConfig", "CaptionTrainer", "mean_representations", "fit_topic_head"]
+__all__ = ["CaptionData", "CaptionTrainConfig", "CaptionTrainer", "mean_representations", "fit_topic_head",
+           "validation_cider"]
 
 
 class CaptionData:
@@ -112,13 +115,21 @@ class CaptionTrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "auto"
+    select_every: int = 0  # evaluate validation CIDEr every this many epochs and keep the best weights (0 = off)
+    patience: int | None = None  # stop after this many evaluations without improvement (None = never)
 
 
 class CaptionTrainer:
     """Train an :class:`AttentiveCaptioner` on :class:`CaptionData` (Adam, teacher forcing).
 
     With ``checkpoint_dir``, writes ``last.safetensors`` (weights + config), ``last_optim.pt`` (optimizer,
-    epoch) and ``history.json`` after every epoch, and :meth:`fit` resumes from them.
+    epoch), ``history.json`` and (with model selection) ``best.safetensors`` after every epoch, and
+    :meth:`fit` resumes from them.
+
+    Model selection (``select_every > 0``, needs ``val``): every ``select_every`` epochs (and after the last)
+    the validation videos are captioned greedily and scored with CIDEr (:func:`validation_cider`); the
+    best weights are restored when training ends, and training stops early after ``patience`` evaluations
+    without improvement.
     """
 
     def __init__(self, model: AttentiveCaptioner, train: CaptionData, config: CaptionTrainConfig,
@@ -132,6 +143,11 @@ class CaptionTrainer:
                                  f"{model.config.n_topics}")
         if config.lam > 0 and train.topics is None:
             raise ValueError("lam > 0 (LSTM-I) needs topic targets in the training data")
+        if config.select_every < 0 or (config.patience is not None and config.patience < 1):
+            raise ValueError(f"select_every must be >= 0 and patience >= 1 or None; got {config.select_every}, "
+                             f"{config.patience}")
+        if config.select_every and val is None:
+            raise ValueError("model selection (select_every > 0) needs validation data")
         self.cfg = config
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
@@ -141,6 +157,9 @@ class CaptionTrainer:
         self.dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.history: list[dict[str, float]] = []
         self.start_epoch = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_score = float("-inf")
+        self.best_epoch = -1
 
     # ------------------------------------------------------------- checkpointing
     def _save(self, epoch: int) -> None:
@@ -149,6 +168,8 @@ class CaptionTrainer:
         tmp = self.dir / "last_optim.pt.tmp"
         torch.save({"optim": self.optim.state_dict(), "epoch": epoch}, tmp)
         os.replace(tmp, self.dir / "last_optim.pt")
+        if self.best_epoch == epoch:
+            self.model.save(self.dir / "best.safetensors", extra={"epoch": epoch, "val_CIDEr": self.best_score})
         save_json(self.history, self.dir / "history.json")
 
     def _resume(self) -> None:
@@ -166,6 +187,15 @@ class CaptionTrainer:
         except (FileNotFoundError, KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"incomplete or corrupt checkpoint in {self.dir}: {err}") from err
         self.start_epoch = int(st["epoch"]) + 1
+        scored = [h for h in self.history if "val_CIDEr" in h]
+        if scored:
+            best = max(scored, key=lambda h: h["val_CIDEr"])  # first of equal scores, as during training
+            self.best_score, self.best_epoch = float(best["val_CIDEr"]), int(best["epoch"])
+            try:
+                self.best_state = AttentiveCaptioner.load(self.dir / "best.safetensors",
+                                                          vocab=self.model.vocab).state_dict()
+            except FileNotFoundError as err:
+                raise CheckpointError(f"checkpoint in {self.dir} lacks best.safetensors: {err}") from err
 
     # ------------------------------------------------------------------ training
     def _epoch(self, epoch: int) -> dict[str, float]:
@@ -198,9 +228,22 @@ class CaptionTrainer:
             n += b
         rec = {k: v / n for k, v in sums.items()} | {"epoch": epoch, "seconds": time.perf_counter() - t0,
                                                      "clips_per_s": n / (time.perf_counter() - t0)}
+        rec["lam_topic"] = self.cfg.lam * rec["topic"]  # the topic term's share of the loss, per caption
         if self.val_data is not None:
             rec |= {f"val_{k}": v for k, v in self.evaluate_loss(self.val_data).items()}
+        every = self.cfg.select_every
+        if every and ((epoch + 1) % every == 0 or epoch + 1 == self.cfg.epochs):
+            rec["val_CIDEr"] = validation_cider(self.model, self.val_data)  # type: ignore[arg-type]
+            if rec["val_CIDEr"] > self.best_score:
+                self.best_score, self.best_epoch = rec["val_CIDEr"], epoch
+                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return rec
+
+    def _should_stop(self) -> bool:
+        if not self.cfg.select_every or self.cfg.patience is None:
+            return False
+        since = [h for h in self.history if "val_CIDEr" in h and h["epoch"] > self.best_epoch]
+        return len(since) >= self.cfg.patience
 
     @torch.no_grad()
     def evaluate_loss(self, data: CaptionData, batch_size: int = 256) -> dict[str, float]:
@@ -226,12 +269,46 @@ class CaptionTrainer:
         self._resume()
         try:
             for epoch in range(self.start_epoch, self.cfg.epochs):
+                if self._should_stop():
+                    break
                 self.history.append(self._epoch(epoch))
                 if self.dir is not None:
                     self._save(epoch)
+            if self.best_state is not None:  # model selection: restore the best validation weights
+                self.model.load_state_dict(self.best_state)
         finally:
             self.model.eval()
         return self.history
+
+    @property
+    def selected_epoch(self) -> int:
+        """Epoch whose weights the model holds after :meth:`fit` (the last one without model selection)."""
+        return self.best_epoch if self.best_state is not None else (self.history[-1]["epoch"] if self.history
+                                                                     else -1)
+
+
+@torch.no_grad()
+def validation_cider(model: AttentiveCaptioner, data: CaptionData, batch_size: int = 256) -> float:
+    """CIDEr-D (pycocoevalcap) of greedy captions on ``data`` against all its references, on the captioner's
+    own word tokens (no Java: cheap enough to run every epoch). Model mode restored."""
+    from pycocoevalcap.cider.cider import Cider
+
+    from semlens.models.captioner import tokenize
+
+    dev = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    try:
+        res: dict[int, list[str]] = {}
+        for start in range(0, data.n_videos, batch_size):
+            idx = torch.arange(start, min(data.n_videos, start + batch_size))
+            feats, lengths = data.video_batch(idx, dev)
+            for k, row in zip(idx.tolist(), model.greedy(feats, lengths).tolist(), strict=True):
+                res[k] = [model.vocab.decode(row) or "<empty>"]
+        gts = {k: [" ".join(tokenize(c)) for c in data.captions[k]] for k in res}
+        return float(Cider().compute_score(gts, res)[0])
+    finally:
+        model.train(was)
 
 
 @torch.no_grad()
@@ -259,25 +336,43 @@ def mean_representations(model: AttentiveCaptioner, data: CaptionData, batch_siz
 
 
 def fit_topic_head(model: AttentiveCaptioner, data: CaptionData, steps: int = 500, lr: float = 0.05,
-                   seed: int = 0) -> float:
-    """Fit only ``f`` (the topic head) on the frozen encoder's v̄ by full-batch Adam on ‖f(v̄) − s‖².
+                   seed: int = 0, head: nn.Linear | None = None, val: CaptionData | None = None,
+                   weight_decay: float = 0.0, eval_every: int = 10) -> float:
+    """Fit a topic head ``f`` on the frozen encoder's v̄ by full-batch Adam on ‖softmax(f(v̄)) − s‖²
+    (+ ``weight_decay`` · ‖W‖²).
 
-    Used to name LSTM-B's neurons (it has no trained f). Returns the final mean topic loss.
-    Other parameters are untouched; their ``requires_grad`` flags are unchanged.
+    ``head``: the ``nn.Linear`` (D -> K) to fit (re-initialised first); default the model's own
+    ``topic_head``. With ``val``, the head is evaluated on the validation videos every ``eval_every``
+    steps and the parameters with the lowest validation topic loss are kept (early stopping: a head fitted
+    to the training videos alone overfits them). Used to name the neurons of every model with one
+    procedure (LSTM-B has no trained f). Returns the training topic loss of the kept head. No other
+    parameter is touched.
     """
-    if data.topics is None:
+    if data.topics is None or (val is not None and val.topics is None):
         raise ValueError("fit_topic_head needs topic targets in the data")
-    vbar = mean_representations(model, data).to(next(model.parameters()).device)
-    s = data.topics.to(vbar.device)
+    dev = next(model.parameters()).device
+    vbar = mean_representations(model, data).to(dev)
+    s = data.topics.to(dev)
+    head = model.topic_head if head is None else head
+    if head.in_features != vbar.shape[1] or head.out_features != s.shape[1]:
+        raise ValueError(f"head maps {head.in_features} -> {head.out_features}; need {vbar.shape[1]} -> {s.shape[1]}")
+    vval = mean_representations(model, val).to(dev) if val is not None else None
     torch.manual_seed(seed)
-    head = model.topic_head
     head.reset_parameters()
     opt = torch.optim.Adam(head.parameters(), lr=lr)
-    loss = torch.zeros(())
+    best_val, best = float("inf"), None
     with torch.enable_grad():
-        for _ in range(steps):  # optimisation steps over the whole set (no per-sample loop)
-            loss = topic_loss(torch.softmax(head(vbar), -1), s).mean()
+        for step in range(steps):  # optimisation steps over the whole set (no per-sample loop)
+            loss = topic_loss(torch.softmax(head(vbar), -1), s).mean() + weight_decay * head.weight.pow(2).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return float(loss.detach())
+            if vval is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
+                with torch.no_grad():
+                    lv = float(topic_loss(torch.softmax(head(vval), -1), val.topics.to(dev)).mean())  # type: ignore[union-attr]
+                if lv < best_val:
+                    best_val, best = lv, {k: v.detach().clone() for k, v in head.state_dict().items()}
+    if best is not None:
+        head.load_state_dict(best)
+    with torch.no_grad():
+        return float(topic_loss(torch.softmax(head(vbar), -1), s).mean())

@@ -7,8 +7,14 @@ probabilities, the dataset-mean prediction difference is
     Δ[j, t] = mean_k ( f(v̄_k)[t] - f(v̄_k with neuron j removed)[t] )
 
 and neuron ``j`` is named ``t*(j) = argmax_t Δ[j, t]`` (no topic when ``max_t Δ[j, t] <= 0``).
-All neurons are evaluated at once by batched masking: a chunk of ``c`` neurons gives a
-(N, c, D) tensor of masked copies that goes through ``f`` in one call (no loop over neurons × videos).
+Two exact paths, both without a loop over neurons × videos:
+
+* **closed form** for a linear topic map ``f(v) = W v + b``, optionally followed by a softmax
+  (:class:`LinearTopicMap`, or an ``nn.Linear``): removing neuron ``j`` (setting it to ``c_j``) moves the
+  logits of every video by ``-W[:, j] (v_j - c_j)``, so all ``D`` perturbed logit vectors are one broadcast
+  (N, D, K) — no masked copies of ``v̄`` and no re-evaluation of ``f``'s matrix product;
+* **batched masking** for any other ``f``: a chunk of ``c`` neurons gives a (N, c, D) tensor of masked
+  copies that goes through ``f`` in one call.
 """
 
 from __future__ import annotations
@@ -17,11 +23,49 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-__all__ = ["NeuronTopics", "prediction_difference", "name_neurons", "auc", "topic_selectivity",
+__all__ = ["NeuronTopics", "LinearTopicMap", "prediction_difference", "name_neurons", "auc", "topic_selectivity",
            "contains_topic"]
 
 TopicMap = Callable[[torch.Tensor], torch.Tensor]
+
+
+class LinearTopicMap:
+    """f(v) = softmax(v Wᵀ + b) (or v Wᵀ + b with ``softmax=False``): (M, D) -> (M, K).
+
+    weight: (K, D); bias: (K,) or ``None``. Callable like any topic map; :func:`prediction_difference`
+    recognises it (and a bare ``nn.Linear``) and uses the closed form.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, softmax: bool = True):
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be (K, D); got {tuple(weight.shape)}")
+        if bias is not None and bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias must be ({weight.shape[0]},); got {tuple(bias.shape)}")
+        self.weight = weight.detach()
+        self.bias = bias.detach() if bias is not None else None
+        self.softmax = softmax
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, softmax: bool = True) -> LinearTopicMap:
+        return cls(layer.weight, layer.bias, softmax=softmax)
+
+    def logits(self, v: torch.Tensor) -> torch.Tensor:
+        z = v.to(self.weight) @ self.weight.T
+        return z + self.bias if self.bias is not None else z
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        z = self.logits(v)
+        return torch.softmax(z, -1) if self.softmax else z
+
+
+def _as_linear(f: object) -> LinearTopicMap | None:
+    if isinstance(f, LinearTopicMap):
+        return f
+    if isinstance(f, nn.Linear):
+        return LinearTopicMap.from_linear(f, softmax=False)
+    return None
 
 
 def _check_rep(vbar: torch.Tensor) -> None:
@@ -33,27 +77,31 @@ def _check_rep(vbar: torch.Tensor) -> None:
 
 @torch.no_grad()
 def prediction_difference(f: TopicMap, vbar: torch.Tensor, removal: str = "zero", *, reference: torch.Tensor | None
-                          = None, n_samples: int = 10, chunk: int | None = None, max_elements: int = 2**20,
-                          seed: int = 0) -> torch.Tensor:
+                          = None, n_samples: int = 10, chunk: int | None = None, max_elements: int = 2**22,
+                          seed: int = 0, method: str = "auto") -> torch.Tensor:
     """Δ (D, K) float32: mean drop of each topic probability when each neuron is removed.
 
     vbar: (N, D) representations (one row per video). ``removal``:
     ``"zero"`` sets the neuron to 0 (main definition), ``"mean"`` to its mean over ``reference``
     (default: ``vbar``), ``"marginal"`` averages over ``n_samples`` values drawn from its empirical
-    distribution in ``reference`` (prediction-difference analysis). ``chunk`` neurons are masked at
-    once (default: as many as fit in ``max_elements`` floats).
+    distribution in ``reference`` (prediction-difference analysis). ``method``: ``"closed"`` (needs a
+    :class:`LinearTopicMap` or ``nn.Linear``), ``"masking"`` (any ``f``), ``"auto"`` (closed when possible).
+    ``chunk`` neurons are handled at once (default: as many as fit in ``max_elements`` floats).
     """
     _check_rep(vbar)
     if removal not in {"zero", "mean", "marginal"}:
         raise ValueError(f"unknown removal {removal!r}; use 'zero', 'mean' or 'marginal'")
+    if method not in {"auto", "closed", "masking"}:
+        raise ValueError(f"unknown method {method!r}; use 'auto', 'closed' or 'masking'")
+    lin = _as_linear(f)
+    if method == "closed" and lin is None:
+        raise ValueError(f"method='closed' needs a LinearTopicMap or nn.Linear topic map; got {type(f).__name__}")
     N, D = vbar.shape
+    if lin is not None and lin.weight.shape[1] != D:
+        raise ValueError(f"the topic map expects {lin.weight.shape[1]} neurons; the representation has {D}")
     ref = vbar if reference is None else reference.to(vbar)
     if ref.dim() != 2 or ref.shape[1] != D:
         raise ValueError(f"reference must be (M, {D}); got {tuple(ref.shape)}")
-    P = f(vbar)
-    if P.dim() != 2 or P.shape[0] != N:
-        raise ValueError(f"f must map (N, D) to (N, K); got {tuple(P.shape)} for N={N}")
-    K = P.shape[1]
     S = n_samples if removal == "marginal" else 1
     if removal == "marginal":
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -63,6 +111,12 @@ def prediction_difference(f: TopicMap, vbar: torch.Tensor, removal: str = "zero"
         fill = ref.mean(0, keepdim=True)
     else:
         fill = vbar.new_zeros(1, D)
+    if lin is not None and method != "masking":
+        return _closed_form(lin, vbar, fill, chunk, max_elements)
+    P = f(vbar)
+    if P.dim() != 2 or P.shape[0] != N:
+        raise ValueError(f"f must map (N, D) to (N, K); got {tuple(P.shape)} for N={N}")
+    K = P.shape[1]
     c = chunk or max(1, min(D, max_elements // max(1, N * S * max(D, K))))
     out = vbar.new_empty(D, K)
     for start in range(0, D, c):  # chunk over neurons for memory; all videos at once
@@ -72,6 +126,33 @@ def prediction_difference(f: TopicMap, vbar: torch.Tensor, removal: str = "zero"
         masked = torch.where(onehot[None, None], fill[:, None, None, :], vbar[None, :, None, :])  # (S, N, c, D)
         Q = f(masked.reshape(-1, D)).reshape(S, N, len(j), K).mean(0)  # (N, c, K)
         out[start:start + len(j)] = (P[:, None, :] - Q).mean(0)
+    return out.float()
+
+
+def _closed_form(lin: LinearTopicMap, vbar: torch.Tensor, fill: torch.Tensor, chunk: int | None,
+                 max_elements: int) -> torch.Tensor:
+    """Δ (D, K) for f = [softmax](W v + b): the logits of "v̄ with neuron j set to c" are z - W[:, j] (v̄_j - c_j).
+
+    fill: (S, D) removal values (S samples are averaged). Linear f without softmax: Δ = Wᵀ · mean(v̄ - c).
+    """
+    W = lin.weight.to(vbar)  # (K, D)
+    K, D = W.shape
+    N, S = vbar.shape[0], fill.shape[0]
+    if not lin.softmax:  # f is affine: the mean drop is exact without any (N, D, K) tensor
+        return (W.T * (vbar[None] - fill[:, None]).mean((0, 1))[:, None]).float()
+    z = lin.logits(vbar)  # (N, K)
+    P = torch.softmax(z, -1)
+    c = chunk or max(1, min(D, max_elements // max(1, N * S * K)))
+    out = vbar.new_empty(D, K)
+    for start in range(0, D, c):  # chunk over neurons only to bound memory (S, N, c, K)
+        sl = slice(start, min(D, start + c))
+        # perturbed logits z - W[:, j] (v̄_j - c_j), then a softmax over K written out (torch.softmax is
+        # slow on CPU for many short rows)
+        q = torch.addcmul(z[None, :, None, :], (vbar[None, :, sl] - fill[:, None, sl])[..., None], W.T[sl],
+                          value=-1.0)  # (S, N, c, K)
+        q.sub_(q.amax(-1, keepdim=True)).exp_()
+        Q = (q / q.sum(-1, keepdim=True)).mean(0)  # (N, c, K)
+        out[sl] = (P[:, None, :] - Q).mean(0)
     return out.float()
 
 

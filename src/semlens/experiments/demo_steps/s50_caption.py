@@ -4,7 +4,6 @@ selectivity, transfer and the figures of Dong et al. 2017."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,17 +21,20 @@ def run(ctx: DemoContext) -> list[Section]:
     st = DongSettings.fast()
     t0 = time.perf_counter()
     stride = max(1, -(-clips.frames.shape[1] // MAX_FRAMES))
-    if (Path(ctx.artifacts.get("clips_dir", "")) / "features").is_dir():
-        # the world step already encoded every frame with the demo classifier (frozen): reuse them
+    cnn = ctx.artifacts["classifier"]
+    layers = [n for n in st.frame_layers if n in dict(cnn.named_modules())]
+    if len(layers) == len(st.frame_layers):
+        # the demo classifier (frozen): an early and the last conv layer, mean+max pooled (as `reproduce dong`)
+        feats = extract_frame_features(cnn, torch.as_tensor(clips.frames)[:, ::stride], layer=layers,
+                                       pool=st.frame_pool, device=ctx.device)
+        source = f"the demo's alexnet-like classifier (frozen; {' + '.join(layers)}, mean+max pooled)"
+    else:
+        # another classifier: the frame features the world step wrote
         from semlens.world.msvd import CaptionCorpus
 
         feats = CaptionCorpus(ctx.artifacts["clips_dir"]).stack_features(clips.video_ids)[:, ::stride]
         source = "the demo classifier's frame features written by the world step"
-    else:
-        feats = extract_frame_features(ctx.artifacts["classifier"], torch.as_tensor(clips.frames)[:, ::stride],
-                                       device=ctx.device)
-        source = "the demo's alexnet-like classifier (frozen, last conv layer pooled)"
-    prep = prepare_clips(clips, feats, st.n_topics, seed=ctx.seed)
+    prep = prepare_clips(clips, feats, st.n_topics, seed=ctx.seed, standardize=True)
     action = {s: np.asarray(clips.truth["action"])[list(clips.splits[s])] for s in ("train", "test")}
     res = compare_models(prep, st, [ctx.seed], ctx.device, action_labels=action,
                          log=lambda m: console.print(f"[dim]caption[/] {m}"))
@@ -41,7 +43,7 @@ def run(ctx: DemoContext) -> list[Section]:
         res["last"][m]["model"].save(ctx.path("caption", f"{m.lower()}.safetensors"))
     ctx.artifacts["caption_models"] = {m: res["last"][m]["model"] for m in MODELS}
     ctx.artifacts["caption_prepared"] = prep
-    ctx.artifacts["caption_neurons"] = res["last"]["LSTM-I"]["analysis"]["names"]
+    ctx.artifacts["caption_neurons"] = res["last"]["LSTM-I"]["analysis_own_f"]["names"]  # named with its own f
     out = sections(prep, res, st, [ctx.seed], title="Interpretable video captioning (Dong et al. 2017), fast demo")
     out[0].text(f"Fast demo: one seed, {feats.shape[1]} frames per clip, frame features from {source}, "
                 f"{time.perf_counter() - t0:.0f} s in all. "
