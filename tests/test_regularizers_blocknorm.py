@@ -42,3 +42,11 @@ def test_cached_runs_are_reused_only_with_the_same_settings(tmp_path):
     assert _cached(path, fn, "a")["x"] == 1 and len(calls) == 1
     assert _cached(path, fn, "b")["x"] == 2
     assert json.loads(path.read_text())["settings"] == "b"
+
+
+def test_seeds_stuck_at_chance_are_listed_not_averaged():
+    runs = [_run("alexnet-like", "weight_decay", 0, 10, 0.8), _run("alexnet-like", "weight_decay", 1, 2, 0.09),
+            _run("alexnet-like", "weight_decay", 2, 14, 0.7)]
+    (row,) = summarize(runs, ("alexnet-like",))
+    assert row["seeds"] == 2 and row["not trained (seeds)"] == "1"
+    assert row["unique_mean"] == 12 and abs(row["acc_mean"] - 0.75) < 1e-12

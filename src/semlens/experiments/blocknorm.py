@@ -145,12 +145,20 @@ def _cached(path: Path, fn: Any, key: str) -> dict[str, Any]:
     return result
 
 
-def summarize(runs: list[dict[str, Any]], models: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Table 1 analogue: one row per model × regularizer, mean ± std over seeds, beside the paper."""
+#: runs whose test accuracy stays below this (12 classes: chance 0.083) did not train; they are listed but left out
+#: of the means (a BN-free AlexNet trained with Adam occasionally stays at chance for a seed)
+TRAINED_MIN_ACC = 0.2
+
+
+def summarize(runs: list[dict[str, Any]], models: tuple[str, ...],
+              min_acc: float = TRAINED_MIN_ACC) -> list[dict[str, Any]]:
+    """Table 1 analogue: one row per model × regularizer, mean ± std over the seeds that trained, beside the paper."""
     rows = []
     for model in models:
         for reg in REGULARIZERS:
-            mine = [r for r in runs if r["model"] == model and r["regularizer"] == reg]
+            every = [r for r in runs if r["model"] == model and r["regularizer"] == reg]
+            mine = [r for r in every if r["test_acc"] >= min_acc]
+            failed = [r["seed"] for r in every if r["test_acc"] < min_acc]
             if not mine:
                 continue
             u_mean, u_std = _mean_std([float(r["unique_total"]) for r in mine])
@@ -158,6 +166,7 @@ def summarize(runs: list[dict[str, Any]], models: tuple[str, ...]) -> list[dict[
             pub = PUBLISHED.get(model, {})
             rows.append({
                 "model": model, "regularizer": reg, "seeds": len(mine),
+                "not trained (seeds)": ", ".join(map(str, failed)) or "-",
                 "unique detectors (sum over conv layers)": f"{u_mean:.1f} ± {u_std:.1f}",
                 "test accuracy": f"{a_mean:.3f} ± {a_std:.3f}",
                 "paper (Places365)": f"{pub.get('paper_model', '-')}: {pub.get(reg, '-')}",
@@ -176,7 +185,8 @@ def per_layer_figure(runs: list[dict[str, Any]], models: tuple[str, ...]) -> Any
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.0), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         for k, reg in enumerate(REGULARIZERS):
-            mine = [r for r in runs if r["model"] == model and r["regularizer"] == reg]
+            mine = [r for r in runs if r["model"] == model and r["regularizer"] == reg
+                    and r["test_acc"] >= TRAINED_MIN_ACC]
             if not mine:
                 continue
             layers = list(mine[0]["unique_per_layer"])
@@ -201,9 +211,10 @@ def blocknorm_sections(results: dict[str, Any], title: str = "Block norm vs weig
              f"dissected on {cfg['n_dissect']} held-out images (quantile {cfg['quantile']:g}, IoU > "
              f"{cfg['iou_threshold']:g}). The paper's numbers are AlexNet on Places365 (different data and scale): "
              "compare directions, not magnitudes.")
-    cols = ["model", "regularizer", "seeds", "unique detectors (sum over conv layers)", "test accuracy",
-            "paper (Places365)"]
-    sec.table(results["table"], columns=cols, caption="Table 1 analogue (mean ± std over seeds)")
+    cols = ["model", "regularizer", "seeds", "not trained (seeds)", "unique detectors (sum over conv layers)",
+            "test accuracy", "paper (Places365)"]
+    sec.table(results["table"], columns=cols, caption="Table 1 analogue (mean ± std over the seeds that trained: test "
+              f"accuracy ≥ {TRAINED_MIN_ACC:g}; seeds stuck at chance are listed, not averaged)")
     sec.figure(per_layer_figure(results["runs"], models), caption="mean unique detectors per conv layer")
     out = [sec]
     if results.get("sweep"):
