@@ -60,6 +60,10 @@ def test_caption_cli_end_to_end(tmp_path):
     assert r.exit_code == 0, r.output
     names = json.loads((tmp_path / "names.json").read_text())
     assert len(names["topic"]) == 16 and "selectivity" in r.output
+    sel = [str(tmp_path / "run-sel") if a == str(run) else a for a in args]
+    sel[sel.index("--epochs") + 1] = "2"
+    r = runner.invoke(app, [*sel, "--select-every", "1", "--patience", "3"])  # this corpus has no val split
+    assert r.exit_code == 2 and "needs validation data" in r.output
 
 
 def test_caption_cli_bad_corpus(tmp_path):

@@ -69,6 +69,10 @@ def train_cmd(
     min_count: int = typer.Option(1, help="Vocabulary: keep words seen at least this often in training captions."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
+    select_every: int = typer.Option(0, help="Every this many epochs, score validation CIDEr (greedy captions) and "
+                                     "keep the best weights (0 = keep the last epoch's)."),
+    patience: int = typer.Option(None, help="With --select-every: stop after this many evaluations without "
+                                 "improvement."),
 ) -> None:
     """Train LSTM-B or LSTM-I; resumes from OUT/checkpoint if it exists."""
     from semlens.captioning import prepare_corpus, train_captioner
@@ -78,11 +82,13 @@ def train_cmd(
         out.mkdir(parents=True, exist_ok=True)
         model, hist = train_captioner(prep, lam=lam, epochs=epochs, batch_size=batch_size, lr=lr, hidden=hidden,
                                       embed=embed, decoder_hidden=decoder_hidden, attention=attention,
-                                      dropout=dropout, seed=seed, device=device, checkpoint_dir=out / "checkpoint")
+                                      dropout=dropout, seed=seed, device=device, checkpoint_dir=out / "checkpoint",
+                                      select_every=select_every, patience=patience)
         path = model.save(out / "model.safetensors")
         prep.topics.save(out / "model.topics.json")
+        chosen = f" (weights of epoch {hist[-1]['selected_epoch']}, best validation CIDEr)" if select_every else ""
         typer.echo(f"trained {'LSTM-I' if lam > 0 else 'LSTM-B'}: final caption NLL {hist[-1]['nll']:.3f}, "
-                   f"topic loss {hist[-1]['topic']:.4f}; wrote {path}")
+                   f"topic loss {hist[-1]['topic']:.4f}{chosen}; wrote {path}")
 
 
 @caption_app.command("evaluate")
