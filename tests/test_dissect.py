@@ -206,6 +206,25 @@ def test_layers_of_equal_map_size_are_grouped_without_changing_any_count():
         np.testing.assert_array_equal(both.layers[name].iou.numpy(), ref)
 
 
+def test_layer_groups_tallied_in_threads_give_the_one_thread_counts():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, stride=2), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    ds = random_dataset(n=9)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = dissect(net, ds, ["0", "2"], quantile=0.05, batch_size=4, device="cpu")
+        torch.set_num_threads(2)  # two layer groups (12x12, 5x5) -> a pool of two tally threads
+        two = dissect(net, ds, ["0", "2"], quantile=0.05, batch_size=4, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("0", "2"):
+        assert torch.equal(one.layers[name].intersection, two.layers[name].intersection)
+        assert torch.equal(one.layers[name].activation, two.layers[name].activation)
+        assert torch.equal(one.layers[name].iou, two.layers[name].iou)
+
+
 def test_concepts_repeated_across_categories_and_whole_image_labels_count_once():
     g = torch.Generator().manual_seed(4)
     n, seg = 6, 8

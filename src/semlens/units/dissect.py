@@ -30,6 +30,7 @@ shard and integer counts are summed, so the result is identical to a one-process
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import csv
 import hashlib
@@ -822,7 +823,12 @@ def dissect(
     cat_of_col = torch.tensor([cats.index(c[2]) for c in concepts])
     ckpt_dir = Path(checkpoint) if checkpoint is not None else None
 
-    with frozen(model), _on_device(model, dev), torch.no_grad():
+    # pass 2 tallies layer groups side by side on a multi-core CPU (their counters are disjoint)
+    workers = min(len(names), torch.get_num_threads()) if dev.type == "cpu" else 1
+    pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 1 else None
+    with frozen(model), _on_device(model, dev), torch.no_grad(), contextlib.ExitStack() as stack:
+        if pool is not None:
+            stack.callback(pool.shutdown)
         # probe one image: layer shapes, image size, mask size
         def read(rows: list[int]) -> Any:
             real = [pick[i] for i in rows]
@@ -903,15 +909,18 @@ def dissect(
                 nonlocal cache, cached
                 acts, maxima, batch, b = load(indices)
                 tables = {}
-                for g, a in acts.items():
+                keep_tables = cache is not None
+
+                def threshold_group(g: str, a: torch.Tensor) -> int:
+                    """Update group g's quantile estimator (and cache its block table); return the cached bytes."""
                     est = estimators[g]
                     if not isinstance(est, ExactTopQuantile) or not est.full:
                         est.update(a.transpose(0, 1))
-                        if cache is not None:
+                        if keep_tables:
                             tables[g] = upsamplers[g].block_table(a, est.lower_bound)
                     else:  # only values above the running k-th largest can enter the top k
                         bound = est.lower_bound
-                        if cache is not None:
+                        if keep_tables:
                             tables[g] = coords, corners = upsamplers[g].block_table(a, bound)
                             values = corners[0]  # every cell above the bound is the first corner of its block
                         else:
@@ -920,8 +929,9 @@ def dissect(
                             values = _take(a.view(-1), (coords[0] * a.shape[1] + coords[1]) * a[0, 0].numel()
                                            + coords[2])
                         est.update(_pack_by_unit(coords, values, bound, a.shape))
-                    if cache is not None:
-                        cached += sum(t.numel() * t.element_size() for t in tables[g])
+                    return sum(t.numel() * t.element_size() for t in tables[g]) if keep_tables else 0
+
+                cached += sum(threshold_group(g, a) for g, a in acts.items())
                 if cache is not None:
                     labels = encoder.encode(batch, b)
                     cached += labels.nbytes() + sum(m.numel() * m.element_size() for m in maxima.values())
@@ -957,9 +967,19 @@ def dissect(
                 tables = {g: upsamplers[g].block_table(a, thresholds[g]) for g, a in acts.items()}
                 del acts
             idx = torch.as_tensor([pick[i] for i in indices], device=dev)
-            for g in groups:
+
+            def tally_group(g: str) -> None:
                 _tally_layer(tables[g], units[g], thresholds[g], upsamplers[g], labels, tally.inter[g], tally.act[g],
                              max_elements)
+
+            # layer groups write disjoint counters: on a multi-core CPU they are tallied side by side (NumPy
+            # gathers and torch kernels release the GIL); the integer counts do not depend on the order
+            if pool is not None:
+                for future in [pool.submit(tally_group, g) for g in groups]:
+                    future.result()
+            else:
+                for g in groups:
+                    tally_group(g)
             for name in names:
                 tally.add_top(name, maxima[name], idx)
             tally.label_pixels += labels.label_pixels
