@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from semlens.train import TrainConfig, Trainer
 from semlens.train.regularizers import BlockNorm
@@ -81,19 +81,6 @@ class Energy:
         return 0.05 * activations["body.2"].pow(2).mean()
 
 
-class Plain(Dataset):
-    """A dataset that is not a TensorDataset (goes through the DataLoader path)."""
-
-    def __init__(self, ds: TensorDataset) -> None:
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int):
-        return self.ds[i]
-
-
 def _config(**kw) -> TrainConfig:
     base = dict(epochs=EPOCHS, batch_size=BATCH, lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=1e-3,
                 lr_schedule="cosine", grad_clip=1.0, seed=3, device="cpu", show_progress=False)
@@ -113,7 +100,8 @@ SCRIPT = textwrap.dedent(
     from semlens import distributed
     from torch.utils.data import TensorDataset
     from semlens.train import Trainer
-    from test_train_distributed import N, Plain, _config, _data, _net, _terms
+    from _train_helpers import Plain
+    from test_train_distributed import N, _config, _data, _net, _terms
 
     distributed.init_from_env(backend="gloo")
     r = distributed.rank()

@@ -9,8 +9,9 @@ import time
 
 import pytest
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
+from _train_helpers import Plain
 from semlens.checkpoint import CheckpointError, load_state_dict, read_config
 from semlens.models import build_model
 from semlens.train import TrainConfig, Trainer
@@ -44,16 +45,6 @@ def test_same_seed_same_weights_and_generic_datasets_match():
     Trainer(m1, _data(), None, _cfg()).fit()
     Trainer(m2, _data(), None, _cfg()).fit()
     assert _same(m1.state_dict(), m2.state_dict())
-
-    class Plain(Dataset):  # not a TensorDataset: goes through the DataLoader path
-        def __init__(self, ds: TensorDataset) -> None:
-            self.ds = ds
-
-        def __len__(self) -> int:
-            return len(self.ds)
-
-        def __getitem__(self, i: int):
-            return self.ds[i]
 
     Trainer(m3, Plain(_data()), None, _cfg()).fit()
     assert _same(m1.state_dict(), m3.state_dict())
