@@ -169,11 +169,13 @@ class _Stop(Exception):
     """Raised inside a hook to end a forward pass once every requested output is captured."""
 
 
-def forward_until(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+def forward_until(model: nn.Module, x: torch.Tensor, layers: Sequence[str], *,
+                  detach: bool = True) -> dict[str, torch.Tensor]:
     """Run ``model(x)`` until each named layer has produced its output (first call) and return them.
 
     Layers after the deepest requested one are not computed. Hooks are removed on every exit path.
-    Outputs are detached. A module that returns a tuple contributes its first tensor.
+    Outputs are detached unless ``detach=False`` (then they keep their autograd graph, e.g. for a loss on
+    them). A module that returns a tuple contributes its first tensor.
     """
     modules = resolve_layers(model, list(layers))
     store: dict[str, torch.Tensor] = {}
@@ -185,7 +187,7 @@ def forward_until(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> d
             t = out[0] if isinstance(out, (tuple, list)) else out
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"layer {name!r} returned {type(out).__name__}, not a tensor")
-            store[name] = t.detach()
+            store[name] = t.detach() if detach else t
             if len(store) == len(modules):
                 raise _Stop
 
@@ -200,7 +202,7 @@ def forward_until(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> d
             pass
     missing = [n for n in modules if n not in store]
     if missing:
-        raise ValueError(f"layers {missing} were never called during the forward pass")
+        raise ValueError(f"layers {missing} did not run during the forward pass")
     return store
 
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from semlens.layers import frozen, get_module
+from semlens.layers import frozen
+from semlens.streaming import forward_until
 
 __all__ = ["reference_activations", "enhance", "propagate", "PropagationResult"]
 
@@ -61,33 +62,6 @@ def enhance(
     shape = [1] * v.dim()
     shape[dim] = n_units
     return v + delta.view(shape)
-
-
-class _Reached(Exception):
-    """Raised by a forward hook to stop the forward pass once the representation exists."""
-
-
-def _forward_to(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
-    """Output of ``layer`` (with its autograd graph) for ``model(x)``; the layers after it are not run."""
-    module = get_module(model, layer)
-    box: dict[str, torch.Tensor] = {}
-
-    def hook(_m: nn.Module, _inputs: object, out: object) -> None:
-        if not isinstance(out, torch.Tensor):
-            raise ValueError(f"layer {layer!r} returned {type(out).__name__}, not a tensor")
-        box["v"] = out
-        raise _Reached
-
-    handle = module.register_forward_hook(hook)
-    try:
-        model(x)
-    except _Reached:
-        pass
-    finally:
-        handle.remove()
-    if "v" not in box:
-        raise ValueError(f"layer {layer!r} did not run during the forward pass")
-    return box["v"]
 
 
 @dataclass
@@ -136,7 +110,7 @@ def propagate(
     def represent(x: torch.Tensor) -> torch.Tensor:
         if callable(representation):
             return representation(model, x)
-        return _forward_to(model, representation, x)
+        return forward_until(model, x, [representation], detach=False)[representation]
 
     bs = batch_size or inputs.shape[0]
     saved_grads = [p.grad for p in chosen]

@@ -909,18 +909,15 @@ def dissect(
                 nonlocal cache, cached
                 acts, maxima, batch, b = load(indices)
                 tables = {}
-                keep_tables = cache is not None
-
-                def threshold_group(g: str, a: torch.Tensor) -> int:
-                    """Update group g's quantile estimator (and cache its block table); return the cached bytes."""
+                for g, a in acts.items():
                     est = estimators[g]
                     if not isinstance(est, ExactTopQuantile) or not est.full:
                         est.update(a.transpose(0, 1))
-                        if keep_tables:
+                        if cache is not None:
                             tables[g] = upsamplers[g].block_table(a, est.lower_bound)
                     else:  # only values above the running k-th largest can enter the top k
                         bound = est.lower_bound
-                        if keep_tables:
+                        if cache is not None:
                             tables[g] = coords, corners = upsamplers[g].block_table(a, bound)
                             values = corners[0]  # every cell above the bound is the first corner of its block
                         else:
@@ -929,9 +926,8 @@ def dissect(
                             values = _take(a.view(-1), (coords[0] * a.shape[1] + coords[1]) * a[0, 0].numel()
                                            + coords[2])
                         est.update(_pack_by_unit(coords, values, bound, a.shape))
-                    return sum(t.numel() * t.element_size() for t in tables[g]) if keep_tables else 0
-
-                cached += sum(threshold_group(g, a) for g, a in acts.items())
+                    if cache is not None:
+                        cached += sum(t.numel() * t.element_size() for t in tables[g])
                 if cache is not None:
                     labels = encoder.encode(batch, b)
                     cached += labels.nbytes() + sum(m.numel() * m.element_size() for m in maxima.values())
