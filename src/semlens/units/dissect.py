@@ -57,6 +57,7 @@ from semlens.streaming import (
     run_batches,
     save_state,
 )
+from semlens.units import dissect_kernels
 from semlens.units.quantile import ExactTopQuantile, HistogramQuantileSketch, make_quantile_estimator
 
 __all__ = [
@@ -283,6 +284,13 @@ def _dedupe(labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _bincount(t: torch.Tensor, minlength: int) -> torch.Tensor:
+    """``torch.bincount`` of a 1-D integer tensor; NumPy's (several times faster) on CPU. Raises on negatives."""
+    if NUMPY_ON_CPU and t.device.type == "cpu":
+        return torch.from_numpy(np.bincount(t.numpy(), minlength=minlength))
+    return torch.bincount(t, minlength=minlength)
+
+
 def _compact_dtype(n_numbers: int) -> torch.dtype:
     """Smallest integer dtype holding concept numbers 0 .. n_numbers − 1."""
     if n_numbers <= 256:
@@ -301,12 +309,14 @@ class _LabelEncoder:
     def __init__(self, categories: list[str], n_numbers: int, seg: tuple[int, int], device: torch.device):
         self.categories, self.n_numbers, self.seg, self.device = categories, n_numbers, seg, device
         self.dtype = _compact_dtype(n_numbers)
+        self.pool: concurrent.futures.Executor | None = None  # threads the fused kernel may use
+        self.workers = 1
 
     def _hist(self, t: torch.Tensor, where: str) -> torch.Tensor:
         """(n_numbers,) int64 histogram of the 1-D integer tensor ``t``; bad numbers raise DissectionError."""
         try:
-            hist = torch.bincount(t, minlength=self.n_numbers)  # raises on negative numbers
-        except RuntimeError:
+            hist = _bincount(t, self.n_numbers)  # raises on negative numbers
+        except (RuntimeError, ValueError):
             hist = None
         if hist is None or hist.numel() > self.n_numbers:
             bad = int(t.min()) if hist is None else int(t.max())
@@ -315,7 +325,8 @@ class _LabelEncoder:
 
     def encode(self, batch: Any, b: int) -> _Labels:
         P = self.seg[0] * self.seg[1]
-        chans, hists, img, ann = [], [], [], []
+        maps: list[tuple[str, torch.Tensor]] = []
+        img, ann = [], []
         for cat in self.categories:
             t = (getattr(batch, "pixel", None) or {}).get(cat)
             if t is not None and t.numel():
@@ -327,9 +338,7 @@ class _LabelEncoder:
                 if t.is_floating_point() or t.dtype == torch.bool:
                     raise DissectionError(f"pixel labels of {cat!r} must be integers, got {t.dtype}")
                 t = t.to(self.device)
-                for j in range(t.shape[1]):
-                    chans.append(t[:, j].reshape(-1))
-                    hists.append(self._hist(chans[-1], f"pixel labels of {cat!r}"))
+                maps.append((cat, t))
             s = (getattr(batch, "image_level", None) or {}).get(cat)
             if s is not None and s.numel():
                 s = s.to(self.device, torch.long).reshape(b, -1)
@@ -345,6 +354,18 @@ class _LabelEncoder:
             ann.append(a.to(self.device).reshape(b).bool())
         image = _dedupe(torch.cat(img, 1)) if img else torch.zeros(b, 0, dtype=torch.long, device=self.device)
         image_hist = torch.bincount(image.reshape(-1), minlength=self.n_numbers)
+        if _fused(image):
+            try:
+                pixel, hist = dissect_kernels.encode_pixels(maps, image, self.n_numbers, self.dtype, self.pool,
+                                                            self.workers)
+            except ValueError as err:
+                raise DissectionError(str(err)) from None
+            return _Labels(pixel, image, torch.stack(ann, 1).double(), P * image_hist + hist)
+        chans, hists = [], []
+        for cat, t in maps:
+            for j in range(t.shape[1]):
+                chans.append(t[:, j].reshape(-1))
+                hists.append(self._hist(chans[-1], f"pixel labels of {cat!r}"))
         present = [h[1:] > 0 for h in hists]
         in_image = image_hist[1:] > 0
         for k, ch in enumerate(chans):
@@ -358,7 +379,7 @@ class _LabelEncoder:
                 dup = covered if dup is None else dup | covered
             if dup is not None:
                 chans[k] = ch.masked_fill(dup, 0)
-                hists[k] = torch.bincount(chans[k], minlength=self.n_numbers)
+                hists[k] = _bincount(chans[k], self.n_numbers)
         if chans:
             pixel = torch.stack([c.to(self.dtype) for c in chans], 1)
         else:
@@ -453,6 +474,11 @@ def bilinear_axis(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 NUMPY_ON_CPU = True  # CPU tensors take NumPy's faster kernels in the helpers below; False: torch only
+FUSED_ON_CPU = True  # CPU block tables and tallies use the fused kernels of dissect_kernels when numba is present
+
+
+def _fused(t: torch.Tensor) -> bool:
+    return FUSED_ON_CPU and NUMPY_ON_CPU and dissect_kernels.AVAILABLE and t.device.type == "cpu"
 
 
 def _greater(a: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
@@ -555,6 +581,10 @@ class _SparseUpsampler:
         self.h, self.w, self.seg = h, w, seg
         iy0, _, ly = bilinear_axis(h, seg[0])
         ix0, _, lx = bilinear_axis(w, seg[1])
+        self.rows, self.cols = dissect_kernels.Axes(iy0, ly, h), dissect_kernels.Axes(ix0, lx, w)  # fused kernels
+        self.pool: concurrent.futures.Executor | None = None  # threads the fused kernels may use
+        self.workers = 1
+        self.last_sizes = (0, 0)  # blocks and values per unit of the last fused scan (size the next one)
         ty, self.first_y, self.count_y = (t.to(device) for t in _tiles(iy0, h))
         tx, self.first_x, self.count_x = (t.to(device) for t in _tiles(ix0, w))
         self.size = ty.shape[1], tx.shape[1]
@@ -576,12 +606,17 @@ class _SparseUpsampler:
         self.d_right = (self.x_of < w - 1).long()
         self.d_down = (self.y_of < h - 1).long() * w
 
-    def block_table(self, acts: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def block_table(self, acts: torch.Tensor, bound: torch.Tensor, maxima: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks with a corner cell above ``bound`` (C,): coords (3, n) int16 (int32 when a size exceeds
         32767) rows (image, unit, cell y·w + x), in ascending order, and corners (4, n) float32.
 
         acts: (B, C, h, w). Dense work: one comparison, two boolean ORs and one nonzero over the cells.
         """
+        if _fused(acts):
+            table, _ = self.scan(acts, None, bound, maxima)
+            assert table is not None
+            return table
         acts = acts.contiguous()
         B, C, h, w = acts.shape
         above = _greater(acts, bound).view(-1)
@@ -597,6 +632,18 @@ class _SparseUpsampler:
         flat = acts.view(-1)
         corners = torch.stack([_take(flat, k) for k in (keys, k01, k10, k11)], 0).float()
         return coords.to(torch.int16 if max(B, C, h * w) < 2**15 else torch.int32), corners
+
+    def scan(self, acts: torch.Tensor, value_bound: torch.Tensor | None, block_bound: torch.Tensor | None,
+             maxima: torch.Tensor | None = None
+             ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+        """Fused CPU pass (:func:`semlens.units.dissect_kernels.scan`): the block table above ``block_bound``
+        and the cells above ``value_bound`` packed per unit (C, m), −inf padded; either bound may be None.
+        ``maxima``: (B, C) spatial maxima of ``acts`` when known."""
+        table, values = dissect_kernels.scan(acts, value_bound, block_bound, self.pool, self.workers,
+                                             hint=self.last_sizes, maxima=maxima)
+        self.last_sizes = (table[0].shape[1] if table is not None else self.last_sizes[0],
+                           values.shape[1] if values is not None else self.last_sizes[1])
+        return table, values
 
     def active_pixels(self, coords: torch.Tensor, corners: torch.Tensor, thresholds: torch.Tensor,
                       max_elements: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -681,15 +728,20 @@ def _pack_by_unit(coords: torch.Tensor, values: torch.Tensor, bound: torch.Tenso
     return packed.view(C, m)
 
 
-def _prune_cache(cache: list[tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor], _Labels]],
-                 bounds: dict[str, torch.Tensor]) -> int:
+# one batch of pass 1 kept for pass 2: block tables per group, spatial maxima per layer, encoded labels, and the
+# bound each group's table was built with
+_CacheEntry = tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor], _Labels,
+                    dict[str, torch.Tensor]]
+
+
+def _prune_cache(cache: list[_CacheEntry], bounds: dict[str, torch.Tensor]) -> int:
     """Drop, in place, the cached blocks whose corners are all ≤ the current lower bounds; return the bytes left.
 
     Tables of early batches were built with looser bounds; blocks below a later (higher, still valid)
     bound cannot be above the final threshold.
     """
     total = 0
-    for tables, maxima, labels in cache:
+    for tables, maxima, labels, _ in cache:
         for g, (coords, corners) in tables.items():
             top = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
             keep = _nonzero_coords(top > _take(bounds[g], coords[1].long()))[0]
@@ -706,18 +758,31 @@ def _tally_layer(table: tuple[torch.Tensor, torch.Tensor], units: int, threshold
     B, C = labels.annotated.shape[0], units
     P = upsampler.seg[0] * upsampler.seg[1]
     n_cols = inter.shape[1]
-    for bb, uu, pix in upsampler.active_pixels(*table, thresholds, max_elements):
-        count = torch.bincount(bb * C + uu, minlength=B * C).view(B, C)  # active pixels per image and unit
-        if labels.pixel.shape[1]:
-            lab = labels.pixel.index_select(0, bb * P + pix)  # (n, Kp) concept numbers at the active pixels
-            keys = (uu * n_cols).unsqueeze(1) + lab
-            inter += torch.bincount(keys.view(-1), minlength=C * n_cols).view(C, n_cols)
+    if _fused(inter):
+        chunks: Iterator[torch.Tensor] = iter([dissect_kernels.tally(
+            *table, thresholds, upsampler.w, upsampler.rows, upsampler.cols, upsampler.seg, labels.pixel, B, inter,
+            upsampler.pool, upsampler.workers)])
+    else:
+        chunks = (_count_and_intersect(bb, uu, pix, B, C, P, labels, inter)
+                  for bb, uu, pix in upsampler.active_pixels(*table, thresholds, max_elements))
+    for count in chunks:
         cnt = count.t().double()  # (C, B)
         if labels.image.shape[1]:
             onehot = torch.zeros(B, n_cols, dtype=torch.float64, device=cnt.device)
             onehot.scatter_(1, labels.image, 1.0)
             inter += (cnt @ onehot).round().long()
         act += (cnt @ labels.annotated).round().long()
+
+
+def _count_and_intersect(bb: torch.Tensor, uu: torch.Tensor, pix: torch.Tensor, B: int, C: int, P: int,
+                         labels: _Labels, inter: torch.Tensor) -> torch.Tensor:
+    """Tensor path: add a chunk of active pixels (image, unit, pixel) to ``inter``; return (B, C) active pixels."""
+    n_cols = inter.shape[1]
+    if labels.pixel.shape[1]:
+        lab = labels.pixel.index_select(0, bb * P + pix)  # (n, Kp) concept numbers at the active pixels
+        keys = (uu * n_cols).unsqueeze(1) + lab
+        inter += torch.bincount(keys.view(-1), minlength=C * n_cols).view(C, n_cols)
+    return torch.bincount(bb * C + uu, minlength=B * C).view(B, C)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -736,6 +801,11 @@ def _on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
         yield
     finally:
         model.to(original)
+
+
+def _group_maxima(maxima: dict[str, torch.Tensor], members: list[str]) -> torch.Tensor:
+    """(B, C_g) spatial maxima of a layer group (its layers' units concatenated, like its activations)."""
+    return maxima[members[0]] if len(members) == 1 else torch.cat([maxima[m] for m in members], 1)
 
 
 def _check_images(images: Any, expected: tuple[int, ...] | None, indices: Sequence[int]) -> torch.Tensor:
@@ -823,8 +893,11 @@ def dissect(
     cat_of_col = torch.tensor([cats.index(c[2]) for c in concepts])
     ckpt_dir = Path(checkpoint) if checkpoint is not None else None
 
-    # pass 2 tallies layer groups side by side on a multi-core CPU (their counters are disjoint)
-    workers = min(len(names), torch.get_num_threads()) if dev.type == "cpu" else 1
+    # on a multi-core CPU the fused kernels split each block table over the threads; without them, pass 2
+    # tallies layer groups side by side (their counters are disjoint)
+    fused = _fused(torch.empty(0, device=dev))
+    workers = torch.get_num_threads() if fused else min(len(names), torch.get_num_threads())
+    workers = workers if dev.type == "cpu" else 1
     pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 1 else None
     with frozen(model), _on_device(model, dev), torch.no_grad(), contextlib.ExitStack() as stack:
         if pool is not None:
@@ -889,12 +962,14 @@ def dissect(
         estimators = {g: make_quantile_estimator(units[g], n * shapes[m[0]][1] * shapes[m[0]][2], quantile, dev,
                                                  quantile_memory) for g, m in groups.items()}
         upsamplers = {g: _SparseUpsampler(*shapes[m[0]][1:], seg, dev) for g, m in groups.items()}
+        if fused:
+            for up in [*upsamplers.values(), encoder]:
+                up.pool, up.workers = pool, workers
         thr_pass = _ThresholdPass(estimators)
         thr_file = checkpoint_path(ckpt_dir / "thresholds.safetensors") if ckpt_dir else None
         # the cache needs a running lower bound of each threshold: exact estimators only
         use_cache = cache_bytes > 0 and all(isinstance(e, ExactTopQuantile) for e in estimators.values())
-        cache: list[tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor], _Labels]] | None
-        cache = [] if use_cache else None
+        cache: list[_CacheEntry] | None = [] if use_cache else None
         cached = 0
         thresholds: dict[str, torch.Tensor]  # per group (C_g,)
         if thr_file is not None and thr_file.exists():
@@ -908,16 +983,24 @@ def dissect(
             def step1(indices: list[int], _b: int) -> None:
                 nonlocal cache, cached
                 acts, maxima, batch, b = load(indices)
-                tables = {}
+                tables, guesses = {}, {}
                 for g, a in acts.items():
                     est = estimators[g]
+                    top = _group_maxima(maxima, groups[g])
+                    cells = a.shape[0] * a.shape[2] * a.shape[3]  # values per unit in this batch
                     if not isinstance(est, ExactTopQuantile) or not est.full:
                         est.update(a.transpose(0, 1))
                         if cache is not None:
-                            tables[g] = upsamplers[g].block_table(a, est.lower_bound)
+                            guesses[g] = est.likely_bound() if fused else est.lower_bound
+                            tables[g] = upsamplers[g].block_table(a, guesses[g], top)
+                    elif fused:  # one pass: values above the running k-th largest (exact), the table above a guess
+                        guesses[g] = est.likely_bound() if cache is not None else None
+                        tables[g], values = upsamplers[g].scan(a, est.lower_bound, guesses[g], top)
+                        est.update(values, seen=cells, prefiltered=True)
                     else:  # only values above the running k-th largest can enter the top k
                         bound = est.lower_bound
                         if cache is not None:
+                            guesses[g] = bound
                             tables[g] = coords, corners = upsamplers[g].block_table(a, bound)
                             values = corners[0]  # every cell above the bound is the first corner of its block
                         else:
@@ -925,13 +1008,13 @@ def dissect(
                             coords = _nonzero_coords(_greater(a, bound).view(a.shape[0], a.shape[1], -1))
                             values = _take(a.view(-1), (coords[0] * a.shape[1] + coords[1]) * a[0, 0].numel()
                                            + coords[2])
-                        est.update(_pack_by_unit(coords, values, bound, a.shape))
+                        est.update(_pack_by_unit(coords, values, bound, a.shape), seen=cells)
                     if cache is not None:
                         cached += sum(t.numel() * t.element_size() for t in tables[g])
                 if cache is not None:
                     labels = encoder.encode(batch, b)
                     cached += labels.nbytes() + sum(m.numel() * m.element_size() for m in maxima.values())
-                    cache.append((tables, maxima, labels))
+                    cache.append((tables, maxima, labels, guesses))
                     if cached > cache_bytes:  # drop blocks the risen bounds exclude; give up if still too big
                         cached = _prune_cache(cache, {g: e.lower_bound for g, e in estimators.items()})
                         if cached > cache_bytes:
@@ -954,13 +1037,16 @@ def dissect(
         tally = _TallyPass(units, {name: shapes[name][0] for name in names}, n_cols, len(cats), top_n, dev)
 
         def step2(indices: list[int], b: int) -> None:
-            if cache is not None:
-                tables, maxima, labels = cache[b]
-                cache[b] = ({}, {}, labels)  # release memory as we go
+            # a cached table holds the blocks above the bound it was built with; when a guessed bound turned out
+            # above a unit's final threshold (data not exchangeable), the batch is run through the model again
+            if cache is not None and all(bool((guesses <= thresholds[g]).all()) for g, guesses in cache[b][3].items()):
+                tables, maxima, labels, _ = cache[b]
+                cache[b] = ({}, {}, labels, {})  # release memory as we go
             else:
                 acts, maxima, batch, nb = load(indices)
                 labels = encoder.encode(batch, nb)
-                tables = {g: upsamplers[g].block_table(a, thresholds[g]) for g, a in acts.items()}
+                tables = {g: upsamplers[g].block_table(a, thresholds[g], _group_maxima(maxima, groups[g]))
+                          for g, a in acts.items()}
                 del acts
             idx = torch.as_tensor([pick[i] for i in indices], device=dev)
 
@@ -970,7 +1056,7 @@ def dissect(
 
             # layer groups write disjoint counters: on a multi-core CPU they are tallied side by side (NumPy
             # gathers and torch kernels release the GIL); the integer counts do not depend on the order
-            if pool is not None:
+            if pool is not None and not fused:
                 for future in [pool.submit(tally_group, g) for g in groups]:
                     future.result()
             else:

@@ -108,6 +108,9 @@ class ExactTopQuantile:
         self._bound = torch.full((units,), float("-inf"), device=device)  # min of the kept values
         self._pending: list[torch.Tensor] = []
         self._pending_width = 0
+        self._seen = 0  # values per unit passed to update (including those below the bound)
+        self._covered = 0  # ... of which the kept values are the largest
+        self._guess: tuple[int, torch.Tensor] | None = None  # likely_bound() for the current kept values
 
     @staticmethod
     def needed(total: int, q: float) -> int:
@@ -122,7 +125,7 @@ class ExactTopQuantile:
 
     @values.setter
     def values(self, v: torch.Tensor) -> None:
-        self._values, self._pending, self._pending_width = v, [], 0
+        self._values, self._pending, self._pending_width, self._guess = v, [], 0, None
         self._bound = v.amin(1) if v.shape[1] else torch.full((self.units,), float("-inf"), device=v.device)
 
     @property
@@ -141,20 +144,46 @@ class ExactTopQuantile:
             return torch.full((self.units,), float("-inf"), dtype=self._values.dtype, device=self._values.device)
         return self._bound
 
-    def update(self, x: torch.Tensor) -> None:
-        """Add ``x``: (units, ...) float values (any trailing shape, any strides, e.g. a transposed view)."""
+    def likely_bound(self) -> torch.Tensor:
+        """(units,) a *guess* at a lower bound of the final threshold, tighter than :attr:`lower_bound` early on.
+
+        The kept values are the largest of the first ``s`` values per unit; if the data are exchangeable,
+        about ``e = k · s / total`` of those belong to the final top k. The guess is the kept value of rank
+        ``2e + 8√e`` (at least ``lower_bound``). Not guaranteed: a caller relying on it must check it
+        against :meth:`result`.
+        """
+        if self._guess is not None and self._guess[0] == self._covered:  # the kept values have not changed
+            return self._guess[1]
+        kept = self._values
+        e = self.k * self._covered / self.total
+        r = math.ceil(2 * e + 8 * math.sqrt(e))
+        if not 1 <= r <= kept.shape[1]:
+            return self.lower_bound
+        guess = torch.maximum(kept.kthvalue(kept.shape[1] - r + 1, dim=1).values, self.lower_bound)
+        self._guess = (self._covered, guess)
+        return guess
+
+    def update(self, x: torch.Tensor, seen: int | None = None, prefiltered: bool = False) -> None:
+        """Add ``x``: (units, ...) float values (any trailing shape, any strides, e.g. a transposed view).
+
+        ``seen``: how many values per unit ``x`` stands for when the caller already dropped those ≤
+        :attr:`lower_bound` (−inf padding allowed); default its size. ``prefiltered``: ``x`` is (units, m)
+        and holds only such values and −inf (no second filtering pass).
+        """
         x = x.to(self._values.dtype)
         if x.ndim == 1:
             x = x.unsqueeze(1)
         if x[0].numel() == 0:
             return
+        self._seen += x[0].numel() if seen is None else seen
         if not self.full:
             self._pending.append(x.reshape(self.units, -1))
             self._pending_width += self._pending[-1].shape[1]
             if self._values.shape[1] + self._pending_width >= self.k:
                 self._compact()
             return
-        packed = _pack_rows(x, x > self._bound.view(-1, *([1] * (x.ndim - 1))))
+        # values at most the bound cannot enter the top k (a caller's −inf padding is dropped here too)
+        packed = x if prefiltered else _pack_rows(x, x > self._bound.view(-1, *([1] * (x.ndim - 1))))
         if packed.shape[1] == 0:
             return
         self._pending.append(packed)
@@ -172,6 +201,7 @@ class ExactTopQuantile:
             cat = _prefilter(cat, k)
         self._values = cat.topk(k, dim=1, sorted=False).values  # unordered
         self._bound = self._values.amin(1)
+        self._covered = self._seen
 
     def merge(self, other_values: torch.Tensor) -> None:
         """Merge another estimator's kept values, (units, k') (e.g. gathered from another process)."""

@@ -1,0 +1,187 @@
+"""The fused CPU kernels of dissection (numba) against the tensor path, and the speculative table bound."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+from _dissect_helpers import LABELS, random_dataset, reference_iou, tiny_net
+from semlens.units import TensorSegmentationDataset, dissect
+from semlens.units import dissect_kernels as K
+from semlens.units.dissect import DissectionError, _LabelEncoder, _SparseUpsampler, bilinear_axis
+
+dissect_mod = importlib.import_module("semlens.units.dissect")
+pytestmark = pytest.mark.skipif(not K.AVAILABLE, reason="numba is not installed")
+
+
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def pool(request):
+    if request.param == 1:
+        yield None, 1
+        return
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        yield ex, 2
+
+
+def _blocks_from_mask(acts: torch.Tensor, bound: torch.Tensor) -> set[tuple[int, int, int]]:
+    """Blocks (image, unit, cell) with a clamped corner above the bound, by loops."""
+    B, C, h, w = acts.shape
+    out = set()
+    for b in range(B):
+        for u in range(C):
+            a = acts[b, u]
+            for y in range(h):
+                for x in range(w):
+                    y1, x1 = min(y + 1, h - 1), min(x + 1, w - 1)
+                    corners = a[[y, y, y1, y1], [x, x1, x, x1]]
+                    if bool((corners > bound[u]).any()):
+                        out.add((b, u, y * w + x))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4, 6), (2, 40, 7, 3), (4, 3, 1, 5)])
+def test_scan_finds_every_block_and_every_value_above_its_bound(shape, pool):
+    g = torch.Generator().manual_seed(sum(shape))
+    acts = torch.randn(*shape, generator=g)
+    acts[0, 0] = 0.25  # a flat plane exactly at its bound: nothing above
+    block_bound = acts.transpose(0, 1).reshape(shape[1], -1).quantile(0.7, dim=1)
+    block_bound[0] = 0.25
+    value_bound = block_bound - 0.3
+    table, values = K.scan(acts, value_bound, block_bound, pool[0], pool[1], hint=(3, 1))  # hints too small: retry
+    coords, corners = table
+    got = {tuple(c) for c in coords.long().t().tolist()}
+    assert got == _blocks_from_mask(acts, block_bound)
+    assert coords.shape[1] == len(got)  # no block twice
+    B, C, h, w = shape
+    b, u, cell = coords.long()
+    y, x = cell // w, cell % w
+    y1, x1 = (y + 1).clamp(max=h - 1), (x + 1).clamp(max=w - 1)
+    expected = torch.stack([acts[b, u, y, x], acts[b, u, y, x1], acts[b, u, y1, x], acts[b, u, y1, x1]])
+    assert torch.equal(corners, expected)
+    for unit in range(C):
+        row = values[unit][values[unit] > float("-inf")]
+        ref = acts[:, unit][acts[:, unit] > value_bound[unit]]
+        assert torch.equal(row.sort().values, ref.sort().values)
+
+
+def test_scan_skips_planes_by_their_maxima_without_changing_the_table():
+    acts = torch.randn(4, 6, 5, 5, generator=torch.Generator().manual_seed(1))
+    bound = torch.full((6,), 1.0)
+    a, _ = K.scan(acts, None, bound)
+    b, _ = K.scan(acts, None, bound, maxima=acts.amax(dim=(2, 3)))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("size,seg", [((5, 5), (8, 8)), ((7, 4), (16, 13)), ((16, 16), (6, 6)), ((3, 9), (3, 9))])
+def test_tally_counts_equal_the_tensor_path(size, seg, pool):
+    g = torch.Generator().manual_seed(size[0] + 7 * seg[1])
+    B, C, L = 3, 4, 9
+    acts = torch.randn(B, C, *size, generator=g)
+    thresholds = acts.transpose(0, 1).reshape(C, -1).quantile(0.8, dim=1)
+    labels = torch.randint(0, L, (B * seg[0] * seg[1], 2), generator=g).to(torch.uint8)
+    up = _SparseUpsampler(size[0], size[1], seg, torch.device("cpu"))
+    inter_ref = torch.zeros(C, L, dtype=torch.int64)
+    count_ref = torch.zeros(B, C, dtype=torch.int64)
+    P = seg[0] * seg[1]
+    for bb, uu, pix in up.active_pixels(*up.block_table(acts, thresholds - 0.5), thresholds, max_elements=64):
+        count_ref += torch.bincount(bb * C + uu, minlength=B * C).view(B, C)
+        keys = (uu * L).unsqueeze(1) + labels[bb * P + pix].long()
+        inter_ref += torch.bincount(keys.view(-1), minlength=C * L).view(C, L)
+    table, _ = K.scan(acts, None, thresholds - 0.5)
+    iy0, _, ly = bilinear_axis(size[0], seg[0])
+    ix0, _, lx = bilinear_axis(size[1], seg[1])
+    inter = torch.zeros(C, L, dtype=torch.int64)
+    count = K.tally(*table, thresholds, size[1], K.Axes(iy0, ly, size[0]), K.Axes(ix0, lx, size[1]), seg, labels, B,
+                    inter, pool[0], pool[1])
+    assert torch.equal(count, count_ref)
+    assert torch.equal(inter, inter_ref)
+    assert int(count.sum()) > 0
+
+
+def test_label_encoding_equals_the_tensor_path(pool, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    n, seg = 9, 6
+    color = torch.randint(0, 4, (n, 2, seg, seg), generator=g)  # the two colour channels often repeat
+    obj = torch.tensor([0, 4, 5, 6])[torch.randint(0, 4, (n, 1, seg, seg), generator=g)]  # 6: also a scene
+    scene = torch.tensor([0, 6, 7])[torch.randint(0, 3, (n, 1), generator=g)]
+    ds = TensorSegmentationDataset(torch.rand(n, 3, seg, seg), LABELS, pixel={"color": color, "object": obj},
+                                   image_level={"scene": scene})
+    batch = ds.load_batch(list(range(n)))
+    enc = _LabelEncoder(ds.categories, 8, (seg, seg), torch.device("cpu"))
+    enc.pool, enc.workers = pool
+    fused = enc.encode(batch, n)
+    monkeypatch.setattr(dissect_mod, "FUSED_ON_CPU", False)
+    plain = enc.encode(batch, n)
+    assert torch.equal(fused.pixel, plain.pixel)
+    assert torch.equal(fused.label_pixels, plain.label_pixels)
+    assert int((plain.pixel == 0).sum()) > int((torch.cat([color, obj], 1) == 0).sum())  # duplicates were removed
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_concept_number_outside_the_label_table_is_a_clear_error(fused, monkeypatch):
+    monkeypatch.setattr(dissect_mod, "FUSED_ON_CPU", fused)
+    ds = random_dataset(n=4)
+    ds.pixel["color"][2, 0, 1, 1] = 42
+    with pytest.raises(DissectionError, match=r"'color'.*42.*label table"):
+        dissect(tiny_net(), ds, ["0"], quantile=0.1, batch_size=2, device="cpu")
+
+
+def test_fused_numpy_and_torch_paths_give_identical_dissections(monkeypatch):
+    net, ds = tiny_net(), random_dataset(n=11, size=16, seg=10)
+    runs = {}
+    for name, fused, numpy_on in (("fused", True, True), ("numpy", False, True), ("torch", False, False)):
+        monkeypatch.setattr(dissect_mod, "FUSED_ON_CPU", fused)
+        monkeypatch.setattr(dissect_mod, "NUMPY_ON_CPU", numpy_on)
+        monkeypatch.setattr(importlib.import_module("semlens.units.quantile"), "NUMPY_ON_CPU", numpy_on)
+        runs[name] = dissect(net, ds, ["0", "2"], quantile=0.05, batch_size=4, device="cpu")
+    for other in ("numpy", "torch"):
+        assert torch.equal(runs["fused"].label_pixels, runs[other].label_pixels)
+        for layer in ("0", "2"):
+            a, b = runs["fused"].layers[layer], runs[other].layers[layer]
+            for field in ("thresholds", "intersection", "activation", "top_images"):
+                assert torch.equal(getattr(a, field), getattr(b, field)), (other, layer, field)
+
+
+def _positive_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(4, 5, 3))
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.abs_()
+                m.bias.zero_()
+    return net
+
+
+@pytest.mark.parametrize("order", ["shuffled", "bright first"])
+def test_wrong_threshold_guesses_re_run_the_spoiled_batches_and_change_nothing(order, monkeypatch):
+    """Activations that scale with image brightness: on images sorted bright to dark (not exchangeable) the
+    early guesses of the thresholds overshoot, so the cached tables of those batches lack blocks; those
+    batches go through the model again. The counts always equal a streamed run and the float64 reference."""
+    net, n, size, seg = _positive_net(), 48, 16, 10
+    g = torch.Generator().manual_seed(5)
+    brightness = torch.linspace(1.0, 0.05, n)
+    if order == "shuffled":
+        brightness = brightness[torch.randperm(n, generator=g)]
+    images = torch.rand(n, 3, size, size, generator=g) * brightness.view(n, 1, 1, 1)
+    color = torch.randint(0, 4, (n, 2, seg, seg), generator=g)
+    obj = torch.tensor([0, 4, 5])[torch.randint(0, 3, (n, 1, seg, seg), generator=g)]
+    scene = torch.tensor([0, 6, 7])[torch.randint(0, 3, (n, 1), generator=g)]
+    ds = TensorSegmentationDataset(images, LABELS, pixel={"color": color, "object": obj}, image_level={"scene": scene})
+    loads: list[list[int]] = []
+    load = ds.load_batch
+    monkeypatch.setattr(ds, "load_batch", lambda idx: loads.append(list(idx)) or load(idx))
+    res = dissect(net, ds, ["0", "2"], quantile=0.02, batch_size=4, device="cpu")
+    forwards = len(loads)
+    streamed = dissect(net, ds, ["0", "2"], quantile=0.02, batch_size=4, device="cpu", cache_bytes=0)
+    for name in ("0", "2"):
+        assert torch.equal(res.layers[name].intersection, streamed.layers[name].intersection)
+        assert torch.equal(res.layers[name].activation, streamed.layers[name].activation)
+        ref = reference_iou(net, ds, name, res.layers[name].thresholds, (seg, seg))
+        np.testing.assert_array_equal(res.layers[name].iou.numpy(), ref)
+    # probe + 12 first-pass batches (+ the spoiled batches again)
+    assert forwards == 13 if order == "shuffled" else 13 < forwards <= 25
