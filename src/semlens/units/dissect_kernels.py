@@ -20,25 +20,34 @@ used everywhere.
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-try:  # pragma: no cover - exercised by whichever branch the environment has
-    from numba import njit
+AVAILABLE = importlib.util.find_spec("numba") is not None
+_compiled: dict[str, Callable[..., Any]] = {}
+_compile_lock = threading.Lock()
 
-    AVAILABLE = True
-except ImportError:  # pragma: no cover
-    AVAILABLE = False
 
-    def njit(*_args, **_kwargs):  # type: ignore[no-redef]
-        return lambda f: f
+def _jit(name: str) -> Callable[..., Any]:
+    """The numba-compiled kernel ``name`` (compiled on first use, cached on disk by numba; numba is imported
+    only then, so importing semlens does not pay for it)."""
+    with _compile_lock:  # pool threads may ask at once
+        if not _compiled:
+            from numba import njit
+
+            jit = njit(cache=True, nogil=True)
+            _compiled.update({f.__name__: jit(f) for f in (_scan, _tally_blocks, _encode_channels)})
+    return _compiled[name]
 
 
 __all__ = ["AVAILABLE", "Axes", "encode_pixels", "scan", "tally"]
 
 
-@njit(cache=True, nogil=True)
 def _scan(acts, plane_max, value_bound, block_bound, units, u_lo, u_hi, coords, corners, values, n_values):
     """Units u_lo..u_hi of every image of ``acts`` (planes image·units + unit, (h, w) each, maxima plane_max),
     one pass:
@@ -92,7 +101,6 @@ def _scan(acts, plane_max, value_bound, block_bound, units, u_lo, u_hi, coords, 
     return j
 
 
-@njit(cache=True, nogil=True)
 def _tally_blocks(coords, corners, thr, w, row_start, row_len, ly, col_start, col_len, lx, sw, labels, plane,
                   lo, hi, inter, count):  # pragma: no cover - compiled
     """Blocks lo..hi: add active pixels to inter[unit, label] (every label channel) and count[image, unit]."""
@@ -136,7 +144,6 @@ def _tally_blocks(coords, corners, thr, w, row_start, row_len, ly, col_start, co
                         inter[u, labels[pix, q]] += 1
 
 
-@njit(cache=True, nogil=True)
 def _encode_channels(labels, image, k0, b_lo, b_hi, out, hist):  # pragma: no cover - compiled
     """Channels k0.. of ``out`` (B·P, Kp) for images b_lo..b_hi from ``labels`` (B, K, P): a concept number that
     an earlier channel of the same pixel or the image's whole-image labels (B, Ki) already hold becomes 0
@@ -213,7 +220,7 @@ def scan(acts: torch.Tensor, value_bound: torch.Tensor | None, block_bound: torc
         found = [0] * len(spans)
 
         def run(k: int, lo: int, hi: int) -> None:
-            found[k] = _scan(a, plane_max, tv, tb, C, lo, hi, parts[k][0], parts[k][1], vals, n_values)
+            found[k] = _jit("_scan")(a, plane_max, tv, tb, C, lo, hi, parts[k][0], parts[k][1], vals, n_values)
 
         _run(pool, run, spans)
         return parts, vals, found
@@ -265,12 +272,12 @@ def tally(coords: torch.Tensor, corners: torch.Tensor, thresholds: torch.Tensor,
     spans = _spans(c.shape[1], workers if c.shape[1] >= 4096 else 1)
     if len(spans) == 1:
         count = np.zeros((images, units), dtype=np.int64)
-        _tally_blocks(c, k, thr, w, rows.start, rows.length, rows.weight, cols.start, cols.length, cols.weight,
+        _jit("_tally_blocks")(c, k, thr, w, rows.start, rows.length, rows.weight, cols.start, cols.length, cols.weight,
                       seg[1], lab, plane, 0, c.shape[1], inter.numpy(), count)
         return torch.from_numpy(count)
     inters = np.zeros((len(spans), units, n_cols), dtype=np.int64)
     counts = np.zeros((len(spans), images, units), dtype=np.int64)
-    _run(pool, lambda j, lo, hi: _tally_blocks(c, k, thr, w, rows.start, rows.length, rows.weight, cols.start,
+    _run(pool, lambda j, lo, hi: _jit("_tally_blocks")(c, k, thr, w, rows.start, rows.length, rows.weight, cols.start,
                                                cols.length, cols.weight, seg[1], lab, plane, lo, hi, inters[j],
                                                counts[j]), spans)
     inter += torch.from_numpy(inters.sum(0))
@@ -299,7 +306,7 @@ def encode_pixels(maps: list[tuple[str, torch.Tensor]], image: torch.Tensor, n_n
         lab = t.detach().cpu().contiguous().view(B, t.shape[1], P).numpy()
 
         def run(j: int, lo: int, hi: int, lab: np.ndarray = lab, k0: int = k0) -> None:
-            bad[j] = _encode_channels(lab, img, k0, lo, hi, out, hists[j])
+            bad[j] = _jit("_encode_channels")(lab, img, k0, lo, hi, out, hists[j])
 
         _run(pool, run, spans)
         if (bad != -1).any():
