@@ -178,6 +178,38 @@ def test_trainer_learns_resumes_exactly_and_interpretive_loss_works(tmp_path):
     assert all(torch.equal(v, mb.encoder.state_dict()[k]) for k, v in enc.items())
 
 
+def test_topic_regularisers_dropout_and_weight_decay(tmp_path):
+    model = small_model(topic_dropout=0.5)
+    vbar = torch.randn(5, 16)
+    plain = torch.softmax(model.topic_head(vbar), -1)
+    torch.testing.assert_close(model.topics(vbar), plain)  # eval mode: no dropout (PDM, selectivity)
+    model.train()
+    torch.manual_seed(3)
+    got = model.topics(vbar)
+    torch.manual_seed(3)
+    ref = torch.softmax(model.topic_head(torch.nn.functional.dropout(vbar, 0.5, training=True)), -1)
+    torch.testing.assert_close(got, ref)
+    assert not torch.allclose(got, plain)
+    model.eval().save(tmp_path / "m.safetensors")
+    assert AttentiveCaptioner.load(tmp_path / "m.safetensors").config.topic_dropout == 0.5
+    with pytest.raises(ValueError, match="topic_dropout"):
+        small_model(topic_dropout=1.0)
+    # L2 on f only: its own parameter group; a larger decay gives a smaller W_f
+    data = toy_data(small_model().vocab)
+    norms = {}
+    for twd in (0.0, 0.5):
+        m = small_model()
+        tr = CaptionTrainer(m, data, CaptionTrainConfig(epochs=6, batch_size=8, lr=1e-2, lam=3.0, device="cpu",
+                                                        weight_decay=1e-4, topic_weight_decay=twd))
+        assert [g["weight_decay"] for g in tr.optim.param_groups] == [1e-4, 1e-4 + twd]
+        assert {id(p) for p in tr.optim.param_groups[1]["params"]} == {id(p) for p in m.topic_head.parameters()}
+        tr.fit()
+        norms[twd] = float(m.topic_head.weight.detach().norm())
+    assert norms[0.5] < 0.8 * norms[0.0]
+    with pytest.raises(ValueError, match="weight decays"):
+        CaptionTrainer(small_model(), data, CaptionTrainConfig(topic_weight_decay=-1.0))
+
+
 def test_caption_data_bad_input():
     vocab = Vocabulary.build(CAPS)
     with pytest.raises(ValueError, match="inconsistent feature dimensions"):

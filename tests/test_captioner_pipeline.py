@@ -113,6 +113,30 @@ def test_frame_features_several_layers_mean_and_max_pooled():
         extract_frame_features(cnn, frames, pool="median")
 
 
+def test_frame_features_spatial_grid_equals_hand_pooled_cells():
+    torch.manual_seed(2)
+    cnn = TinyCNN().train()
+    frames = torch.rand(2, 3, 3, 9, 9)  # conv maps are 7 x 7: 2 x 2 adaptive cells overlap on row/column 3
+    got = extract_frame_features(cnn, frames, layer=["conv", "head"], pool="meanmax", grid=2, batch_size=4)
+    with torch.no_grad():
+        a = cnn.conv(frames.reshape(6, 3, 9, 9)).double()  # (6, 4, 7, 7)
+        cells = [a[:, :, r0:r1, c0:c1].mean((2, 3)) for r0, r1 in ((0, 4), (3, 7)) for c0, c1 in ((0, 4), (3, 7))]
+        grid = torch.stack(cells, 2).flatten(1)  # channel-major, cells row-major: (6, 4 * 4)
+        ref = torch.cat([a.mean((2, 3)), a.amax((2, 3)), grid, cnn(frames.reshape(6, 3, 9, 9)).double()], 1)
+    assert got.shape == (2, 3, 4 + 4 + 16 + 2)
+    torch.testing.assert_close(got.double(), ref.reshape(2, 3, -1), rtol=1e-5, atol=1e-6)
+    # a 1 x 1 grid is the spatial mean again
+    one = extract_frame_features(cnn, frames, layer="conv", grid=1, grid_layers=["conv"])
+    torch.testing.assert_close(one[..., 4:], one[..., :4])
+    assert cnn.training and count_hooks(cnn) == 0
+    with pytest.raises(ValueError, match="grid_layers"):
+        extract_frame_features(cnn, frames, layer="conv", grid=2, grid_layers=["head"])
+    with pytest.raises(ValueError, match="smaller than grid"):
+        extract_frame_features(cnn, frames, layer="conv", grid=8)
+    with pytest.raises(ValueError, match="grid must be"):
+        extract_frame_features(cnn, frames, layer="conv", grid=-1)
+
+
 def test_choose_lambda_prefers_selectivity_without_caption_cost():
     from semlens.experiments.dong import choose_lambda
 
@@ -164,15 +188,25 @@ def test_run_dong_sweeps_lambda_on_validation_and_writes_results(tmp_path, monke
 
     assert score_captions is dong.score_captions
     monkeypatch.setattr(dong, "score_captions", no_java)
+    calls = []
+
+    def counted(prep, lam=0.0, **kw):
+        calls.append((lam, kw["seed"]))
+        return train_captioner(prep, lam=lam, **kw)
+
+    monkeypatch.setattr(dong, "train_captioner", counted)
 
     st = DongSettings(n_clips=40, frames=4, n_topics=3, lam_grid=(3.0,), epochs=2, batch_size=32, captions_per_video=2,
                       hidden=8, embed=8, decoder_hidden=8, attention=4, dropout=0.0, beam=1, cnn_images=120,
                       cnn_epochs=1, patience=1)
-    res = run_dong(tmp_path, seeds=1, settings=st, device="cpu", log=lambda _m: None)
+    res = run_dong(tmp_path, seeds=2, settings=st, device="cpu", log=lambda _m: None)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["lam"] for r in saved["lambda_sweep"]] == [0.0, 3.0]
+    # seed 0's LSTM-B / LSTM-I are the sweep's models (same settings and seed): trained once, not twice
+    assert calls == [(0.0, 0), (3.0, 0), (0.0, 1), (3.0, 1)]
+    assert saved["runs"]["LSTM-I"][0]["selected_epoch"] == saved["lambda_sweep"][1]["selected_epoch"]
     assert saved["lam"] == choose_lambda(saved["lambda_sweep"]) == res["lam"]
-    assert [r["lam"] for r in saved["runs"]["LSTM-I"]] == [saved["lam"]]
+    assert [r["lam"] for r in saved["runs"]["LSTM-I"]] == [saved["lam"]] * 2
     assert {"BLEU-4", "METEOR", "CIDEr", "selectivity_auc", "action_accuracy"} <= set(saved["summary"]["LSTM-B"])
     assert "selectivity_auc_own_f" in saved["summary"]["LSTM-I"]
     hist = saved["runs"]["LSTM-I"][0]["history"]

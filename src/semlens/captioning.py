@@ -41,14 +41,18 @@ __all__ = ["extract_frame_features", "Prepared", "prepare", "prepare_corpus", "t
 @torch.no_grad()
 def extract_frame_features(cnn: nn.Module, frames: torch.Tensor, layer: str | Sequence[str] | None = None,
                            batch_size: int = 256, device: str | torch.device | None = None,
-                           pool: str = "mean") -> torch.Tensor:
-    """Per-frame features of a frozen CNN: (N, T, 3, S, S) uint8 or float [0, 1] -> (N, T, C) float32.
+                           pool: str = "mean", grid: int = 0, grid_layers: Sequence[str] | None = None
+                           ) -> torch.Tensor:
+    """Per-frame features of a frozen CNN: (N, T, 3, S, S) uint8 or float [0, 1] -> (N, T, F) float32.
 
     ``layer``: dotted name (or list of names, concatenated in order) whose outputs are used; default the
-    CNN's last entry of ``conv_layers``. 4-D maps are pooled over space: ``pool="mean"`` (C values per
-    layer) or ``"meanmax"`` (spatial mean then max: 2C values; small objects survive max pooling but are
-    diluted by the mean). Frames go through the CNN in batches of ``batch_size``; the CNN's mode and
-    ``requires_grad`` flags are restored afterwards.
+    CNN's last entry of ``conv_layers``. 4-D maps (C, h, w) are pooled over space: ``pool="mean"`` (C values
+    per layer) or ``"meanmax"`` (spatial mean then max: 2C values; small objects survive max pooling but are
+    diluted by the mean). ``grid > 0`` appends a coarse spatial layout: the map average-pooled to a
+    ``grid`` x ``grid`` grid (``adaptive_avg_pool2d``; C·grid² values, channel-major, cells row-major),
+    for the layers in ``grid_layers`` (default: every 4-D layer), so position, size and motion of an
+    object stay visible (global pooling discards where it is). Frames go through the CNN in batches of
+    ``batch_size``; the CNN's mode and ``requires_grad`` flags are restored afterwards.
     """
     if frames.dim() != 5 or frames.shape[2] != 3:
         raise ValueError(f"frames must be (N, T, 3, S, S); got {tuple(frames.shape)}")
@@ -62,16 +66,26 @@ def extract_frame_features(cnn: nn.Module, frames: torch.Tensor, layer: str | Se
     names = [layer] if isinstance(layer, str) else list(layer)
     if not names:
         raise ValueError("layer must name at least one module")
+    if grid < 0:
+        raise ValueError(f"grid must be >= 0; got {grid}")
+    gridded = set(names if grid_layers is None else grid_layers) if grid else set()
+    if not gridded <= set(names):
+        raise ValueError(f"grid_layers {sorted(gridded - set(names))} are not among the layers {names}")
     dev = resolve_device(device) if device is not None else next(cnn.parameters()).device
     N, T = frames.shape[:2]
     flat = frames.reshape(N * T, *frames.shape[2:])
     out: list[torch.Tensor] = []
 
-    def pooled(_name: str, a: torch.Tensor) -> torch.Tensor:
+    def pooled(name: str, a: torch.Tensor) -> torch.Tensor:
         if a.dim() != 4:
             return a.flatten(1)
-        a = a.flatten(2)
-        return torch.cat([a.mean(2), a.amax(2)], 1) if pool == "meanmax" else a.mean(2)
+        if grid and min(a.shape[2:]) < grid:
+            raise ValueError(f"layer {name!r} maps are {tuple(a.shape[2:])}, smaller than grid={grid}")
+        flat = a.flatten(2)
+        parts = [flat.mean(2), flat.amax(2)] if pool == "meanmax" else [flat.mean(2)]
+        if name in gridded:
+            parts.append(nn.functional.adaptive_avg_pool2d(a, grid).flatten(1))
+        return torch.cat(parts, 1)
 
     with frozen(cnn), capture_activations(cnn, names, transform=pooled) as acts:
         starts = range(0, N * T, batch_size)
@@ -140,8 +154,12 @@ def train_captioner(prep: Prepared, lam: float = 0.0, *, epochs: int = 20, batch
                     hidden: int = 512, embed: int = 512, decoder_hidden: int = 512, attention: int = 256,
                     dropout: float = 0.5, captions_per_video: int | None = None, seed: int = 0, device: str = "auto",
                     checkpoint_dir: str | os.PathLike | None = None, select_every: int = 0,
-                    patience: int | None = None) -> tuple[AttentiveCaptioner, list[dict]]:
+                    patience: int | None = None, topic_dropout: float = 0.0, topic_weight_decay: float = 0.0
+                    ) -> tuple[AttentiveCaptioner, list[dict]]:
     """Train LSTM-B (``lam=0``) or LSTM-I (``lam>0``); returns the model (eval mode) and its history.
+
+    ``topic_dropout`` (dropout on v̄ before f) and ``topic_weight_decay`` (L2 on f) regularise the
+    interpretive loss; they change nothing for ``lam=0``.
 
     ``select_every > 0``: keep the weights with the best validation CIDEr (evaluated every that many
     epochs; needs ``prep.val``) and stop after ``patience`` evaluations without improvement. The history's
@@ -150,12 +168,15 @@ def train_captioner(prep: Prepared, lam: float = 0.0, *, epochs: int = 20, batch
     torch.manual_seed(seed)
     cfg = CaptionerConfig(feature_dim=prep.train.feature_dim, vocab=prep.vocab.words, n_topics=prep.topics.n_topics,
                           hidden=hidden, embed=embed, decoder_hidden=decoder_hidden, attention=attention,
-                          dropout=dropout, max_len=int(prep.train.tokens.shape[1]) - 2, extra={"lam": lam})
+                          dropout=dropout, max_len=int(prep.train.tokens.shape[1]) - 2,
+                          topic_dropout=topic_dropout if lam > 0 else 0.0,
+                          extra={"lam": lam})
     model = AttentiveCaptioner(cfg)
     trainer = CaptionTrainer(model, prep.train, CaptionTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr,
                                                                    lam=lam, seed=seed, device=device,
                                                                    captions_per_video=captions_per_video,
-                                                                   select_every=select_every, patience=patience),
+                                                                   select_every=select_every, patience=patience,
+                                                                   topic_weight_decay=topic_weight_decay),
                              val=prep.val, checkpoint_dir=checkpoint_dir)
     hist = trainer.fit()
     if hist:

@@ -47,14 +47,16 @@ class DongSettings:
 
     ``lam`` is the LSTM-I weight used when no sweep runs; ``lam_grid`` (non-empty) makes :func:`run_dong`
     choose λ on the validation split (see :func:`choose_lambda`). ``select_every``/``patience``: early
-    stopping on validation CIDEr. ``frame_layers``/``frame_pool``: the frozen CNN's per-frame descriptor.
+    stopping on validation CIDEr. ``frame_layers``/``frame_pool``/``frame_grid``/``frame_grid_layers``: the
+    frozen CNN's per-frame descriptor (see :func:`semlens.captioning.extract_frame_features`).
+    ``topic_dropout``/``topic_weight_decay``: regularisation of LSTM-I's topic head f (no effect on LSTM-B).
     """
 
     n_clips: int = 600
     frames: int = 16
-    n_topics: int = 12
-    lam: float = 10.0  # what the validation sweep picks (full and --fast settings alike)
-    lam_grid: tuple[float, ...] = (1.0, 10.0, 100.0)
+    n_topics: int = 20  # METHODS §1.3; with 20, most topics are one concept family (an action, a shape, a colour)
+    lam: float = 10.0  # used when lam_grid is empty
+    lam_grid: tuple[float, ...] = (1.0, 10.0)  # λ = 100 swamped the caption NLL and cost METEOR (earlier sweeps)
     epochs: int = 20
     batch_size: int = 64
     captions_per_video: int | None = None
@@ -69,6 +71,10 @@ class DongSettings:
     cnn_epochs: int = 10
     frame_layers: tuple[str, ...] = ("features.conv2", "features.conv5")
     frame_pool: str = "meanmax"
+    frame_grid: int = 2  # + conv5 average-pooled to 2 x 2: where the actor is (motion, size); see docs/captioning.md
+    frame_grid_layers: tuple[str, ...] | None = ("features.conv5",)
+    topic_dropout: float = 0.5  # dropout on v̄ before f and L2 on f: the interpretive loss generalises to
+    topic_weight_decay: float = 0.01  # held-out videos instead of memorising the training videos' topics
     select_every: int = 1
     patience: int | None = 5
     meteor_tolerance: float = 0.01
@@ -83,7 +89,8 @@ class DongSettings:
         return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "hidden": self.hidden,
                 "embed": self.embed, "decoder_hidden": self.decoder_hidden, "attention": self.attention,
                 "dropout": self.dropout, "captions_per_video": self.captions_per_video,
-                "select_every": self.select_every, "patience": self.patience}
+                "select_every": self.select_every, "patience": self.patience, "topic_dropout": self.topic_dropout,
+                "topic_weight_decay": self.topic_weight_decay}
 
 
 def frame_cnn(settings: DongSettings, seed: int, device: torch.device, spec: str = "alexnet-like"
@@ -123,12 +130,29 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "n": int(arr.size)}
 
 
-def _train_eval(prep: Prepared, settings: DongSettings, lam: float, seed: int, device: torch.device,
-                action_labels: Mapping[str, np.ndarray] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train one model, score its test captions, name its neurons; returns (metrics record, artefacts)."""
+Trained = dict[tuple[float, int], tuple[Any, list[dict[str, Any]], float]]
+
+
+def _train(prep: Prepared, settings: DongSettings, lam: float, seed: int, device: torch.device,
+           trained: Trained | None) -> tuple[Any, list[dict[str, Any]], float]:
+    """(model, history, training seconds) for (λ, seed); reused from ``trained`` when already there (training
+    is deterministic in the seed, so a model of the λ sweep is the same model), stored into it otherwise."""
+    if trained is not None and (lam, seed) in trained:
+        return trained[(lam, seed)]
     t0 = time.perf_counter()
     model, hist = train_captioner(prep, lam=lam, seed=seed, device=str(device), **settings.train_kwargs())
-    train_s = time.perf_counter() - t0
+    out = (model, hist, time.perf_counter() - t0)
+    if trained is not None:
+        trained[(lam, seed)] = out
+    return out
+
+
+def _train_eval(prep: Prepared, settings: DongSettings, lam: float, seed: int, device: torch.device,
+                action_labels: Mapping[str, np.ndarray] | None, trained: Trained | None = None
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train one model (or take it from ``trained``), score its test captions, name its neurons; returns
+    (metrics record, artefacts)."""
+    model, hist, train_s = _train(prep, settings, lam, seed, device, trained)
     caps = generate(model, prep.test, beam=settings.beam)
     scores = score_captions(dict(zip(prep.test.video_ids, prep.test.captions, strict=True)), caps)
     # same naming procedure for every model: f fitted on the frozen encoder, PDM on train, AUC on test
@@ -143,7 +167,8 @@ def _train_eval(prep: Prepared, settings: DongSettings, lam: float, seed: int, d
                            "topic_error_test": ana["topic_error_test"],
                            "selectivity_auc": ana["selectivity"]["mean_auc"],
                            "selectivity_index": ana["selectivity"]["selectivity_index"],
-                           "named_neurons": ana["selectivity"]["n_named"]}
+                           "named_neurons": ana["selectivity"]["n_named"],
+                           "topics_scored": ana["selectivity"]["n_topics_scored"]}
     own = None
     if lam > 0:  # LSTM-I's own jointly trained f, as in the paper (secondary)
         own = analyze_neurons(model, prep, refit_head=False)
@@ -162,19 +187,21 @@ def compare_models(prep: Prepared, settings: DongSettings, seeds: Sequence[int],
                    action_labels: Mapping[str, np.ndarray] | None = None,
                    log: Callable[[str], None] = print,
                    on_run: Callable[[dict[str, list[dict[str, Any]]]], None] | None = None,
-                   lam: float | None = None) -> dict[str, Any]:
+                   lam: float | None = None, trained: Trained | None = None) -> dict[str, Any]:
     """Train and evaluate LSTM-B (λ = 0) and LSTM-I (``lam``, default ``settings.lam``) for every seed.
 
     action_labels: optional "train"/"test" -> (N,) labels aligned with ``prep.train``/``prep.test`` for
     the transfer probe. ``on_run(runs)`` is called after every trained model (e.g. to save partial
-    results). Returns per-run metrics, mean/std per model and the last seed's analyses.
+    results). ``trained``: models already trained with these settings, (λ, seed) -> (model, history,
+    seconds), e.g. by :func:`sweep_lambda`; they are reused instead of retrained. Returns per-run metrics,
+    mean/std per model and the last seed's analyses.
     """
     lam_i = settings.lam if lam is None else lam
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODELS}
     last: dict[str, Any] = {}
     for seed in seeds:
         for name, lam_m in zip(MODELS, (0.0, lam_i), strict=True):
-            rec, art = _train_eval(prep, settings, lam_m, seed, device, action_labels)
+            rec, art = _train_eval(prep, settings, lam_m, seed, device, action_labels, trained)
             runs[name].append(rec)
             if on_run is not None:
                 on_run(runs)
@@ -190,16 +217,17 @@ def compare_models(prep: Prepared, settings: DongSettings, seeds: Sequence[int],
 
 
 def sweep_lambda(prep: Prepared, settings: DongSettings, grid: Sequence[float], device: torch.device, seed: int = 0,
-                 log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                 log: Callable[[str], None] = print, trained: Trained | None = None) -> list[dict[str, Any]]:
     """Train one model per λ in ``[0, *grid]`` (seed ``seed``) and score it on the **validation** split:
     BLEU-4, METEOR, CIDEr (coco-caption, beam ``settings.beam``), topic selectivity AUC (f fitted on the
-    frozen encoder, PDM on train, AUC on validation), validation topic loss at the selected epoch."""
+    frozen encoder, PDM on train, AUC on validation), validation topic loss at the selected epoch.
+    ``trained``: optional dict that receives (λ, seed) -> (model, history, seconds) for reuse."""
     if prep.val is None:
         raise ValueError("the λ sweep needs a validation split")
     rows = []
     for lam in [0.0, *[g for g in grid if g > 0]]:
         t0 = time.perf_counter()
-        model, hist = train_captioner(prep, lam=lam, seed=seed, device=str(device), **settings.train_kwargs())
+        model, hist, _ = _train(prep, settings, lam, seed, device, trained)
         caps = generate(model, prep.val, beam=settings.beam)
         sc = score_captions(dict(zip(prep.val.video_ids, prep.val.captions, strict=True)), caps)
         ana = analyze_neurons(model, prep, refit_head=True, split="val")
@@ -362,18 +390,21 @@ def run_dong(out: str | Path, seeds: int = 3, fast: bool = False, device: str = 
     cnn_acc = frame_cnn_accuracy(cnn, dev)
     log(f"frame CNN: test accuracy {cnn_acc:.3f} on 600 held-out concept images (12 classes)")
     feats = extract_frame_features(cnn, torch.as_tensor(clips.frames), layer=list(st.frame_layers), device=dev,
-                                   pool=st.frame_pool)
+                                   pool=st.frame_pool, grid=st.frame_grid, grid_layers=st.frame_grid_layers)
     prep = prepare_clips(clips, feats, st.n_topics, standardize=True)
     action = {s: np.asarray(clips.truth["action"])[list(clips.splits[s])] for s in ("train", "test")}
     seed_list = list(range(seeds))
     sweep: list[dict[str, Any]] = []
     lam = st.lam
+    trained: Trained = {}  # the sweep's seed-0 models are seed 0's LSTM-B and LSTM-I (same settings, same seed)
     if st.lam_grid:
-        sweep = sweep_lambda(prep, st, st.lam_grid, dev, seed=0, log=log)
+        sweep = sweep_lambda(prep, st, st.lam_grid, dev, seed=0, log=log, trained=trained)
         lam = choose_lambda(sweep, st.meteor_tolerance)
         log(f"chosen on validation: λ = {lam:g}")
         save_json({"partial": True, "lambda_sweep": sweep, "lam": lam}, out / "results.json")
-    res = compare_models(prep, st, seed_list, dev, action_labels=action, log=log, lam=lam,
+    for key in [k for k in trained if k[0] not in (0.0, lam)]:
+        del trained[key]  # free the λ values not chosen
+    res = compare_models(prep, st, seed_list, dev, action_labels=action, log=log, lam=lam, trained=trained,
                          on_run=lambda runs: save_json({"partial": True, "lambda_sweep": sweep, "lam": lam,
                                                         "runs": runs}, out / "results.json"))
     results = {"paper": "Dong, Su, Zhu, Zhang, CVPR 2017", "data": "semlens built-in clips",

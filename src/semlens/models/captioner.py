@@ -131,6 +131,7 @@ class CaptionerConfig:
     attention: int = 256
     dropout: float = 0.5
     max_len: int = 20
+    topic_dropout: float = 0.0  # dropout on v̄ before f while training (regularises the interpretive loss)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -149,6 +150,8 @@ class AttentiveCaptioner(nn.Module):
         c = config
         if c.feature_dim <= 0 or c.hidden <= 0 or c.n_topics <= 0:
             raise ValueError(f"invalid captioner sizes: {c}")
+        if not (0.0 <= c.dropout < 1.0 and 0.0 <= c.topic_dropout < 1.0):
+            raise ValueError(f"dropout and topic_dropout must lie in [0, 1); got {c.dropout}, {c.topic_dropout}")
         self.config = c
         self.vocab = Vocabulary(c.vocab)
         c.vocab = self.vocab.words
@@ -156,6 +159,7 @@ class AttentiveCaptioner(nn.Module):
         self.encoder = nn.LSTM(c.feature_dim, c.hidden, batch_first=True, bidirectional=True)
         self.enc_drop = nn.Dropout(c.dropout)
         self.topic_head = nn.Linear(D, c.n_topics)  # f
+        self.topic_drop = nn.Dropout(c.topic_dropout)  # identity in eval mode (PDM, selectivity, decoding)
         self.embedding = nn.Embedding(V, c.embed, padding_idx=PAD)
         self.init_h = nn.Linear(D, c.decoder_hidden)
         self.init_c = nn.Linear(D, c.decoder_hidden)
@@ -206,8 +210,9 @@ class AttentiveCaptioner(nn.Module):
         return self.topic_head(vbar)
 
     def topics(self, vbar: torch.Tensor) -> torch.Tensor:
-        """f(v̄) = softmax(W_f v̄ + b_f): (B, K) on the simplex."""
-        return torch.softmax(self.topic_head(vbar), dim=-1)
+        """f(v̄) = softmax(W_f v̄ + b_f): (B, K) on the simplex (in training mode v̄ first passes the topic
+        dropout, ``config.topic_dropout``)."""
+        return torch.softmax(self.topic_head(self.topic_drop(vbar)), dim=-1)
 
     # ---------------------------------------------------------------- decoder
     def _init_state(self, v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -113,6 +113,7 @@ class CaptionTrainConfig:
     captions_per_video: int | None = None  # per epoch, this many random captions of each video (None = all)
     grad_clip: float = 5.0
     weight_decay: float = 0.0
+    topic_weight_decay: float = 0.0  # L2 (Adam weight decay) on the topic head f only; regularises λ‖f(v̄) − s‖²
     seed: int = 0
     device: str = "auto"
     select_every: int = 0  # evaluate validation CIDEr every this many epochs and keep the best weights (0 = off)
@@ -153,7 +154,13 @@ class CaptionTrainer:
         self.model = model.to(self.device)
         self.train_data, self.val_data = train, val
         self.loss = InterpretiveLoss(config.lam)
-        self.optim = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        if config.weight_decay < 0 or config.topic_weight_decay < 0:
+            raise ValueError(f"weight decays must be >= 0; got {config.weight_decay}, {config.topic_weight_decay}")
+        head = {id(p) for p in model.topic_head.parameters()}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in head]},
+                  {"params": list(model.topic_head.parameters()),
+                   "weight_decay": config.weight_decay + config.topic_weight_decay}]
+        self.optim = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.history: list[dict[str, float]] = []
         self.start_epoch = 0

@@ -26,8 +26,10 @@ def run(ctx: DemoContext) -> list[Section]:
     if len(layers) == len(st.frame_layers):
         # the demo classifier (frozen): an early and the last conv layer, mean+max pooled (as `reproduce dong`)
         feats = extract_frame_features(cnn, torch.as_tensor(clips.frames)[:, ::stride], layer=layers,
-                                       pool=st.frame_pool, device=ctx.device)
-        source = f"the demo's alexnet-like classifier (frozen; {' + '.join(layers)}, mean+max pooled)"
+                                       pool=st.frame_pool, grid=st.frame_grid, grid_layers=st.frame_grid_layers,
+                                       device=ctx.device)
+        source = (f"the demo's alexnet-like classifier (frozen; {' + '.join(layers)}, mean+max pooled, "
+                  f"{' + '.join(st.frame_grid_layers or layers)} also on a {st.frame_grid} x {st.frame_grid} grid)")
     else:
         # another classifier: the frame features the world step wrote
         from semlens.world.msvd import CaptionCorpus
