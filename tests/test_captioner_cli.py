@@ -46,10 +46,14 @@ def test_caption_cli_end_to_end(tmp_path):
     run = tmp_path / "run"
     args = ["caption", "train", "--corpus", str(corpus), "--out", str(run), "--lam", "2", "--topics", "3",
             "--epochs", "4", "--batch-size", "16", "--lr", "0.01", "--hidden", "8", "--embed", "8",
-            "--decoder-hidden", "8", "--attention", "4", "--dropout", "0", "--device", "cpu"]
+            "--decoder-hidden", "8", "--attention", "4", "--dropout", "0", "--device", "cpu",
+            "--topic-dropout", "0.25", "--topic-weight-decay", "0.01"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert (run / "model.safetensors").is_file() and (run / "model.topics.json").is_file()
+    from semlens.checkpoint import read_config
+
+    assert json.dumps(read_config(run / "model.safetensors")).count('"topic_dropout": 0.25') == 1
     assert len(json.loads((run / "checkpoint" / "history.json").read_text())) == 4
     r = runner.invoke(app, ["caption", "evaluate", "--model", str(run / "model.safetensors"), "--corpus",
                             str(corpus), "--beam", "2", "--device", "cpu"])

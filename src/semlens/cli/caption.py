@@ -73,6 +73,10 @@ def train_cmd(
                                      "keep the best weights (0 = keep the last epoch's)."),
     patience: int = typer.Option(None, help="With --select-every: stop after this many evaluations without "
                                  "improvement."),
+    topic_dropout: float = typer.Option(0.0, help="LSTM-I: dropout on the mean feature before the topic map f "
+                                        "(reproduce dong uses 0.5)."),
+    topic_weight_decay: float = typer.Option(0.0, help="LSTM-I: L2 on the topic map f only (reproduce dong "
+                                             "uses 0.01)."),
 ) -> None:
     """Train LSTM-B or LSTM-I; resumes from OUT/checkpoint if it exists."""
     from semlens.captioning import prepare_corpus, train_captioner
@@ -83,7 +87,8 @@ def train_cmd(
         model, hist = train_captioner(prep, lam=lam, epochs=epochs, batch_size=batch_size, lr=lr, hidden=hidden,
                                       embed=embed, decoder_hidden=decoder_hidden, attention=attention,
                                       dropout=dropout, seed=seed, device=device, checkpoint_dir=out / "checkpoint",
-                                      select_every=select_every, patience=patience)
+                                      select_every=select_every, patience=patience, topic_dropout=topic_dropout,
+                                      topic_weight_decay=topic_weight_decay)
         path = model.save(out / "model.safetensors")
         prep.topics.save(out / "model.topics.json")
         chosen = f" (weights of epoch {hist[-1]['selected_epoch']}, best validation CIDEr)" if select_every else ""
