@@ -82,8 +82,8 @@ class DongSettings:
     @classmethod
     def fast(cls) -> DongSettings:
         return cls(n_clips=240, frames=8, n_topics=8, epochs=10, batch_size=32, captions_per_video=4, lr=3e-3,
-                   hidden=48, embed=32, decoder_hidden=48, attention=32, dropout=0.2, beam=2, cnn_images=1200,
-                   cnn_epochs=3, lam_grid=(1.0, 10.0, 100.0), patience=4)
+                   hidden=48, embed=32, decoder_hidden=48, attention=32, dropout=0.2, beam=2, cnn_images=4000,
+                   cnn_epochs=6, lam_grid=(1.0, 10.0, 100.0), patience=4)  # 4000 x 6: 0.40 accuracy (1200 x 3: chance)
 
     def train_kwargs(self) -> dict[str, Any]:
         return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "hidden": self.hidden,
