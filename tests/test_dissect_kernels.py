@@ -15,7 +15,6 @@ from semlens.units import dissect_kernels as K
 from semlens.units.dissect import DissectionError, _LabelEncoder, _SparseUpsampler, bilinear_axis
 
 dissect_mod = importlib.import_module("semlens.units.dissect")
-pytestmark = pytest.mark.skipif(not K.AVAILABLE, reason="numba is not installed")
 
 
 @pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])

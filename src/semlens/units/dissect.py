@@ -37,7 +37,7 @@ import hashlib
 import inspect
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -758,14 +758,15 @@ def _tally_layer(table: tuple[torch.Tensor, torch.Tensor], units: int, threshold
     B, C = labels.annotated.shape[0], units
     P = upsampler.seg[0] * upsampler.seg[1]
     n_cols = inter.shape[1]
+    # (B, C) active pixels per image and unit: in one go (fused kernel) or per chunk of active pixels
+    counts: Iterable[torch.Tensor]
     if _fused(inter):
-        chunks: Iterator[torch.Tensor] = iter([dissect_kernels.tally(
-            *table, thresholds, upsampler.w, upsampler.rows, upsampler.cols, upsampler.seg, labels.pixel, B, inter,
-            upsampler.pool, upsampler.workers)])
+        counts = [dissect_kernels.tally(*table, thresholds, upsampler.w, upsampler.rows, upsampler.cols,
+                                        upsampler.seg, labels.pixel, B, inter, upsampler.pool, upsampler.workers)]
     else:
-        chunks = (_count_and_intersect(bb, uu, pix, B, C, P, labels, inter)
+        counts = (_count_and_intersect(bb, uu, pix, B, C, P, labels, inter)
                   for bb, uu, pix in upsampler.active_pixels(*table, thresholds, max_elements))
-    for count in chunks:
+    for count in counts:
         cnt = count.t().double()  # (C, B)
         if labels.image.shape[1]:
             onehot = torch.zeros(B, n_cols, dtype=torch.float64, device=cnt.device)

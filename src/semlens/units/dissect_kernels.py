@@ -270,17 +270,14 @@ def tally(coords: torch.Tensor, corners: torch.Tensor, thresholds: torch.Tensor,
     lab = labels.contiguous().numpy()
     plane = seg[0] * seg[1]
     spans = _spans(c.shape[1], workers if c.shape[1] >= 4096 else 1)
-    if len(spans) == 1:
-        count = np.zeros((images, units), dtype=np.int64)
-        _jit("_tally_blocks")(c, k, thr, w, rows.start, rows.length, rows.weight, cols.start, cols.length, cols.weight,
-                      seg[1], lab, plane, 0, c.shape[1], inter.numpy(), count)
-        return torch.from_numpy(count)
-    inters = np.zeros((len(spans), units, n_cols), dtype=np.int64)
+    # one span adds straight into ``inter``; several keep private counters (summed after)
+    inters = inter.numpy()[None] if len(spans) == 1 else np.zeros((len(spans), units, n_cols), dtype=np.int64)
     counts = np.zeros((len(spans), images, units), dtype=np.int64)
-    _run(pool, lambda j, lo, hi: _jit("_tally_blocks")(c, k, thr, w, rows.start, rows.length, rows.weight, cols.start,
-                                               cols.length, cols.weight, seg[1], lab, plane, lo, hi, inters[j],
-                                               counts[j]), spans)
-    inter += torch.from_numpy(inters.sum(0))
+    kernel = _jit("_tally_blocks")
+    _run(pool, lambda j, lo, hi: kernel(c, k, thr, w, rows.start, rows.length, rows.weight, cols.start, cols.length,
+                                        cols.weight, seg[1], lab, plane, lo, hi, inters[j], counts[j]), spans)
+    if len(spans) > 1:
+        inter += torch.from_numpy(inters.sum(0))
     return torch.from_numpy(counts.sum(0))
 
 
