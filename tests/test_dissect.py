@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -285,9 +287,54 @@ def test_cache_pruned_with_risen_bounds_still_needs_one_forward_and_gives_the_st
     monkeypatch.setattr(ds, "load_batch", lambda idx: calls.append(1) or load(idx))
     prune = mod._prune_cache
     monkeypatch.setattr(mod, "_prune_cache", lambda c, b: prunes.append(1) or prune(c, b))
-    cached = dissect(net, ds, ["0", "2"], quantile=0.02, batch_size=2, device="cpu", cache_bytes=100_000)
+    cached = dissect(net, ds, ["0", "2"], quantile=0.02, batch_size=2, device="cpu", cache_bytes=100_000,
+                     workers=1)  # one worker's bounds (two workers see half the data each: looser bounds)
     assert prunes and len(calls) == 1 + 20  # probe + one forward per batch: the pruned cache fitted
     streamed = dissect(net, ds, ["0", "2"], quantile=0.02, batch_size=2, device="cpu", cache_bytes=0)
     for name in ("0", "2"):
         assert torch.equal(cached.layers[name].intersection, streamed.layers[name].intersection)
         assert torch.equal(cached.layers[name].activation, streamed.layers[name].activation)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "tensor path"])
+def test_batches_on_several_workers_give_the_one_worker_result_exactly(fused, monkeypatch):
+    """Workers see different batches in any order (own estimators, tallies, cache entries), folded after each
+    pass: thresholds, counts, IoUs and top images (ties broken by index: a dead unit ties everywhere) equal
+    one worker's, and the intra-op thread count is restored."""
+    monkeypatch.setattr(importlib.import_module("semlens.units.dissect"), "FUSED_ON_CPU", fused)
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 3, stride=2), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with torch.no_grad():
+        net[2].weight[0] = 0.0  # unit 0 of layer "3" is dead: its spatial maximum (the bias) ties on every image
+        net[2].bias[0] = -1.0
+    ds = random_dataset(n=23)
+    threads = torch.get_num_threads()
+    runs = {w: dissect(net, ds, ["1", "3"], quantile=0.05, batch_size=2, device="cpu", workers=w, top_n=4,
+                       show_progress=False) for w in (1, 2, 3)}
+    assert torch.get_num_threads() == threads
+    for w in (2, 3):
+        for name in ("1", "3"):
+            a, b = runs[1].layers[name], runs[w].layers[name]
+            for field in ("thresholds", "intersection", "activation", "iou", "top_images", "top_values"):
+                assert torch.equal(getattr(a, field), getattr(b, field)), (w, name, field)
+    assert runs[2].layers["3"].top_images[0].tolist() == [0, 1, 2, 3]  # ties: the smallest indices
+    ref = reference_iou(net, ds, "3", runs[2].layers["3"].thresholds, (8, 8))
+    np.testing.assert_array_equal(runs[2].layers["3"].iou.numpy(), ref)
+
+
+def test_an_error_on_a_worker_is_raised_and_restores_everything():
+    net, ds = tiny_net(), random_dataset(n=12)
+    load = ds.load_batch
+
+    def failing(idx):
+        if 7 in idx:
+            raise OSError("disk gone at image 7")
+        return load(idx)
+
+    ds.load_batch = failing
+    threads = torch.get_num_threads()
+    net.train()
+    with pytest.raises(OSError, match="image 7"):
+        dissect(net, ds, ["0", "2"], quantile=0.05, batch_size=2, device="cpu", workers=2, show_progress=False)
+    assert torch.get_num_threads() == threads and net.training and count_hooks(net) == 0

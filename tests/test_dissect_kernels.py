@@ -42,6 +42,10 @@ def _blocks_from_mask(acts: torch.Tensor, bound: torch.Tensor) -> set[tuple[int,
     return out
 
 
+def _top_buffer(C: int, bound: torch.Tensor, k: int, cap: int) -> K.TopBuffer:
+    return K.TopBuffer(np.empty((C, cap), np.float32), np.zeros(C, np.int64), bound.float().numpy().copy(), k)
+
+
 @pytest.mark.parametrize("shape", [(3, 5, 4, 6), (2, 40, 7, 3), (4, 3, 1, 5)])
 def test_scan_finds_every_block_and_every_value_above_its_bound(shape, pool):
     g = torch.Generator().manual_seed(sum(shape))
@@ -50,29 +54,57 @@ def test_scan_finds_every_block_and_every_value_above_its_bound(shape, pool):
     block_bound = acts.transpose(0, 1).reshape(shape[1], -1).quantile(0.7, dim=1)
     block_bound[0] = 0.25
     value_bound = block_bound - 0.3
-    table, values = K.scan(acts, value_bound, block_bound, pool[0], pool[1], hint=(3, 1))  # hints too small: retry
-    coords, corners = table
+    B, C, h, w = shape
+    top = _top_buffer(C, value_bound, k=B * h * w, cap=B * h * w + 1)  # room for every cell: no cut
+    coords, corners = K.scan(acts, block_bound, top, pool[0], pool[1], hint=3)  # hint too small: table pass again
     got = {tuple(c) for c in coords.long().t().tolist()}
     assert got == _blocks_from_mask(acts, block_bound)
     assert coords.shape[1] == len(got)  # no block twice
-    B, C, h, w = shape
     b, u, cell = coords.long()
     y, x = cell // w, cell % w
     y1, x1 = (y + 1).clamp(max=h - 1), (x + 1).clamp(max=w - 1)
     expected = torch.stack([acts[b, u, y, x], acts[b, u, y, x1], acts[b, u, y1, x], acts[b, u, y1, x1]])
     assert torch.equal(corners, expected)
-    for unit in range(C):
-        row = values[unit][values[unit] > float("-inf")]
+    for unit in range(C):  # fed once each, although the undersized table made the kernel run twice
+        row = torch.from_numpy(top.values[unit, :top.count[unit]])
         ref = acts[:, unit][acts[:, unit] > value_bound[unit]]
         assert torch.equal(row.sort().values, ref.sort().values)
+
+
+def test_scan_cuts_full_rows_to_their_k_largest_exactly(pool):
+    """A small buffer is cut many times during one scan; the k largest values per unit survive, bound rises."""
+    acts = torch.randn(6, 4, 9, 9, generator=torch.Generator().manual_seed(5)).round(decimals=1)  # many ties
+    k = 7
+    top = _top_buffer(4, torch.full((4,), float("-inf")), k=k, cap=k + 5)
+    assert K.scan(acts, None, top, pool[0], pool[1]) is None
+    top.keep_top(k)
+    per_unit = acts.transpose(0, 1).reshape(4, -1)
+    assert (top.count == k).all()
+    for unit in range(4):
+        assert np.array_equal(np.sort(top.values[unit, :k]), per_unit[unit].sort().values[-k:].numpy())
+        assert top.bound[unit] == per_unit[unit].sort().values[-k]
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (2, 1), (50, 50), (200, 13), (1000, 999), (300, 150)])
+def test_select_top_agrees_with_a_sort_including_ties(n, k):
+    rng = np.random.default_rng(n + k)
+    for values in (rng.normal(size=n), rng.integers(0, 3, size=n).astype(float), np.zeros(n), np.arange(n) * 1.0):
+        row = values.astype(np.float32).copy()
+        m = K._jit("_select_top")(row, n, k)
+        expected = np.sort(values.astype(np.float32))[::-1][:k]
+        assert np.array_equal(np.sort(row[:k])[::-1], expected)
+        assert m == expected[-1]
+        assert np.array_equal(np.sort(row), np.sort(values.astype(np.float32)))  # a permutation
 
 
 def test_scan_skips_planes_by_their_maxima_without_changing_the_table():
     acts = torch.randn(4, 6, 5, 5, generator=torch.Generator().manual_seed(1))
     bound = torch.full((6,), 1.0)
-    a, _ = K.scan(acts, None, bound)
-    b, _ = K.scan(acts, None, bound, maxima=acts.amax(dim=(2, 3)))
+    a = K.scan(acts, bound)
+    b = K.scan(acts, bound, maxima=acts.amax(dim=(2, 3)))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # wrong (too small) maxima are trusted: planes they rule out are not read, which is what makes it fast
+    assert K.scan(acts, bound, maxima=torch.full((4, 6), -5.0))[0].shape[1] == 0
 
 
 @pytest.mark.parametrize("size,seg", [((5, 5), (8, 8)), ((7, 4), (16, 13)), ((16, 16), (6, 6)), ((3, 9), (3, 9))])
@@ -90,7 +122,7 @@ def test_tally_counts_equal_the_tensor_path(size, seg, pool):
         count_ref += torch.bincount(bb * C + uu, minlength=B * C).view(B, C)
         keys = (uu * L).unsqueeze(1) + labels[bb * P + pix].long()
         inter_ref += torch.bincount(keys.view(-1), minlength=C * L).view(C, L)
-    table, _ = K.scan(acts, None, thresholds - 0.5)
+    table = K.scan(acts, thresholds - 0.5)
     iy0, _, ly = bilinear_axis(size[0], seg[0])
     ix0, _, lx = bilinear_axis(size[1], seg[1])
     inter = torch.zeros(C, L, dtype=torch.int64)

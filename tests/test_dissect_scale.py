@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from _dissect_helpers import random_dataset, tiny_net
@@ -36,7 +37,8 @@ SCRIPT = textwrap.dedent(
 
     ds.load_batch = counting_load
     res = dissect(tiny_net(), ds, ["0", "2"], quantile=0.05, batch_size=1, device="cpu", cache_bytes=0,
-                  checkpoint=os.environ.get("CKPT") or None, checkpoint_every=1, show_progress=False)
+                  checkpoint=os.environ.get("CKPT") or None, checkpoint_every=int(os.environ.get("EVERY", "1")),
+                  show_progress=False, workers=int(os.environ.get("WORKERS", "1")))
     if distributed.rank() == 0:
         saved = {{n: d.iou for n, d in res.layers.items()}}
         saved |= {{"t" + n: d.thresholds for n, d in res.layers.items()}}
@@ -62,16 +64,20 @@ def _run(script: Path, out: Path, env: dict[str, str], launcher: list[str] | Non
     return proc.returncode
 
 
-def test_killed_dissection_resumes_to_the_same_result(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_killed_dissection_resumes_to_the_same_result(tmp_path, workers):
     script = tmp_path / "job.py"
     script.write_text(SCRIPT.format(tests=str(TESTS)))
     ref = _reference()
-    # 9 images, batch 1: load 1 = probe, loads 2..10 = thresholds pass, 11..19 = tally pass
-    for die_at, expect_calls in ((5, 1 + 6 + 9), (14, 1 + 6)):
+    # 9 images, batch 1: load 1 = probe, loads 2..10 = thresholds pass, 11..19 = tally pass; with two workers,
+    # checkpoints every 2 batches: each chunk of 2 runs on both workers, whose states are saved folded
+    every = 1 if workers == 1 else 2
+    env = {"WORKERS": str(workers), "EVERY": str(every)}
+    for die_at, expect_calls in ((5, 1 + 6 + 9), (14, 1 + 6)) if workers == 1 else ((6, 1 + 5 + 9), (15, 1 + 5)):
         ckpt, out = tmp_path / f"ckpt{die_at}", tmp_path / f"out{die_at}.pt"
-        assert _run(script, out, {"DIE_AT": str(die_at), "CKPT": str(ckpt)}) == -9  # SIGKILL
+        assert _run(script, out, {**env, "DIE_AT": str(die_at), "CKPT": str(ckpt)}) == -9  # SIGKILL
         assert not out.exists() and any(ckpt.iterdir())
-        assert _run(script, out, {"CKPT": str(ckpt)}) == 0
+        assert _run(script, out, {**env, "CKPT": str(ckpt)}) == 0
         got = torch.load(out, weights_only=True)
         assert int(got.pop("calls")) == expect_calls  # finished batches were not redone
         for k, v in ref.items():

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
 
 from semlens.layers import count_hooks
-from semlens.streaming import ResumeMismatchError, batch_slices, forward_until, load_state, run_batches, save_state
+from semlens.streaming import (
+    ForwardTap,
+    ResumeMismatchError,
+    batch_slices,
+    forward_until,
+    load_state,
+    run_batches,
+    save_state,
+    worker_index,
+)
 
 
 class _Sum:
@@ -78,3 +89,46 @@ def test_forward_until_stops_after_deepest_layer_and_cleans_up():
     with pytest.raises(KeyError, match="unknown layer"):
         forward_until(net, torch.randn(1, 3), ["9"])
     assert count_hooks(net) == hooks
+
+
+def test_forward_tap_captures_each_threads_own_forward():
+    """Two threads tapping one model at once get the outputs of their own inputs; forwards outside a tap call
+    (the plain model call below) are not captured; the hooks go on exit."""
+    net = nn.Sequential(nn.Linear(3, 64), nn.ReLU(), nn.Linear(64, 2))
+    xs = [torch.randn(32, 3) for _ in range(2)]
+    wrong = []
+
+    def work(tap, x):
+        for _ in range(200):
+            out = tap(x)
+            if not torch.equal(out["0"], net[0](x).detach()):
+                wrong.append(1)
+
+    with ForwardTap(net, ["0"]) as tap:
+        threads = [threading.Thread(target=work, args=(tap, x)) for x in xs]
+        for t in threads:
+            t.start()
+        net(torch.randn(4, 3))  # not a tap call: nothing is captured, nothing stops
+        for t in threads:
+            t.join()
+    assert not wrong and count_hooks(net) == 0
+
+
+@pytest.mark.parametrize("every", [3, 100])
+def test_workers_run_every_batch_once_and_restore_the_thread_count(tmp_path, every):
+    seen, lock = [], threading.Lock()
+    threads = torch.get_num_threads()
+
+    def step(idx, b):
+        with lock:
+            seen.append((b, tuple(idx), worker_index(), torch.get_num_threads()))
+
+    info = run_batches(17, 2, step, checkpoint=tmp_path / "c.safetensors", every=every, workers=2)
+    assert sorted(b for b, *_ in seen) == list(range(9)) and info.batches == 9
+    assert all(list(idx) == list(range(2 * b, min(17, 2 * b + 2))) for b, idx, *_ in seen)
+    assert {w for *_, w, _ in seen} <= {0, 1} and {t for *_, t in seen} == {1}  # one intra-op thread each
+    assert torch.get_num_threads() == threads
+    with pytest.raises(RuntimeError, match="batch 4"):
+        run_batches(17, 2, lambda idx, b: (_ for _ in ()).throw(RuntimeError(f"batch {b}")) if b == 4 else None,
+                    workers=2)
+    assert torch.get_num_threads() == threads

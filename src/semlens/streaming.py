@@ -17,8 +17,10 @@ silently mixing two jobs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,8 @@ __all__ = [
     "save_state",
     "load_state",
     "forward_until",
+    "ForwardTap",
+    "worker_index",
     "all_gather_cat",
 ]
 
@@ -121,6 +125,7 @@ def run_batches(
     shard: bool = True,
     desc: str = "",
     show_progress: bool | None = None,
+    workers: int = 1,
 ) -> StreamInfo:
     """Call ``step(indices, b)`` for every batch ``b`` of this process's shard of ``range(n)``.
 
@@ -130,6 +135,12 @@ def run_batches(
     skipped. ``step`` must update only the accumulator (or state it can rebuild), so a resumed run
     ends in the same state as an uninterrupted one. Reducing across processes is the caller's job
     once this returns (e.g. :func:`semlens.distributed.all_reduce_sum`).
+
+    ``workers`` > 1 (CPU): batches run side by side on that many threads, each with one intra-op thread
+    (``torch.set_num_threads(1)`` meanwhile, restored after), in any order; ``step`` must then be thread-safe
+    and keep per-worker state by :func:`worker_index`, and ``accumulator.state_dict()`` must combine the
+    workers' states. On small layers this beats intra-op threads, which leave the per-batch bookkeeping
+    serial.
     """
     if n < 1:
         raise ValueError("the dataset is empty")
@@ -156,17 +167,128 @@ def run_batches(
         state[_POSITION] = torch.tensor(position)
         save_state(ckpt, state, {"meta": meta})
 
-    for b in progress(range(start, len(batches)), total=len(batches) - start, desc=desc, enabled=show_progress):
-        step(batches[b], b)
-        if (b + 1) % every == 0 or b + 1 == len(batches):
-            save(b + 1)
+    if workers <= 1:
+        for b in progress(range(start, len(batches)), total=len(batches) - start, desc=desc, enabled=show_progress):
+            step(batches[b], b)
+            if (b + 1) % every == 0 or b + 1 == len(batches):
+                save(b + 1)
+    else:
+        _run_on_workers(batches, start, step, save, every if ckpt is not None else len(batches), workers, desc,
+                        show_progress)
     if start == len(batches):
         save(start)
     return StreamInfo(batches=len(batches), resumed_at=start, indices=indices)
 
 
+_worker = threading.local()
+
+
+def worker_index() -> int:
+    """Which :func:`run_batches` worker thread runs the caller (0 .. workers − 1; 0 outside workers)."""
+    return getattr(_worker, "index", 0)
+
+
+def _run_on_workers(batches: list[list[int]], start: int, step: Callable[[list[int], int], None],
+                    save: Callable[[int], None], every: int, workers: int, desc: str,
+                    show_progress: bool | None) -> None:
+    """Batches ``start ..`` on ``workers`` threads with one intra-op thread each, ``every`` batches between saves.
+
+    Each thread keeps one worker index for the whole run (its per-worker state in ``step``); a chunk of
+    ``every`` batches finishes completely before the accumulators are saved, so a checkpoint never holds a
+    batch twice or skips one. The first error cancels what has not started and is raised.
+    """
+    counter = iter(range(workers))
+    lock = threading.Lock()
+
+    def init() -> None:
+        with lock:
+            _worker.index = next(counter)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers share the cores: one intra-op thread each (threads start after this)
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="semlens-batch", initializer=init)
+    try:
+        bar = progress(iter(range(start, len(batches))), total=len(batches) - start, desc=desc,
+                       enabled=show_progress)
+        for lo in range(start, len(batches), every):
+            hi = min(len(batches), (lo // every + 1) * every)
+            futures = [pool.submit(step, batches[b], b) for b in range(lo, hi)]
+            try:
+                for f in concurrent.futures.as_completed(futures):
+                    f.result()
+                    next(bar, None)
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                concurrent.futures.wait(futures)
+                raise
+            save(hi)
+        for _ in bar:  # close the bar
+            pass
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
+
+
 class _Stop(Exception):
     """Raised inside a hook to end a forward pass once every requested output is captured."""
+
+
+class ForwardTap:
+    """Hooks on named layers, registered once, that capture their outputs and stop the forward after the deepest.
+
+    ``with ForwardTap(model, layers) as tap: out = tap(x)``: ``tap(x)`` runs ``model(x)`` only as far as the
+    deepest requested layer and returns ``{name: output}``. Calls from several threads at once are safe (each
+    thread captures its own forward; the hooks do nothing for forwards outside a call), which is what
+    :func:`run_batches` workers need; registering hooks per call would mutate a module's hook table while
+    another thread iterates it. Hooks are removed on every exit path.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], *, detach: bool = True) -> None:
+        self.model, self.detach = model, detach
+        self.modules = resolve_layers(model, list(layers))
+        self._local = threading.local()
+        self._handles = HookHandles()
+
+    def __enter__(self) -> ForwardTap:
+        try:
+            for name, module in self.modules.items():
+                self._handles.add(module.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self._handles.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handles.remove()
+
+    def _hook(self, name: str) -> Callable[[nn.Module, object, object], None]:
+        def hook(_m: nn.Module, _i: object, out: object) -> None:
+            store = getattr(self._local, "store", None)
+            if store is None or name in store:  # a forward outside a call of this thread, or a second use
+                return
+            t = out[0] if isinstance(out, (tuple, list)) else out
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"layer {name!r} returned {type(out).__name__}, not a tensor")
+            store[name] = t.detach() if self.detach else t
+            if len(store) == len(self.modules):
+                raise _Stop
+
+        return hook
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        store: dict[str, torch.Tensor] = {}
+        self._local.store = store
+        try:
+            self.model(x)
+        except _Stop:
+            pass
+        finally:
+            self._local.store = None
+        missing = [n for n in self.modules if n not in store]
+        if missing:
+            raise ValueError(f"layers {missing} did not run during the forward pass")
+        return store
 
 
 def forward_until(model: nn.Module, x: torch.Tensor, layers: Sequence[str], *,
@@ -175,35 +297,10 @@ def forward_until(model: nn.Module, x: torch.Tensor, layers: Sequence[str], *,
 
     Layers after the deepest requested one are not computed. Hooks are removed on every exit path.
     Outputs are detached unless ``detach=False`` (then they keep their autograd graph, e.g. for a loss on
-    them). A module that returns a tuple contributes its first tensor.
+    them). A module that returns a tuple contributes its first tensor. (:class:`ForwardTap` for many calls.)
     """
-    modules = resolve_layers(model, list(layers))
-    store: dict[str, torch.Tensor] = {}
-
-    def make_hook(name: str):
-        def hook(_m: nn.Module, _i: object, out: object) -> None:
-            if name in store:
-                return
-            t = out[0] if isinstance(out, (tuple, list)) else out
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"layer {name!r} returned {type(out).__name__}, not a tensor")
-            store[name] = t.detach() if detach else t
-            if len(store) == len(modules):
-                raise _Stop
-
-        return hook
-
-    with HookHandles() as handles:
-        for name, module in modules.items():
-            handles.add(module.register_forward_hook(make_hook(name)))
-        try:
-            model(x)
-        except _Stop:
-            pass
-    missing = [n for n in modules if n not in store]
-    if missing:
-        raise ValueError(f"layers {missing} did not run during the forward pass")
-    return store
+    with ForwardTap(model, layers, detach=detach) as tap:
+        return tap(x)
 
 
 def all_gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:

@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import copy
 import csv
 import hashlib
 import inspect
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,12 +52,14 @@ from semlens import distributed
 from semlens.layers import frozen, resolve_layers
 from semlens.runtime import resolve_device
 from semlens.streaming import (
+    ForwardTap,
     all_gather_cat,
     checkpoint_path,
     forward_until,
     load_state,
     run_batches,
     save_state,
+    worker_index,
 )
 from semlens.units import dissect_kernels
 from semlens.units.quantile import ExactTopQuantile, HistogramQuantileSketch, make_quantile_estimator
@@ -394,16 +398,47 @@ class _LabelEncoder:
 # accumulators
 
 
+_Estimator = ExactTopQuantile | HistogramQuantileSketch
+
+
+def _fold_state(parts: list[_Estimator]) -> dict[str, torch.Tensor]:
+    """The state of one estimator that saw what all of ``parts`` saw (exact), leaving them unchanged."""
+    if isinstance(parts[0], ExactTopQuantile):
+        values = torch.cat([p.values for p in parts], 1)
+        k = min(parts[0].k, values.shape[1])
+        return {"values": values if len(parts) == 1 else values.topk(k, dim=1, sorted=False).values}
+    return {"counts": sum(p.state_dict()["counts"] for p in parts)}
+
+
 class _ThresholdPass:
-    def __init__(self, estimators: dict[str, ExactTopQuantile | HistogramQuantileSketch]):
-        self.estimators = estimators
+    """Pass-1 estimators per layer group, one set per :func:`run_batches` worker (``lanes``)."""
+
+    def __init__(self, lanes: list[dict[str, _Estimator]]):
+        self.lanes = lanes
+
+    @property
+    def estimators(self) -> dict[str, _Estimator]:
+        """The first worker's estimators (all workers' after :meth:`fold_lanes`)."""
+        return self.lanes[0]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"{n}/{k}": v for n, e in self.estimators.items() for k, v in e.state_dict().items()}
+        return {f"{g}/{k}": v for g in self.lanes[0]
+                for k, v in _fold_state([lane[g] for lane in self.lanes]).items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for n, e in self.estimators.items():
-            e.load_state_dict({k.split("/", 1)[1]: v for k, v in state.items() if k.split("/", 1)[0] == n})
+        for g, e in self.lanes[0].items():
+            e.load_state_dict({k.split("/", 1)[1]: v for k, v in state.items() if k.split("/", 1)[0] == g})
+        for lane in self.lanes[1:]:  # the saved state holds every worker's values: the others start empty
+            for e in lane.values():
+                e.load_state_dict({k: v[:, :0] if k == "values" else torch.zeros_like(v)
+                                   for k, v in e.state_dict().items()})
+
+    def fold_lanes(self) -> None:
+        """Fold the other workers' estimators into the first worker's (exact); drop them."""
+        if len(self.lanes) > 1:
+            for g, e in self.lanes[0].items():
+                e.load_state_dict(_fold_state([lane[g] for lane in self.lanes]))
+            self.lanes = self.lanes[:1]
 
     def merge_across_processes(self) -> None:
         if not distributed.is_distributed():
@@ -415,6 +450,31 @@ class _ThresholdPass:
                 e.merge(gathered)
             else:
                 distributed.all_reduce_sum(e.counts)
+
+
+class _Lanes:
+    """Per-worker pass-2 tallies as one accumulator for :func:`run_batches` (state = their sum)."""
+
+    def __init__(self, parts: list[_TallyPass]) -> None:
+        self.parts = parts
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if len(self.parts) == 1:
+            return self.parts[0].state_dict()
+        total = copy.deepcopy(self.parts[0])
+        for p in self.parts[1:]:
+            total.absorb(p)
+        return total.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.parts[0].load_state_dict(state)  # the saved sum; the other workers start from zero
+
+    def fold(self) -> _TallyPass:
+        """The first worker's tally with every other worker's added."""
+        for p in self.parts[1:]:
+            self.parts[0].absorb(p)
+        self.parts = self.parts[:1]
+        return self.parts[0]
 
 
 class _TallyPass:
@@ -447,10 +507,27 @@ class _TallyPass:
 
     def add_top(self, name: str, maxima: torch.Tensor, indices: torch.Tensor) -> None:
         """maxima: (B, C) spatial maxima; indices: (B,) dataset indices."""
-        vals = torch.cat([self.top_val[name], maxima.t().float()], 1)
-        idx = torch.cat([self.top_idx[name], indices.view(1, -1).expand(maxima.shape[1], -1)], 1)
-        top = vals.topk(min(self.top_n, vals.shape[1]), dim=1)
-        self.top_val[name], self.top_idx[name] = top.values, idx.gather(1, top.indices)
+        self._keep_top(name, maxima.t().float(), indices.view(1, -1).expand(maxima.shape[1], -1))
+
+    def _keep_top(self, name: str, vals: torch.Tensor, idx: torch.Tensor) -> None:
+        """Merge (C, m) candidate values/indices into the top list: largest first, the smaller index on ties, so
+        the list does not depend on the order batches (or workers, or processes) arrive in."""
+        vals = torch.cat([self.top_val[name], vals], 1)
+        idx = torch.cat([self.top_idx[name], idx], 1)
+        by_index = torch.argsort(torch.where(idx < 0, idx.max() + 1, idx), dim=1, stable=True)  # −1 (none) last
+        vals, idx = vals.gather(1, by_index), idx.gather(1, by_index)
+        top = torch.argsort(vals, dim=1, descending=True, stable=True)[:, :self.top_n]
+        self.top_val[name], self.top_idx[name] = vals.gather(1, top), idx.gather(1, top)
+
+    def absorb(self, other: _TallyPass) -> None:
+        """Add another worker's counts and top lists to these (integer sums: exact in any order)."""
+        self.label_pixels += other.label_pixels
+        self.annotated += other.annotated
+        for g in self.inter:
+            self.inter[g] += other.inter[g]
+            self.act[g] += other.act[g]
+        for n in self.top_val:
+            self._keep_top(n, other.top_val[n], other.top_idx[n])
 
     def merge_across_processes(self) -> None:
         if not distributed.is_distributed():
@@ -460,8 +537,8 @@ class _TallyPass:
         for n in self.top_val:
             vals = all_gather_cat(self.top_val[n], dim=1)
             idx = all_gather_cat(self.top_idx[n], dim=1)
-            top = vals.topk(self.top_n, dim=1)
-            self.top_val[n], self.top_idx[n] = top.values, idx.gather(1, top.indices)
+            self.top_val[n], self.top_idx[n] = self.top_val[n][:, :0], self.top_idx[n][:, :0]
+            self._keep_top(n, vals, idx)
 
 
 def bilinear_axis(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -584,7 +661,7 @@ class _SparseUpsampler:
         self.rows, self.cols = dissect_kernels.Axes(iy0, ly, h), dissect_kernels.Axes(ix0, lx, w)  # fused kernels
         self.pool: concurrent.futures.Executor | None = None  # threads the fused kernels may use
         self.workers = 1
-        self.last_sizes = (0, 0)  # blocks and values per unit of the last fused scan (size the next one)
+        self.last_blocks = 0  # blocks of the last fused scan (sizes the next one)
         ty, self.first_y, self.count_y = (t.to(device) for t in _tiles(iy0, h))
         tx, self.first_x, self.count_x = (t.to(device) for t in _tiles(ix0, w))
         self.size = ty.shape[1], tx.shape[1]
@@ -611,10 +688,11 @@ class _SparseUpsampler:
         """Blocks with a corner cell above ``bound`` (C,): coords (3, n) int16 (int32 when a size exceeds
         32767) rows (image, unit, cell y·w + x), in ascending order, and corners (4, n) float32.
 
-        acts: (B, C, h, w). Dense work: one comparison, two boolean ORs and one nonzero over the cells.
+        acts: (B, C, h, w); maxima: (B, C) its spatial maxima when known. Dense work: one comparison, two boolean
+        ORs and one nonzero over the cells (the fused kernel: one pass over the planes that reach the bound).
         """
         if _fused(acts):
-            table, _ = self.scan(acts, None, bound, maxima)
+            table = self.scan(acts, bound, None, maxima)
             assert table is not None
             return table
         acts = acts.contiguous()
@@ -633,17 +711,16 @@ class _SparseUpsampler:
         corners = torch.stack([_take(flat, k) for k in (keys, k01, k10, k11)], 0).float()
         return coords.to(torch.int16 if max(B, C, h * w) < 2**15 else torch.int32), corners
 
-    def scan(self, acts: torch.Tensor, value_bound: torch.Tensor | None, block_bound: torch.Tensor | None,
-             maxima: torch.Tensor | None = None
-             ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+    def scan(self, acts: torch.Tensor, block_bound: torch.Tensor | None, top: dissect_kernels.TopBuffer | None,
+             maxima: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Fused CPU pass (:func:`semlens.units.dissect_kernels.scan`): the block table above ``block_bound``
-        and the cells above ``value_bound`` packed per unit (C, m), −inf padded; either bound may be None.
+        (None: no table), and every cell above ``top.bound`` appended to the exact top-k buffer ``top``.
         ``maxima``: (B, C) spatial maxima of ``acts`` when known."""
-        table, values = dissect_kernels.scan(acts, value_bound, block_bound, self.pool, self.workers,
-                                             hint=self.last_sizes, maxima=maxima)
-        self.last_sizes = (table[0].shape[1] if table is not None else self.last_sizes[0],
-                           values.shape[1] if values is not None else self.last_sizes[1])
-        return table, values
+        table = dissect_kernels.scan(acts, block_bound, top, self.pool, self.workers, hint=self.last_blocks,
+                                     maxima=maxima)
+        if table is not None:
+            self.last_blocks = table[0].shape[1]
+        return table
 
     def active_pixels(self, coords: torch.Tensor, corners: torch.Tensor, thresholds: torch.Tensor,
                       max_elements: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -804,9 +881,9 @@ def _on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
         model.to(original)
 
 
-def _group_maxima(maxima: dict[str, torch.Tensor], members: list[str]) -> torch.Tensor:
-    """(B, C_g) spatial maxima of a layer group (its layers' units concatenated, like its activations)."""
-    return maxima[members[0]] if len(members) == 1 else torch.cat([maxima[m] for m in members], 1)
+def _group_cat(per_layer: dict[str, torch.Tensor], members: list[str]) -> torch.Tensor:
+    """A layer group's (B, C_g, ...) tensor: its layers' (B, C, ...) tensors with their units concatenated."""
+    return per_layer[members[0]] if len(members) == 1 else torch.cat([per_layer[m] for m in members], 1)
 
 
 def _check_images(images: Any, expected: tuple[int, ...] | None, indices: Sequence[int]) -> torch.Tensor:
@@ -845,6 +922,7 @@ def dissect(
     max_elements: int = 1 << 24,
     indices: Sequence[int] | None = None,
     show_progress: bool | None = None,
+    workers: int | None = None,
 ) -> DissectionResult:
     """Dissect ``layers`` (dotted names, outputs (N, C, h, w)) of ``model`` over ``dataset``.
 
@@ -858,7 +936,11 @@ def dissect(
     pass needs no forward; 0 (or a sketch threshold) streams twice. ``quantile_memory``: bytes for exact
     thresholds before falling back to the sketch. ``max_elements``: upsampled values per chunk.
     ``indices``: dissect only these images of ``dataset`` (e.g. a held-out split); ``top_images`` then
-    hold dataset indices.
+    hold dataset indices. ``workers``: batches processed side by side on a CPU, each with one intra-op
+    thread (default: ``torch.get_num_threads()`` when the fused kernels are available, else 1): on small and
+    medium layers this beats splitting every operation over the cores, which leaves the per-batch bookkeeping
+    serial. The result does not depend on it (integer counts, exact thresholds, ties in top images broken by
+    index).
     The model's train/eval mode, ``requires_grad`` flags and device are restored on return.
     """
     names = list(resolve_layers(model, layers))
@@ -897,16 +979,26 @@ def dissect(
     # on a multi-core CPU the fused kernels split each block table over the threads; without them, pass 2
     # tallies layer groups side by side (their counters are disjoint)
     fused = _fused(torch.empty(0, device=dev))
-    workers = torch.get_num_threads() if fused else min(len(names), torch.get_num_threads())
-    workers = workers if dev.type == "cpu" else 1
-    pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 1 else None
+    threads = torch.get_num_threads() if dev.type == "cpu" else 1
+    if workers is None:  # whole batches side by side on a multi-core CPU (see the docstring)
+        workers = threads if fused else 1
+    if workers < 1:
+        raise DissectionError(f"workers must be >= 1, got {workers}")
+    lanes = min(workers, -(-n // batch_size)) if dev.type == "cpu" else 1
+    # one batch at a time: the fused kernels split each block table over the threads; without them, pass 2
+    # tallies layer groups side by side (their counters are disjoint)
+    inner = 1 if lanes > 1 else (threads if fused else min(len(names), threads))
+    pool = concurrent.futures.ThreadPoolExecutor(inner) if inner > 1 else None
     with frozen(model), _on_device(model, dev), torch.no_grad(), contextlib.ExitStack() as stack:
         if pool is not None:
             stack.callback(pool.shutdown)
         # probe one image: layer shapes, image size, mask size
+        read_lock = threading.Lock()  # workers take turns at the dataset (it need not be thread-safe)
+
         def read(rows: list[int]) -> Any:
             real = [pick[i] for i in rows]
-            return dataset.load_batch(real, categories=cats) if takes_categories else dataset.load_batch(real)
+            with read_lock:
+                return dataset.load_batch(real, categories=cats) if takes_categories else dataset.load_batch(real)
 
         probe = read([0])
         images0 = _check_images(probe.images, None, [pick[0]])
@@ -943,35 +1035,41 @@ def dissect(
         offset = {name: sum(shapes[m][0] for m in members[:members.index(name)])
                   for members in groups.values() for name in members}
 
-        def load(indices: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Any, int]:
-            """Forward one batch: activations (B, C_g, h, w) per group, spatial maxima (B, C) per layer, the batch."""
+        tap = stack.enter_context(ForwardTap(model, names))  # one set of hooks, safe for concurrent batches
+
+        def load(indices: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                              dict[str, torch.Tensor], Any, int]:
+            """Forward one batch: activations (B, C_g, h, w) and spatial maxima (B, C_g) per group, spatial
+            maxima (B, C) per layer, the batch."""
             batch = read(indices)
             imgs = _check_images(batch.images, img_shape, [pick[i] for i in indices]).to(dev, torch.float32)
-            acts = forward_until(model, transform(imgs) if transform else imgs, names)
+            acts = {k: a.float() for k, a in tap(transform(imgs) if transform else imgs).items()}
             maxima = {}
             for name, a in acts.items():
                 hi = a.amax(dim=(2, 3))  # spatial maxima (top images); NaN propagates into them
                 if not torch.isfinite(hi).all():
                     raise DissectionError(f"layer {name!r} produced NaN/Inf on images {indices[:5]}...")
                 maxima[name] = hi
-            grouped = {g: acts[m[0]].float() if len(m) == 1 else torch.cat([acts[x].float() for x in m], 1)
-                       for g, m in groups.items()}
-            return grouped, maxima, batch, len(indices)
+            grouped = {g: _group_cat(acts, m) for g, m in groups.items()}
+            return grouped, {g: _group_cat(maxima, m) for g, m in groups.items()}, maxima, batch, len(indices)
 
         # pass 1: thresholds (and, while it fits in cache_bytes, a compact cache for pass 2: the block
         # tables of every group above the quantile's running lower bound, and the encoded labels)
-        estimators = {g: make_quantile_estimator(units[g], n * shapes[m[0]][1] * shapes[m[0]][2], quantile, dev,
-                                                 quantile_memory) for g, m in groups.items()}
+        # one set of estimators per worker (each sees its own batches; folded exactly after the pass)
+        thr_pass = _ThresholdPass([{g: make_quantile_estimator(units[g], n * shapes[m[0]][1] * shapes[m[0]][2],
+                                                               quantile, dev, quantile_memory)
+                                    for g, m in groups.items()} for _ in range(lanes)])
         upsamplers = {g: _SparseUpsampler(*shapes[m[0]][1:], seg, dev) for g, m in groups.items()}
         if fused:
             for up in [*upsamplers.values(), encoder]:
-                up.pool, up.workers = pool, workers
-        thr_pass = _ThresholdPass(estimators)
+                up.pool, up.workers = pool, inner
         thr_file = checkpoint_path(ckpt_dir / "thresholds.safetensors") if ckpt_dir else None
         # the cache needs a running lower bound of each threshold: exact estimators only
-        use_cache = cache_bytes > 0 and all(isinstance(e, ExactTopQuantile) for e in estimators.values())
-        cache: list[_CacheEntry] | None = [] if use_cache else None
+        use_cache = cache_bytes > 0 and all(isinstance(e, ExactTopQuantile) for e in thr_pass.estimators.values())
+        cache: dict[int, _CacheEntry] | None = {} if use_cache else None
         cached = 0
+        cache_lock = threading.Lock()
+        bounds: dict[str, torch.Tensor] = {}  # per group, the highest lower bound of any worker (for pruning)
         thresholds: dict[str, torch.Tensor]  # per group (C_g,)
         if thr_file is not None and thr_file.exists():
             state, meta = load_state(thr_file)
@@ -981,23 +1079,34 @@ def dissect(
             thresholds = {g: torch.cat([state[m] for m in members]).to(dev) for g, members in groups.items()}
             cache = None
         else:
-            def step1(indices: list[int], _b: int) -> None:
+            def step1(indices: list[int], batch_no: int) -> None:
                 nonlocal cache, cached
-                acts, maxima, batch, b = load(indices)
+                estimators = thr_pass.lanes[worker_index()]
+                acts, group_max, maxima, batch, b = load(indices)
                 tables, guesses = {}, {}
                 for g, a in acts.items():
                     est = estimators[g]
-                    top = _group_maxima(maxima, groups[g])
                     cells = a.shape[0] * a.shape[2] * a.shape[3]  # values per unit in this batch
-                    if not isinstance(est, ExactTopQuantile) or not est.full:
+                    if fused and isinstance(est, ExactTopQuantile):
+                        # one pass: every value above the running bound into the exact top-k buffer, the table
+                        # above a guess
+                        up, top = upsamplers[g], group_max[g]
+                        if est.seen == 0:  # the first batch: no guess yet; its table is built once it is fed
+                            sample = a[::max(1, a.shape[0] // 16)].transpose(0, 1).reshape(a.shape[1], -1)
+                            est.feed(lambda buf, a=a, up=up, top=top: up.scan(a, None, buf, top), cells, sample)
+                            guesses[g] = est.likely_bound() if cache is not None else None
+                            table = up.block_table(a, guesses[g], top) if cache is not None else None
+                        else:
+                            guesses[g] = guess = est.likely_bound() if cache is not None else None
+                            table = est.feed(lambda buf, a=a, up=up, top=top, guess=guess: up.scan(a, guess, buf, top),
+                                             cells)
+                        if table is not None:
+                            tables[g] = table
+                    elif not isinstance(est, ExactTopQuantile) or not est.full:
                         est.update(a.transpose(0, 1))
                         if cache is not None:
-                            guesses[g] = est.likely_bound() if fused else est.lower_bound
-                            tables[g] = upsamplers[g].block_table(a, guesses[g], top)
-                    elif fused:  # one pass: values above the running k-th largest (exact), the table above a guess
-                        guesses[g] = est.likely_bound() if cache is not None else None
-                        tables[g], values = upsamplers[g].scan(a, est.lower_bound, guesses[g], top)
-                        est.update(values, seen=cells, prefiltered=True)
+                            guesses[g] = est.lower_bound
+                            tables[g] = upsamplers[g].block_table(a, guesses[g], group_max[g])
                     else:  # only values above the running k-th largest can enter the top k
                         bound = est.lower_bound
                         if cache is not None:
@@ -1014,40 +1123,48 @@ def dissect(
                         cached += sum(t.numel() * t.element_size() for t in tables[g])
                 if cache is not None:
                     labels = encoder.encode(batch, b)
-                    cached += labels.nbytes() + sum(m.numel() * m.element_size() for m in maxima.values())
-                    cache.append((tables, maxima, labels, guesses))
-                    if cached > cache_bytes:  # drop blocks the risen bounds exclude; give up if still too big
-                        cached = _prune_cache(cache, {g: e.lower_bound for g, e in estimators.items()})
-                        if cached > cache_bytes:
-                            cache = None
+                    size = labels.nbytes() + sum(m.numel() * m.element_size() for m in maxima.values())
+                    with cache_lock:
+                        if cache is None:
+                            return
+                        cache[batch_no] = (tables, maxima, labels, guesses)
+                        cached += size
+                        for g, e in estimators.items():  # every worker's bound is valid: keep the highest
+                            bounds[g] = torch.maximum(bounds[g], e.lower_bound) if g in bounds else e.lower_bound
+                        if cached > cache_bytes:  # drop blocks the risen bounds exclude; give up if still too big
+                            cached = _prune_cache(list(cache.values()), bounds)
+                            if cached > cache_bytes:
+                                cache = None
 
             info = run_batches(n, batch_size, step1, accumulator=thr_pass,
                                checkpoint=ckpt_dir / "pass1.safetensors" if ckpt_dir else None,
                                every=checkpoint_every, fingerprint=fingerprint, desc="dissect: thresholds",
-                               show_progress=show_progress)
+                               show_progress=show_progress, workers=lanes)
             if info.resumed_at > 0:
                 cache = None
+            thr_pass.fold_lanes()
             thr_pass.merge_across_processes()
-            thresholds = {g: e.result().to(dev) for g, e in estimators.items()}
+            thresholds = {g: e.result().to(dev) for g, e in thr_pass.estimators.items()}
             if thr_file is not None:
                 per_layer = {m: thresholds[g][offset[m]:offset[m] + shapes[m][0]] for g, ms in groups.items()
                              for m in ms}
                 save_state(thr_file, per_layer, {"fingerprint": fingerprint})
 
-        # pass 2: tally
-        tally = _TallyPass(units, {name: shapes[name][0] for name in names}, n_cols, len(cats), top_n, dev)
+        # pass 2: tally (one tally per worker, summed after: integer counts, exact in any order)
+        tallies = _Lanes([_TallyPass(units, {name: shapes[name][0] for name in names}, n_cols, len(cats), top_n,
+                                     dev) for _ in range(lanes)])
 
         def step2(indices: list[int], b: int) -> None:
+            tally = tallies.parts[worker_index()]
             # a cached table holds the blocks above the bound it was built with; when a guessed bound turned out
             # above a unit's final threshold (data not exchangeable), the batch is run through the model again
-            if cache is not None and all(bool((guesses <= thresholds[g]).all()) for g, guesses in cache[b][3].items()):
-                tables, maxima, labels, _ = cache[b]
-                cache[b] = ({}, {}, labels, {})  # release memory as we go
+            entry = cache.pop(b, None) if cache is not None else None  # (release memory as we go)
+            if entry is not None and all(bool((guesses <= thresholds[g]).all()) for g, guesses in entry[3].items()):
+                tables, maxima, labels, _ = entry
             else:
-                acts, maxima, batch, nb = load(indices)
+                acts, group_max, maxima, batch, nb = load(indices)
                 labels = encoder.encode(batch, nb)
-                tables = {g: upsamplers[g].block_table(a, thresholds[g], _group_maxima(maxima, groups[g]))
-                          for g, a in acts.items()}
+                tables = {g: upsamplers[g].block_table(a, thresholds[g], group_max[g]) for g, a in acts.items()}
                 del acts
             idx = torch.as_tensor([pick[i] for i in indices], device=dev)
 
@@ -1068,9 +1185,10 @@ def dissect(
             tally.label_pixels += labels.label_pixels
             tally.annotated += labels.annotated.sum(0).round().long()
 
-        run_batches(n, batch_size, step2, accumulator=tally,
+        run_batches(n, batch_size, step2, accumulator=tallies,
                     checkpoint=ckpt_dir / "pass2.safetensors" if ckpt_dir else None, every=checkpoint_every,
-                    fingerprint=fingerprint, desc="dissect: tally", show_progress=show_progress)
+                    fingerprint=fingerprint, desc="dissect: tally", show_progress=show_progress, workers=lanes)
+        tally = tallies.fold()
         tally.merge_across_processes()
 
     annotated = {c: int(v) for c, v in zip(cats, tally.annotated.tolist(), strict=True)}
@@ -1098,7 +1216,7 @@ def dissect(
         layers=results, concept_numbers=[c[0] for c in concepts], concept_names=[c[1] for c in concepts],
         concept_categories=[c[2] for c in concepts], categories=cats, label_pixels=label_pixels,
         annotated_images=annotated, n_images=n, quantile=quantile, iou_threshold=iou_threshold, seg_size=seg,
-        exact_thresholds={m: isinstance(estimators[g], ExactTopQuantile) for m, g in group_of.items()},
+        exact_thresholds={m: isinstance(thr_pass.estimators[g], ExactTopQuantile) for m, g in group_of.items()},
     )
 
 

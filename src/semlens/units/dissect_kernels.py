@@ -23,6 +23,7 @@ import concurrent.futures
 import importlib.util
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,51 +42,146 @@ def _jit(name: str) -> Callable[..., Any]:
             from numba import njit
 
             jit = njit(cache=True, nogil=True)
-            _compiled.update({f.__name__: jit(f) for f in (_scan, _tally_blocks, _encode_channels)})
+            select = jit(_select_top)  # the kernels below call these: compiled first, bound into their globals
+            globals()["_select_top"] = select
+            globals()["_cut"] = jit(_cut)
+            _compiled.update({f.__name__: jit(f) for f in (_scan, _tally_blocks, _encode_channels, _keep_top,
+                                                           _kth_largest, _cut_rows)})
+            _compiled["_select_top"] = select
     return _compiled[name]
 
 
-__all__ = ["AVAILABLE", "Axes", "encode_pixels", "scan", "tally"]
+__all__ = ["AVAILABLE", "Axes", "TopBuffer", "encode_pixels", "scan", "tally"]
 
 
-def _scan(acts, plane_max, value_bound, block_bound, units, u_lo, u_hi, coords, corners, values, n_values):
+def _select_top(row, n, k):  # pragma: no cover - compiled
+    """Reorder row[:n] (n >= k >= 1) so that row[:k] holds its k largest values (Hoare's FIND); return their minimum."""
+    lo, hi, target = 0, n - 1, k - 1
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        a, b, c = row[lo], row[mid], row[hi]
+        pivot = max(min(a, b), min(max(a, b), c))  # median of three
+        i, j = lo, hi
+        while i <= j:  # descending: values > pivot to the left, < pivot to the right, ties on either side
+            while row[i] > pivot:
+                i += 1
+            while row[j] < pivot:
+                j -= 1
+            if i <= j:
+                row[i], row[j] = row[j], row[i]
+                i += 1
+                j -= 1
+        if target <= j:
+            hi = j
+        elif target >= i:
+            lo = i
+        else:  # row[j+1 .. i-1] all equal the pivot and hold the target position
+            break
+    m = row[0]
+    for t in range(1, k):
+        m = min(m, row[t])
+    return m
+
+
+def _cut(row, n, k):  # pragma: no cover - compiled
+    """Drop values of row[:n] (n > k) that cannot be among its k largest: returns (kept, level) with row[:kept]
+    the values above ``level`` and kept >= k (so the row's k-th largest is above ``level``).
+
+    One counting and one compacting pass around a pivot from a sorted strided sample of 256 values, chosen to keep
+    about k + (n − k)/8; Hoare's selection (exact k) only when the sample misleads.
+    """
+    m = min(n, 256)
+    step = n // m
+    sample = np.empty(m, dtype=row.dtype)
+    for i in range(m):
+        sample[i] = row[i * step]
+    sample.sort()
+    pos = m - 1 - ((k + (n - k) // 8) * m) // n  # ascending sample index with about k + (n - k)/8 values above
+    if pos >= 0:
+        level = sample[pos]
+        c = 0
+        for i in range(n):  # branch-free (vectorised)
+            c += row[i] > level
+        if k <= c < n:
+            j = 0
+            for i in range(n):  # branch-free compaction
+                v = row[i]
+                row[j] = v
+                j += v > level
+            return j, level
+    return k, _select_top(row, n, k)
+
+
+def _cut_rows(values, count, k, limit, bound):  # pragma: no cover - compiled
+    """Cut every row holding more than ``limit`` (> k) values (see :func:`_cut`); bound rises accordingly."""
+    for u in range(values.shape[0]):
+        if count[u] > limit:
+            count[u], level = _cut(values[u], count[u], k)
+            bound[u] = max(bound[u], level)
+
+
+def _keep_top(values, count, k, u_lo, u_hi, bound):  # pragma: no cover - compiled
+    """Rows u_lo..u_hi: cut values[u, :count[u]] to its min(k, count[u]) largest; bound[u] = their minimum once k."""
+    for u in range(u_lo, u_hi):
+        if count[u] >= k:
+            bound[u] = max(bound[u], _select_top(values[u], count[u], k))
+            count[u] = k
+
+
+def _kth_largest(values, count, r, u_lo, u_hi, scratch, out):  # pragma: no cover - compiled
+    """out[u] = the r-th largest of values[u, :count[u]] (count[u] >= r), for rows u_lo..u_hi (scratch: a row copy)."""
+    for u in range(u_lo, u_hi):
+        n = count[u]
+        scratch[:n] = values[u, :n]
+        out[u] = _select_top(scratch, n, r)
+
+
+def _scan(acts, plane_max, block_bound, units, u_lo, u_hi, coords, corners, top, top_count, top_bound, k):
     """Units u_lo..u_hi of every image of ``acts`` (planes image·units + unit, (h, w) each, maxima plane_max),
     one pass:
 
     * blocks with a corner above block_bound[unit] -> coords/corners while they fit (returns how many
       there are; the caller retries with room when more);
-    * cells above value_bound[unit] -> values[unit, n_values[unit]++] while they fit (n_values counts all).
+    * cells above top_bound[unit] are appended to top[unit, top_count[unit]++] (an exact top-k buffer): a full
+      row is first cut to its k largest values and top_bound[unit] rises to the smallest of them.
     """  # pragma: no cover - compiled
     n_planes, h, w = acts.shape
     images = n_planes // units
-    cap, cap_v = coords.shape[1], values.shape[1]
+    cap, cap_v = coords.shape[1], top.shape[1]
     colmax = np.empty(w, dtype=acts.dtype)
+    hits = np.empty(h, dtype=np.int64)
     j = 0
-    for u in range(u_lo, u_hi):
-        n_values[u] = 0
     for b in range(images):  # image-major: the planes of a span are read in memory order
         for u in range(u_lo, u_hi):
-            tb, tv = block_bound[u], value_bound[u]
-            t = min(tb, tv)
-            nv = n_values[u]
+            tb = block_bound[u]
             p = b * units + u
-            if plane_max[p] <= t:  # (most planes of small maps) no cell of this plane is above t
+            t = min(tb, top_bound[u])
+            if plane_max[p] <= t:  # (most planes of small maps) nothing of this plane counts
                 continue
+            for y in range(h):  # cells above either bound per row (branch-free: vectorised)
+                n = 0
+                for x in range(w):
+                    n += acts[p, y, x] > t
+                hits[y] = n
             for y in range(h):
                 y1 = min(y + 1, h - 1)
-                hits = 0
-                for x in range(w):  # branch-free (vectorised): the max of the two rows; any above min(tb, tv)?
-                    v = max(acts[p, y, x], acts[p, y1, x])
-                    colmax[x] = v
-                    hits += v > t
-                if hits == 0:  # most rows: nothing to record
+                if hits[y] == 0 and hits[y1] == 0:  # most rows: no block corner or value above a bound
                     continue
+                tv = top_bound[u]
+                for x in range(w):
+                    colmax[x] = max(acts[p, y, x], acts[p, y1, x])
                 for x in range(w):
                     a00 = acts[p, y, x]
                     if a00 > tv:
-                        if nv < cap_v:
-                            values[u, nv] = a00
-                        nv += 1
+                        n = top_count[u]
+                        if n == cap_v:  # full: drop what cannot be among the k largest, raise the bound
+                            n, level = _cut(top[u], n, k)
+                            top_count[u] = n
+                            tv = max(tv, level)
+                            top_bound[u] = tv
+                        if a00 > tv:
+                            top[u, n] = a00
+                            top_count[u] = n + 1
                     x1 = min(x + 1, w - 1)
                     if colmax[x] > tb or colmax[x1] > tb:
                         if j < cap:
@@ -97,7 +193,6 @@ def _scan(acts, plane_max, value_bound, block_bound, units, u_lo, u_hi, coords, 
                             corners[2, j] = acts[p, y1, x]
                             corners[3, j] = acts[p, y1, x1]
                         j += 1
-            n_values[u] = nv
     return j
 
 
@@ -153,6 +248,7 @@ def _encode_channels(labels, image, k0, b_lo, b_hi, out, hist):  # pragma: no co
     n = hist.shape[0]
     for k in range(K):
         for b in range(b_lo, b_hi):
+            last, run = 0, 0  # masks are piecewise constant: count runs of one number, not single pixels
             for p in range(P):  # contiguous in labels
                 row = b * P + p
                 v = labels[b, k, p]
@@ -168,7 +264,12 @@ def _encode_channels(labels, image, k0, b_lo, b_hi, out, hist):  # pragma: no co
                             v = 0
                             break
                 out[row, k0 + k] = v
-                hist[v] += 1
+                if v == last:
+                    run += 1
+                else:
+                    hist[last] += run
+                    last, run = v, 1
+            hist[last] += run
     return -1
 
 
@@ -187,61 +288,87 @@ def _run(pool: concurrent.futures.Executor | None, fn, spans: list[tuple[int, in
         f.result()
 
 
-def scan(acts: torch.Tensor, value_bound: torch.Tensor | None, block_bound: torch.Tensor | None,
-         pool: concurrent.futures.Executor | None = None, workers: int = 1, hint: tuple[int, int] = (0, 0),
-         maxima: torch.Tensor | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
-    """One pass over ``acts`` (B, C, h, w) float32 (CPU): a block table and/or the values above a bound.
+@dataclass
+class TopBuffer:
+    """An exact top-k buffer per unit that :func:`scan` appends to in place (see ``ExactTopQuantile.buffer``).
 
-    block_bound (C,): blocks with a corner cell (y|y+1, x|x+1, clamped) above it, as coords (3, n) int16
-    (int32 when a size exceeds 32767) rows (image, unit, cell y·w + x), ascending within each thread's range
-    of units, and corners (4, n) float32: the table of :meth:`_SparseUpsampler.block_table`; None: no table.
-    value_bound (C,): the cells above it, packed per unit as (C, m) float32 with −inf padding; None: none.
-    ``hint``: expected (blocks, values per unit), e.g. the previous batch's, to size the outputs in one go.
+    values (C, cap) float32: row u holds ``count[u]`` values, in no order, a superset of the k largest values
+    fed so far; bound (C,) float32: only values above it are fed (a level below the row's k-th largest at its
+    last cut, or −inf). A row that reaches ``cap`` (> k) is cut: values that cannot be among its k largest are
+    dropped (at least k stay) and ``bound`` rises.
+    """
+
+    values: np.ndarray
+    count: np.ndarray
+    bound: np.ndarray
+    k: int
+
+    def keep_top(self, k: int) -> None:
+        """Cut every row to its min(k, count) largest values (bound rises to the k-th largest where count ≥ k)."""
+        _jit("_keep_top")(self.values, self.count, k, 0, self.values.shape[0], self.bound)
+
+    def cut(self, limit: int) -> None:
+        """Cut the rows holding more than ``limit`` (> k) values: keeps the bound close to the k-th largest."""
+        _jit("_cut_rows")(self.values, self.count, self.k, limit, self.bound)
+
+    def kth_largest(self, r: int) -> np.ndarray:
+        """(C,) float32 the r-th largest value of every row (every row must hold at least r values)."""
+        out = np.empty(self.values.shape[0], dtype=np.float32)
+        scratch = np.empty(self.values.shape[1], dtype=np.float32)
+        _jit("_kth_largest")(self.values, self.count, r, 0, self.values.shape[0], scratch, out)
+        return out
+
+
+def scan(acts: torch.Tensor, block_bound: torch.Tensor | None, top: TopBuffer | None = None,
+         pool: concurrent.futures.Executor | None = None, workers: int = 1, hint: int = 0,
+         maxima: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One pass over ``acts`` (B, C, h, w) float32 (CPU): a block table and/or feeding an exact top-k buffer.
+
+    block_bound (C,): returns the blocks with a corner cell (y|y+1, x|x+1, clamped) above it, as coords (3, n)
+    int16 (int32 when a size exceeds 32767) rows (image, unit, cell y·w + x), ascending within each thread's
+    range of units, and corners (4, n) float32: the table of :meth:`_SparseUpsampler.block_table`; None: no table.
+    top: every cell above ``top.bound`` is appended to its unit's row of ``top`` (in place).
+    ``hint``: expected number of blocks (e.g. the previous batch's), to size the table in one go.
     ``maxima``: (B, C) spatial maxima of ``acts`` if already known (planes below both bounds are skipped).
     """
     B, C, h, w = acts.shape
     a = acts.detach().float().contiguous().view(B * C, h, w).numpy()
-    top = acts.detach().float().amax(dim=(2, 3)) if maxima is None else maxima.detach().float()
-    plane_max = top.cpu().contiguous().view(-1).numpy()
-    inf = torch.full((C,), float("inf"))
-    tb = (inf if block_bound is None else block_bound.detach().float().cpu()).contiguous().numpy()
-    tv = (inf if value_bound is None else value_bound.detach().float().cpu()).contiguous().numpy()
+    top_cells = acts.detach().float().amax(dim=(2, 3)) if maxima is None else maxima.detach().float()
+    plane_max = top_cells.cpu().contiguous().view(-1).numpy()
+    inf = np.full(C, np.inf, dtype=np.float32)
+    tb = inf if block_bound is None else block_bound.detach().float().cpu().contiguous().numpy()
+    if top is None:
+        top = TopBuffer(np.empty((C, 0), np.float32), np.zeros(C, np.int64), inf.copy(), 0)
+    elif top.values.shape[1] <= top.k:
+        raise ValueError(f"a top-k buffer needs room beyond k = {top.k}, has {top.values.shape[1]}")
     dtype = np.int16 if max(B, C, h * w) < 2**15 else np.int32
     spans = _spans(C, workers)
-    n_values = np.zeros(C, dtype=np.int64)
+    # table size: a guess (the hint with a margin, else 1/8 of the cells); if it overflows, a second pass
+    # builds the table alone (the buffer was fed once, in the first pass)
     cells = B * C * h * w
-    # output sizes: a guess (the hint with a margin, else 1/8 of the cells), exact on a second try
-    room = [0 if block_bound is None else max(1024, hint[0] * 5 // 4 if hint[0] else cells // 8) * (hi - lo) // C
+    room = [0 if block_bound is None else max(1024, hint * 5 // 4 if hint else cells // 8) * (hi - lo) // C
             for lo, hi in spans]
-    room_v = 0 if value_bound is None else max(16, hint[1] * 5 // 4 if hint[1] else B * h * w // 8)
-    def attempt(room: list[int], room_v: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, list[int]]:
-        vals = np.empty((C, room_v), dtype=np.float32)
+    found = [0] * len(spans)
+    for attempt in range(2):
         parts = [(np.empty((3, r), dtype), np.empty((4, r), np.float32)) for r in room]
-        found = [0] * len(spans)
+        feed = top if attempt == 0 else TopBuffer(np.empty((C, 0), np.float32), np.zeros(C, np.int64), inf, 0)
 
-        def run(k: int, lo: int, hi: int) -> None:
-            found[k] = _jit("_scan")(a, plane_max, tv, tb, C, lo, hi, parts[k][0], parts[k][1], vals, n_values)
+        def run(k: int, lo: int, hi: int, parts=parts, feed=feed) -> None:
+            found[k] = _jit("_scan")(a, plane_max, tb, C, lo, hi, parts[k][0], parts[k][1], feed.values, feed.count,
+                                     feed.bound, feed.k)
 
         _run(pool, run, spans)
-        return parts, vals, found
-
-    for _ in range(2):
-        parts, vals, found = attempt(room, room_v)
-        most = int(n_values.max()) if C else 0
-        if all(f <= r for f, r in zip(found, room, strict=True)) and most <= room_v:
+        if all(f <= r for f, r in zip(found, room, strict=True)):
             break
-        room, room_v = found, max(room_v, most)
-    vals = vals[:, :most]
-    vals[np.arange(most)[None, :] >= n_values[:, None]] = -np.inf  # pad each unit's row
+        room = list(found)
+    if block_bound is None:
+        return None
     parts = [(c[:, :f], k[:, :f]) for (c, k), f in zip(parts, found, strict=True)]
-    table = None
-    if block_bound is not None:
-        if len(parts) == 1:
-            coords, corners = np.ascontiguousarray(parts[0][0]), np.ascontiguousarray(parts[0][1])
-        else:
-            coords, corners = np.concatenate([c for c, _ in parts], 1), np.concatenate([c for _, c in parts], 1)
-        table = torch.from_numpy(coords), torch.from_numpy(corners)
-    return table, (torch.from_numpy(vals) if value_bound is not None else None)
+    if len(parts) == 1:
+        coords, corners = np.ascontiguousarray(parts[0][0]), np.ascontiguousarray(parts[0][1])
+    else:
+        coords, corners = np.concatenate([c for c, _ in parts], 1), np.concatenate([c for _, c in parts], 1)
+    return torch.from_numpy(coords), torch.from_numpy(corners)
 
 
 class Axes:

@@ -22,9 +22,15 @@ and merge exactly across processes, so a sharded run gives the same thresholds a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
+
+from semlens.units.dissect_kernels import TopBuffer
+
+T = TypeVar("T")
 
 __all__ = ["quantile_positions", "ExactTopQuantile", "HistogramQuantileSketch", "make_quantile_estimator"]
 
@@ -111,6 +117,8 @@ class ExactTopQuantile:
         self._seen = 0  # values per unit passed to update (including those below the bound)
         self._covered = 0  # ... of which the kept values are the largest
         self._guess: tuple[int, torch.Tensor] | None = None  # likely_bound() for the current kept values
+        self._buffer: TopBuffer | None = None  # while fused CPU kernels feed the estimator (see buffer())
+        self._buffer_guess: tuple[int, torch.Tensor] | None = None  # (values seen, guess) in buffer mode
 
     @staticmethod
     def needed(total: int, q: float) -> int:
@@ -120,17 +128,20 @@ class ExactTopQuantile:
     @property
     def values(self) -> torch.Tensor:
         """(units, min(k, seen)) kept values (the largest seen so far per unit, in no particular order)."""
+        self._leave_buffer()
         self._compact()
         return self._values
 
     @values.setter
     def values(self, v: torch.Tensor) -> None:
+        self._buffer = None
         self._values, self._pending, self._pending_width, self._guess = v, [], 0, None
         self._bound = v.amin(1) if v.shape[1] else torch.full((self.units,), float("-inf"), device=v.device)
 
     @property
     def full(self) -> bool:
         """Whether ``k`` values per unit are kept (then ``lower_bound`` is finite)."""
+        self._leave_buffer()
         return self._values.shape[1] == self.k
 
     @property
@@ -140,9 +151,71 @@ class ExactTopQuantile:
         Every value that can still matter for the quantile (or lie above the threshold) is
         strictly greater than this bound, at any point of the stream.
         """
+        if self._buffer is not None:  # the level of the rows' last cut (feed() cuts them near k every batch)
+            return torch.from_numpy(self._buffer.bound.copy())
         if not self.full:
             return torch.full((self.units,), float("-inf"), dtype=self._values.dtype, device=self._values.device)
         return self._bound
+
+    def buffer(self) -> TopBuffer:
+        """CPU: the kept values as a :class:`~semlens.units.dissect_kernels.TopBuffer` that fused kernels append to.
+
+        A kernel appends every value above ``bound`` to its unit's row and cuts a full row (capacity 2k + 64) to
+        at least its k largest, so the estimator stays exact without a ``topk`` per batch. Feed it through :meth:`feed`.
+        Any other read (``values``, ``result``, ``state_dict``, ``update``) first cuts every row to its k largest
+        and leaves buffer mode.
+        """
+        if self._buffer is None:
+            if self._values.device.type != "cpu":
+                raise RuntimeError("the fused top-k buffer lives in CPU memory; use update() on other devices")
+            kept = self.values.float().numpy()
+            rows = np.empty((self.units, 2 * self.k + 64), dtype=np.float32)
+            rows[:, :kept.shape[1]] = kept
+            bound = self.lower_bound.float().numpy().copy()
+            self._buffer = TopBuffer(rows, np.full(self.units, kept.shape[1], dtype=np.int64), bound, self.k)
+        return self._buffer
+
+    @property
+    def seen(self) -> int:
+        """Values per unit fed so far (including those below the bound)."""
+        return self._seen
+
+    def feed(self, kernel: Callable[[TopBuffer], T], n: int, sample: torch.Tensor | None = None) -> T:
+        """Let a fused kernel append ``n`` values per unit to :meth:`buffer` (``kernel(buffer)``); return its result.
+
+        ``sample``: (units, m) some of those values, for the first batch: the buffer then starts from a level
+        estimated on the sample (about 2·k·m/n values per unit above it) instead of −inf, so a wide first batch
+        is not fed whole. The level is verified afterwards (every unit must have kept min(k, n) values, so
+        nothing it dropped can be among its k largest); if it was too high, the batch is fed again from −inf.
+        """
+        first = sample is not None and self._seen == 0 and self._values.shape[1] == 0 and not self._pending
+        buf = self.buffer()
+        if first:
+            assert sample is not None
+            m = sample.shape[1]
+            rank = min(m, int(2 * self.k * m / n) + 32)
+            if rank < m:
+                buf.bound[:] = sample.float().topk(rank, dim=1, sorted=False).values.amin(1).numpy()
+        out = kernel(buf)
+        if first and bool((buf.count < min(self.k, n)).any()):  # the sampled level was above some k-th largest
+            buf.count[:] = 0
+            buf.bound[:] = -np.inf
+            out = kernel(buf)
+        buf.cut(self.k + self.k // 8)  # a tight bound for the next batch (a row is cut inside only when full)
+        self._seen += n
+        return out
+
+    def _leave_buffer(self) -> None:
+        """Cut the buffer's rows to their k largest values and make them the kept values (exact)."""
+        buf, self._buffer = self._buffer, None
+        if buf is None:
+            return
+        buf.keep_top(self.k)
+        m = int(buf.count.min())  # every row holds min(k, seen) values now (a row below k was fed everything)
+        if int(buf.count.max()) != m:
+            raise RuntimeError("top-k buffer rows of unequal length: a kernel skipped values it had to keep")
+        self.values = torch.from_numpy(buf.values[:, :m].copy()).to(self._values.dtype)
+        self._covered = self._seen
 
     def likely_bound(self) -> torch.Tensor:
         """(units,) a *guess* at a lower bound of the final threshold, tighter than :attr:`lower_bound` early on.
@@ -152,6 +225,8 @@ class ExactTopQuantile:
         ``2e + 8√e`` (at least ``lower_bound``). Not guaranteed: a caller relying on it must check it
         against :meth:`result`.
         """
+        if self._buffer is not None:
+            return self._likely_bound_of_buffer()
         if self._guess is not None and self._guess[0] == self._covered:  # the kept values have not changed
             return self._guess[1]
         kept = self._values
@@ -163,6 +238,22 @@ class ExactTopQuantile:
         self._guess = (self._covered, guess)
         return guess
 
+    def _likely_bound_of_buffer(self) -> torch.Tensor:
+        """:meth:`likely_bound` in buffer mode: the rank ``2e + 8√e`` value of each row (a row holds the k largest
+        values seen, and more). Recomputed when the values seen grew by half since the last guess; in between the
+        previous guess, made from fewer values and so at a lower level (a safer bound), is kept."""
+        if self._buffer_guess is not None and self._seen < 1.5 * self._buffer_guess[0]:
+            return self._buffer_guess[1]
+        buf = self._buffer
+        assert buf is not None
+        e = self.k * self._seen / self.total
+        r = math.ceil(2 * e + 8 * math.sqrt(e))
+        if not 1 <= r <= min(self.k, int(buf.count.min())):
+            return torch.from_numpy(buf.bound.copy())  # the k-th largest at the rows' last cut
+        guess = torch.from_numpy(np.maximum(buf.kth_largest(r), buf.bound))
+        self._buffer_guess = (self._seen, guess)
+        return guess
+
     def update(self, x: torch.Tensor, seen: int | None = None, prefiltered: bool = False) -> None:
         """Add ``x``: (units, ...) float values (any trailing shape, any strides, e.g. a transposed view).
 
@@ -170,6 +261,7 @@ class ExactTopQuantile:
         :attr:`lower_bound` (−inf padding allowed); default its size. ``prefiltered``: ``x`` is (units, m)
         and holds only such values and −inf (no second filtering pass).
         """
+        self._leave_buffer()
         x = x.to(self._values.dtype)
         if x.ndim == 1:
             x = x.unsqueeze(1)
