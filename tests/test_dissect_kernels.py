@@ -216,3 +216,22 @@ def test_wrong_threshold_guesses_re_run_the_spoiled_batches_and_change_nothing(o
         np.testing.assert_array_equal(res.layers[name].iou.numpy(), ref)
     # probe + 12 first-pass batches (+ the spoiled batches again)
     assert forwards == 13 if order == "shuffled" else 13 < forwards <= 25
+
+
+def test_label_encoding_with_more_channels_than_the_presence_bits_equals_the_tensor_path(monkeypatch):
+    """70 pixel channels (beyond the 63 that the fused kernel tracks per number): duplicates between far
+    channels are still removed exactly as the tensor path does."""
+    g = torch.Generator().manual_seed(8)
+    n, seg = 3, 4
+    many = torch.randint(0, 5, (n, 70, seg, seg), generator=g)
+    many[:, 66] = many[:, 2]  # far duplicates
+    many[:, 69] = many[:, 65]
+    labels = [(1, "a", "color"), (2, "b", "color"), (3, "c", "color"), (4, "d", "color")]
+    ds = TensorSegmentationDataset(torch.rand(n, 3, seg, seg), labels, pixel={"color": many})
+    batch = ds.load_batch(list(range(n)))
+    enc = _LabelEncoder(ds.categories, 5, (seg, seg), torch.device("cpu"))
+    fused = enc.encode(batch, n)
+    monkeypatch.setattr(dissect_mod, "FUSED_ON_CPU", False)
+    plain = enc.encode(batch, n)
+    assert torch.equal(fused.pixel, plain.pixel) and torch.equal(fused.label_pixels, plain.label_pixels)
+    assert int((fused.pixel[:, 66] != 0).sum()) == 0 and int((fused.pixel[:, 69] != 0).sum()) == 0

@@ -514,9 +514,11 @@ class _TallyPass:
         the list does not depend on the order batches (or workers, or processes) arrive in."""
         vals = torch.cat([self.top_val[name], vals], 1)
         idx = torch.cat([self.top_idx[name], idx], 1)
-        by_index = torch.argsort(torch.where(idx < 0, idx.max() + 1, idx), dim=1, stable=True)  # −1 (none) last
-        vals, idx = vals.gather(1, by_index), idx.gather(1, by_index)
-        top = torch.argsort(vals, dim=1, descending=True, stable=True)[:, :self.top_n]
+        # one int64 key per entry, ordered like (value, −index): the float32's order-preserving bit pattern above
+        # the complemented index (an image appears once per row, so keys are distinct and topk is exact)
+        bits = vals.contiguous().view(torch.int32).long()
+        key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) * 2**32 + (2**32 - 2 - idx)
+        top = key.topk(min(self.top_n, key.shape[1]), dim=1).indices
         self.top_val[name], self.top_idx[name] = vals.gather(1, top), idx.gather(1, top)
 
     def absorb(self, other: _TallyPass) -> None:

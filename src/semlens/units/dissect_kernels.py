@@ -87,18 +87,17 @@ def _cut(row, n, k):  # pragma: no cover - compiled
     """Drop values of row[:n] (n > k) that cannot be among its k largest: returns (kept, level) with row[:kept]
     the values above ``level`` and kept >= k (so the row's k-th largest is above ``level``).
 
-    One counting and one compacting pass around a pivot from a sorted strided sample of 256 values, chosen to keep
+    One counting and one compacting pass around a pivot selected in a strided sample of 128 values, chosen to keep
     about k + (n − k)/8; Hoare's selection (exact k) only when the sample misleads.
     """
-    m = min(n, 256)
+    m = min(n, 128)
     step = n // m
     sample = np.empty(m, dtype=row.dtype)
     for i in range(m):
         sample[i] = row[i * step]
-    sample.sort()
-    pos = m - 1 - ((k + (n - k) // 8) * m) // n  # ascending sample index with about k + (n - k)/8 values above
-    if pos >= 0:
-        level = sample[pos]
+    above = ((k + (n - k) // 8) * m) // n + 1  # sample values at or above the level: about k + (n − k)/8 of n
+    if above < m:
+        level = _select_top(sample, m, above)
         c = 0
         for i in range(n):  # branch-free (vectorised)
             c += row[i] > level
@@ -149,46 +148,62 @@ def _scan(acts, plane_max, block_bound, units, u_lo, u_hi, coords, corners, top,
     images = n_planes // units
     cap, cap_v = coords.shape[1], top.shape[1]
     colmax = np.empty(w, dtype=acts.dtype)
-    hits = np.empty(h, dtype=np.int64)
+    hits_b = np.empty(h, dtype=np.int64)
+    hits_v = np.empty(h, dtype=np.int64)
     j = 0
     for b in range(images):  # image-major: the planes of a span are read in memory order
         for u in range(u_lo, u_hi):
             tb = block_bound[u]
             p = b * units + u
-            t = min(tb, top_bound[u])
-            if plane_max[p] <= t:  # (most planes of small maps) nothing of this plane counts
+            if plane_max[p] <= min(tb, top_bound[u]):  # (most planes of small maps) nothing of this plane counts
                 continue
-            for y in range(h):  # cells above either bound per row (branch-free: vectorised)
-                n = 0
+            tv = top_bound[u]
+            for y in range(h):  # cells above each bound per row (branch-free: vectorised)
+                nb = 0
+                nv = 0
                 for x in range(w):
-                    n += acts[p, y, x] > t
-                hits[y] = n
+                    v = acts[p, y, x]
+                    nb += v > tb
+                    nv += v > tv
+                hits_b[y] = nb
+                hits_v[y] = nv
             for y in range(h):
+                if hits_v[y] > 0:  # feed the row's values above tv
+                    n = top_count[u]
+                    if n + w > cap_v:  # not room for the whole row: drop what cannot be among the k largest
+                        n, level = _cut(top[u], n, k)
+                        tv = max(tv, level)
+                        top_bound[u] = tv
+                    if n + w <= cap_v:
+                        for x in range(w):  # branch-free append
+                            v = acts[p, y, x]
+                            top[u, n] = v
+                            n += v > tv
+                    else:  # a row wider than the room left after a cut (tiny k): one value at a time
+                        for x in range(w):
+                            v = acts[p, y, x]
+                            if v > tv:
+                                if n == cap_v:
+                                    n, level = _cut(top[u], n, k)
+                                    tv = max(tv, level)
+                                    top_bound[u] = tv
+                                if v > tv:
+                                    top[u, n] = v
+                                    n += 1
+                    top_count[u] = n
                 y1 = min(y + 1, h - 1)
-                if hits[y] == 0 and hits[y1] == 0:  # most rows: no block corner or value above a bound
+                if hits_b[y] == 0 and hits_b[y1] == 0:  # no block of this row has a corner above tb
                     continue
-                tv = top_bound[u]
                 for x in range(w):
                     colmax[x] = max(acts[p, y, x], acts[p, y1, x])
                 for x in range(w):
-                    a00 = acts[p, y, x]
-                    if a00 > tv:
-                        n = top_count[u]
-                        if n == cap_v:  # full: drop what cannot be among the k largest, raise the bound
-                            n, level = _cut(top[u], n, k)
-                            top_count[u] = n
-                            tv = max(tv, level)
-                            top_bound[u] = tv
-                        if a00 > tv:
-                            top[u, n] = a00
-                            top_count[u] = n + 1
                     x1 = min(x + 1, w - 1)
                     if colmax[x] > tb or colmax[x1] > tb:
                         if j < cap:
                             coords[0, j] = b
                             coords[1, j] = u
                             coords[2, j] = y * w + x
-                            corners[0, j] = a00
+                            corners[0, j] = acts[p, y, x]
                             corners[1, j] = acts[p, y, x1]
                             corners[2, j] = acts[p, y1, x]
                             corners[3, j] = acts[p, y1, x1]
@@ -239,14 +254,20 @@ def _tally_blocks(coords, corners, thr, w, row_start, row_len, ly, col_start, co
                         inter[u, labels[pix, q]] += 1
 
 
-def _encode_channels(labels, image, k0, b_lo, b_hi, out, hist):  # pragma: no cover - compiled
+def _encode_channels(labels, image, in_image, k0, b_lo, b_hi, out, hist, present):  # pragma: no cover - compiled
     """Channels k0.. of ``out`` (B·P, Kp) for images b_lo..b_hi from ``labels`` (B, K, P): a concept number that
     an earlier channel of the same pixel or the image's whole-image labels (B, Ki) already hold becomes 0
     (counted once); ``hist`` (n,) counts the written numbers. Returns −1, or the first number outside
-    [0, n) (nothing valid is promised then)."""
+    [0, n) (nothing valid is promised then).
+
+    Only possible duplicates are compared: ``present[v]`` has bit j set once channel j (< 63) wrote v on one of
+    these images, ``in_image[v]`` says whether any image has v as a whole-image label. Categories with their
+    own concept numbers thus cost one lookup per pixel.
+    """
     B, K, P = labels.shape
     n = hist.shape[0]
     for k in range(K):
+        c = k0 + k
         for b in range(b_lo, b_hi):
             last, run = 0, 0  # masks are piecewise constant: count runs of one number, not single pixels
             for p in range(P):  # contiguous in labels
@@ -255,21 +276,28 @@ def _encode_channels(labels, image, k0, b_lo, b_hi, out, hist):  # pragma: no co
                 if v < 0 or v >= n:
                     return v
                 if v != 0:
-                    for j in range(k0 + k):
-                        if out[row, j] == v:
-                            v = 0
-                            break
-                    for i in range(image.shape[1]):
-                        if image[b, i] == v:
-                            v = 0
-                            break
-                out[row, k0 + k] = v
+                    m = present[v]
+                    if m != 0 or c > 63:
+                        for j in range(c):
+                            if (j > 62 or (m >> j) & 1) and out[row, j] == v:
+                                v = 0
+                                break
+                    if v != 0 and in_image[v]:
+                        for i in range(image.shape[1]):
+                            if image[b, i] == v:
+                                v = 0
+                                break
+                out[row, c] = v
                 if v == last:
                     run += 1
                 else:
                     hist[last] += run
+                    if last != 0 and c < 63:
+                        present[last] |= np.int64(1) << c
                     last, run = v, 1
             hist[last] += run
+            if last != 0 and c < 63:
+                present[last] |= np.int64(1) << c
     return -1
 
 
@@ -423,14 +451,17 @@ def encode_pixels(maps: list[tuple[str, torch.Tensor]], image: torch.Tensor, n_n
     out = np.empty((B * P, total), dtype=torch.empty(0, dtype=dtype).numpy().dtype)
     spans = _spans(B, workers if B * P * total >= 1 << 16 else 1)  # images per thread
     hists = np.zeros((len(spans), n_numbers), dtype=np.int64)
+    present = np.zeros((len(spans), n_numbers), dtype=np.int64)  # per thread: which channels wrote a number
     img = image.detach().cpu().long().contiguous().numpy()
+    in_image = np.zeros(n_numbers, dtype=np.bool_)
+    in_image[img[(img > 0) & (img < n_numbers)]] = True
     bad = np.full(len(spans), -1, dtype=np.int64)
     k0 = 0
     for cat, t in maps:
         lab = t.detach().cpu().contiguous().view(B, t.shape[1], P).numpy()
 
         def run(j: int, lo: int, hi: int, lab: np.ndarray = lab, k0: int = k0) -> None:
-            bad[j] = _jit("_encode_channels")(lab, img, k0, lo, hi, out, hists[j])
+            bad[j] = _jit("_encode_channels")(lab, img, in_image, k0, lo, hi, out, hists[j], present[j])
 
         _run(pool, run, spans)
         if (bad != -1).any():

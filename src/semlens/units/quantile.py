@@ -240,9 +240,9 @@ class ExactTopQuantile:
 
     def _likely_bound_of_buffer(self) -> torch.Tensor:
         """:meth:`likely_bound` in buffer mode: the rank ``2e + 8√e`` value of each row (a row holds the k largest
-        values seen, and more). Recomputed when the values seen grew by half since the last guess; in between the
+        values seen, and more). Recomputed when the values seen doubled since the last guess; in between the
         previous guess, made from fewer values and so at a lower level (a safer bound), is kept."""
-        if self._buffer_guess is not None and self._seen < 1.5 * self._buffer_guess[0]:
+        if self._buffer_guess is not None and self._seen < 2 * self._buffer_guess[0]:
             return self._buffer_guess[1]
         buf = self._buffer
         assert buf is not None
