@@ -4,9 +4,14 @@
 
 Same model (alexnet-like, 64x64 inputs), same conv layers, same procedurally generated Broden-like
 data (images + 4 pixel-level categories + 1 whole-image category, masks at 64x64) in one run:
-* forward-only: load each batch, run the full model (no_grad) -- the baseline;
+* forward-only: load each batch, run the full model (no_grad) with torch's intra-op threads -- the
+  baseline;
+* forward-only on workers: the same, but whole batches side by side on ``torch.get_num_threads()``
+  threads with one intra-op thread each (the scheme dissection uses on a multi-core CPU) -- a second,
+  stricter baseline, printed when there is more than one thread;
 * dissection: both passes (thresholds, then tally), default settings (activations of pass 1 kept
-  in memory when they fit in ``cache_bytes``) and pure streaming (``cache_bytes=0``, two forwards).
+  in memory when they fit in ``cache_bytes``; batches on workers) and pure streaming (``cache_bytes=0``,
+  two forwards).
 Repeats are interleaved (forward-only, dissection, streaming, forward-only, ...); ratio = median over
 repeats of (forward-only time ÷ dissection time) = dissection images/s ÷ forward-only images/s, on wall
 clock and on this process's CPU time (the latter is robust to other jobs on a shared machine; at one
@@ -22,6 +27,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -93,6 +99,24 @@ def forward_only(model: nn.Module, ds: ProceduralDataset, batch_size: int,
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def forward_on_workers(model: nn.Module, ds: ProceduralDataset, batch_size: int, workers: int
+                       ) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of forward_only with whole batches on ``workers`` threads (one intra-op each)."""
+    from semlens.streaming import run_batches
+
+    lock = threading.Lock()
+
+    def step(indices: list[int], _b: int) -> None:
+        with lock:  # the loader is read by one worker at a time, as in dissect
+            images = ds.load_batch(indices).images
+        model(images)
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    with torch.no_grad():
+        run_batches(len(ds), batch_size, step, workers=workers, show_progress=False)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def timed_dissect(model, ds, layers, batch_size, device, **kw) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of one dissection."""
     t0, c0 = time.perf_counter(), time.process_time()
@@ -140,15 +164,19 @@ def main() -> None:
     model, layers = make_model(args.size)
     model.to(dev)
     ds = ProceduralDataset(n, args.size, args.mask_size)
-    print(f"device {dev}, threads {torch.get_num_threads()}, {n} images {ds.size}x{ds.size}, masks "
+    print(f"device {dev}, threads {torch.get_num_threads()} (dissection workers: "
+          f"{torch.get_num_threads() if dev.type == 'cpu' else 1}), {n} images {ds.size}x{ds.size}, masks "
           f"{ds.mask_size}x{ds.mask_size}, layers {layers}, "
           f"batch {args.batch_size}")
+    workers = torch.get_num_threads() if dev.type == "cpu" else 1
     forward_only(model, ds, args.batch_size, dev)  # warm-up
     timed_dissect(model, ds, layers, args.batch_size, dev)
     # interleaved repeats: each ratio compares runs taken moments apart (robust to a shared, noisy machine)
-    fwd, cached, stream = [], [], []
+    fwd, fwd_w, cached, stream = [], [], [], []
     for _ in range(repeats):
         fwd.append(forward_only(model, ds, args.batch_size, dev))
+        if workers > 1:
+            fwd_w.append(forward_on_workers(model, ds, args.batch_size, workers))
         cached.append(timed_dissect(model, ds, layers, args.batch_size, dev))
         stream.append(timed_dissect(model, ds, layers, args.batch_size, dev, cache_bytes=0))
     med = statistics.median
@@ -157,10 +185,15 @@ def main() -> None:
         return med(b[i] / r[i] for b, r in zip(base, runs, strict=True))
 
     print(f"forward-only            {n / med(f[0] for f in fwd):9.1f} images/s")
+    if fwd_w:
+        print(f"forward-only, {workers} workers {n / med(f[0] for f in fwd_w):9.1f} images/s   ratio "
+              f"{ratio(fwd, fwd_w, 0):.2f}x wall (batches side by side, one intra-op thread each)")
     for label, runs, note in (("dissection (default)  ", cached, "(target >= 0.70)"),
                               ("dissection (streaming)", stream, "(two forward passes)")):
         print(f"{label}  {n / med(r[0] for r in runs):9.1f} images/s   ratio {ratio(fwd, runs, 0):.2f}x wall, "
               f"{ratio(fwd, runs, 1):.2f}x CPU time   {note}")
+        if fwd_w:
+            print(f"{'':26s}vs forward-only on {workers} workers: {ratio(fwd_w, runs, 0):.2f}x wall")
     print("ratios per repeat (default, wall): " + " ".join(f"{f[0] / c[0]:.2f}" for f, c in zip(fwd, cached,
                                                                                               strict=True)))
     if args.no_memory:

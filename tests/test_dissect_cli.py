@@ -86,7 +86,7 @@ def test_cli_dissect_on_hand_written_broden_matches_library(tmp_path, monkeypatc
     out = tmp_path / "out"
     args = ["dissect", "--model", "usermod:factory", "--weights", str(tmp_path / "w.safetensors"),
             "--data", str(tmp_path / "broden"), "--layers", "0,2", "--out", str(out), "--quantile", "0.05",
-            "--batch-size", "4", "--device", "cpu", "--cards", "2"]
+            "--batch-size", "4", "--device", "cpu", "--workers", "2", "--cards", "2"]  # 2 workers = the library's 1
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     expected = dissect(net, tensors, ["0", "2"], quantile=0.05, device="cpu")

@@ -41,6 +41,8 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option(None, help="Only images of this split (index.csv 'split' column)."),
         resume: bool = typer.Option(False, help="Continue an interrupted run from OUT/.checkpoint."),
         cards: int = typer.Option(6, help="Unit cards in the report (0 = none)."),
+        workers: int = typer.Option(None, help="CPU: batches processed side by side, one intra-op thread each "
+                                               "(default: torch's thread count; 1 = one batch at a time)."),
     ) -> None:
         """Label every unit of LAYERS with its best-matching concept (IoU) and count unique detectors.
 
@@ -70,7 +72,7 @@ def register(app: typer.Typer) -> None:
             distributed.barrier()
             cats = [c.strip() for c in categories.split(",")] if categories else None
             result = run(net, ds, names, quantile=quantile, iou_threshold=iou_threshold, batch_size=batch_size,
-                         device=dev, categories=cats, checkpoint=ckpt, indices=indices)
+                         device=dev, categories=cats, checkpoint=ckpt, indices=indices, workers=workers)
             if distributed.rank() == 0:
                 paths = result.save(out)
                 report = Report(title=f"Network Dissection of {model}")
