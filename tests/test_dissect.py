@@ -338,3 +338,16 @@ def test_an_error_on_a_worker_is_raised_and_restores_everything():
     with pytest.raises(OSError, match="image 7"):
         dissect(net, ds, ["0", "2"], quantile=0.05, batch_size=2, device="cpu", workers=2, show_progress=False)
     assert torch.get_num_threads() == threads and net.training and count_hooks(net) == 0
+
+
+def test_workers_are_fewer_when_their_estimators_would_not_fit_in_quantile_memory(monkeypatch):
+    mod = importlib.import_module("semlens.units.dissect")
+    used = []
+    run = mod.run_batches
+    monkeypatch.setattr(mod, "run_batches", lambda *a, **kw: used.append(kw["workers"]) or run(*a, **kw))
+    net, ds = tiny_net(), random_dataset(n=12)
+    ests = [mod.make_quantile_estimator(c, 12 * hw, 0.05, "cpu", 1 << 28) for c, hw in ((4, 25), (5, 9))]
+    one = sum(e.max_bytes for e in ests)  # exact estimators of both layers for one worker
+    dissect(net, ds, ["0", "2"], quantile=0.05, batch_size=2, device="cpu", workers=4, quantile_memory=2 * one)
+    dissect(net, ds, ["0", "2"], quantile=0.05, batch_size=2, device="cpu", workers=4, quantile_memory=100 * one)
+    assert used == [2, 2, 4, 4]  # both passes: two workers' estimators fit, then all four

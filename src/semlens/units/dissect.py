@@ -978,8 +978,6 @@ def dissect(
     cat_of_col = torch.tensor([cats.index(c[2]) for c in concepts])
     ckpt_dir = Path(checkpoint) if checkpoint is not None else None
 
-    # on a multi-core CPU the fused kernels split each block table over the threads; without them, pass 2
-    # tallies layer groups side by side (their counters are disjoint)
     fused = _fused(torch.empty(0, device=dev))
     threads = torch.get_num_threads() if dev.type == "cpu" else 1
     if workers is None:  # whole batches side by side on a multi-core CPU (see the docstring)
@@ -987,13 +985,7 @@ def dissect(
     if workers < 1:
         raise DissectionError(f"workers must be >= 1, got {workers}")
     lanes = min(workers, -(-n // batch_size)) if dev.type == "cpu" else 1
-    # one batch at a time: the fused kernels split each block table over the threads; without them, pass 2
-    # tallies layer groups side by side (their counters are disjoint)
-    inner = 1 if lanes > 1 else (threads if fused else min(len(names), threads))
-    pool = concurrent.futures.ThreadPoolExecutor(inner) if inner > 1 else None
     with frozen(model), _on_device(model, dev), torch.no_grad(), contextlib.ExitStack() as stack:
-        if pool is not None:
-            stack.callback(pool.shutdown)
         # probe one image: layer shapes, image size, mask size
         read_lock = threading.Lock()  # workers take turns at the dataset (it need not be thread-safe)
 
@@ -1057,10 +1049,19 @@ def dissect(
 
         # pass 1: thresholds (and, while it fits in cache_bytes, a compact cache for pass 2: the block
         # tables of every group above the quantile's running lower bound, and the encoded labels)
-        # one set of estimators per worker (each sees its own batches; folded exactly after the pass)
-        thr_pass = _ThresholdPass([{g: make_quantile_estimator(units[g], n * shapes[m[0]][1] * shapes[m[0]][2],
-                                                               quantile, dev, quantile_memory)
-                                    for g, m in groups.items()} for _ in range(lanes)])
+        # one set of estimators per worker (each sees its own batches; folded exactly after the pass); fewer
+        # workers when their estimators would not fit in quantile_memory together
+        def estimators() -> dict[str, _Estimator]:
+            return {g: make_quantile_estimator(units[g], n * shapes[m[0]][1] * shapes[m[0]][2], quantile, dev,
+                                               quantile_memory) for g, m in groups.items()}
+
+        first = estimators()
+        lanes = min(lanes, max(1, quantile_memory // sum(e.max_bytes for e in first.values())))
+        thr_pass = _ThresholdPass([first, *(estimators() for _ in range(lanes - 1))])
+        # one batch at a time: the fused kernels split each block table over the threads; without them, pass 2
+        # tallies layer groups side by side (their counters are disjoint)
+        inner = 1 if lanes > 1 else (threads if fused else min(len(names), threads))
+        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(inner)) if inner > 1 else None
         upsamplers = {g: _SparseUpsampler(*shapes[m[0]][1:], seg, dev) for g, m in groups.items()}
         if fused:
             for up in [*upsamplers.values(), encoder]:
@@ -1121,11 +1122,10 @@ def dissect(
                             values = _take(a.view(-1), (coords[0] * a.shape[1] + coords[1]) * a[0, 0].numel()
                                            + coords[2])
                         est.update(_pack_by_unit(coords, values, bound, a.shape), seen=cells)
-                    if cache is not None:
-                        cached += sum(t.numel() * t.element_size() for t in tables[g])
                 if cache is not None:
                     labels = encoder.encode(batch, b)
-                    size = labels.nbytes() + sum(m.numel() * m.element_size() for m in maxima.values())
+                    size = labels.nbytes() + sum(t.numel() * t.element_size() for t in [
+                        *maxima.values(), *(x for table in tables.values() for x in table)])
                     with cache_lock:
                         if cache is None:
                             return

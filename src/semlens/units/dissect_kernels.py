@@ -5,16 +5,19 @@ dozen elementwise passes, gathers and ``nonzero`` calls over temporary arrays; o
 temporaries, not arithmetic, dominate. These kernels do the same work in one pass each, with the
 same float64 formula in the same operation order, so their integer counts are identical (tested):
 
-* :func:`block_table` — blocks of a (B, C, h, w) activation tensor with a corner above a per-unit
-  bound: coords (3, n) rows (image, unit, cell y·w + x) in ascending order and corners (4, n) float32.
+* :func:`scan` — blocks of a (B, C, h, w) activation tensor with a corner above a per-unit bound
+  (coords (3, n) rows (image, unit, cell y·w + x) and corners (4, n) float32), and, in the same pass,
+  every cell above a unit's quantile bound appended to its row of an exact top-k buffer
+  (:class:`TopBuffer`, cut in place when full).
 * :func:`tally` — evaluates the upsampled value of every pixel of every block with a corner above its
   unit's threshold, and for the pixels above it counts per unit × concept intersections (int64, added
   in place) and per image × unit active pixels.
+* :func:`encode_pixels` — deduplicated concept sets per pixel and their histogram.
 
-Both release the GIL and split their work over ``workers`` threads (independent planes / chunks of
-blocks with private counters), so they parallelise without numba's threading layer. CUDA tensors
-keep the tensor path. ``AVAILABLE`` is False when numba cannot be imported; the tensor path is then
-used everywhere.
+They release the GIL and split their work over ``workers`` threads (independent units / chunks of
+blocks / images with private counters), so they parallelise without numba's threading layer (and run
+on one thread each when dissection runs whole batches on workers). CUDA tensors keep the tensor path.
+``AVAILABLE`` is False when numba cannot be imported; the tensor path is then used everywhere.
 """
 
 from __future__ import annotations
@@ -42,12 +45,10 @@ def _jit(name: str) -> Callable[..., Any]:
             from numba import njit
 
             jit = njit(cache=True, nogil=True)
-            select = jit(_select_top)  # the kernels below call these: compiled first, bound into their globals
-            globals()["_select_top"] = select
-            globals()["_cut"] = jit(_cut)
+            for helper in (_select_top, _cut):  # called by the kernels: compiled first (in this order) and put
+                globals()[helper.__name__] = _compiled[helper.__name__] = jit(helper)  # in the module's place
             _compiled.update({f.__name__: jit(f) for f in (_scan, _tally_blocks, _encode_channels, _keep_top,
                                                            _kth_largest, _cut_rows)})
-            _compiled["_select_top"] = select
     return _compiled[name]
 
 

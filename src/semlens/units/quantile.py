@@ -126,6 +126,11 @@ class ExactTopQuantile:
         return total - quantile_positions(total, q)[0]
 
     @property
+    def max_bytes(self) -> int:
+        """Most memory the kept values take (tensor updates: 3k floats per unit; the fused buffer: 2k + 64)."""
+        return self.units * max(3 * self.k, 2 * self.k + 64) * 4
+
+    @property
     def values(self) -> torch.Tensor:
         """(units, min(k, seen)) kept values (the largest seen so far per unit, in no particular order)."""
         self._leave_buffer()
@@ -344,6 +349,11 @@ class HistogramQuantileSketch:
         self.bins = 1 << (32 - self.shift)
         self.offset = 1 << (31 - self.shift)
         self.counts = torch.zeros(units, self.bins, dtype=torch.int64, device=device)
+
+    @property
+    def max_bytes(self) -> int:
+        """Memory of the counts (fixed)."""
+        return self.counts.numel() * self.counts.element_size()
 
     def update(self, x: torch.Tensor) -> None:
         """Add ``x``: (units, ...) float values (any trailing shape)."""
