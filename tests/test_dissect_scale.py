@@ -84,12 +84,13 @@ def test_killed_dissection_resumes_to_the_same_result(tmp_path, workers):
             assert torch.equal(got[k], v), k
 
 
-def test_two_gloo_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_two_gloo_processes_equal_one_process(tmp_path, workers):
     script = tmp_path / "job.py"
     script.write_text(SCRIPT.format(tests=str(TESTS)))
     out = tmp_path / "dist.pt"
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    assert _run(script, out, {}, launcher) == 0
+    assert _run(script, out, {"WORKERS": str(workers)}, launcher) == 0  # each process: batches on `workers`
     got = torch.load(out, weights_only=True)
     assert int(got.pop("calls")) == 1 + 5 + 5  # rank 0 read only its shard (5 of 9 images) in each pass
     for k, v in _reference().items():
