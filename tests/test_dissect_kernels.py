@@ -235,3 +235,23 @@ def test_label_encoding_with_more_channels_than_the_presence_bits_equals_the_ten
     plain = enc.encode(batch, n)
     assert torch.equal(fused.pixel, plain.pixel) and torch.equal(fused.label_pixels, plain.label_pixels)
     assert int((fused.pixel[:, 66] != 0).sum()) == 0 and int((fused.pixel[:, 69] != 0).sum()) == 0
+
+
+def test_top_images_by_insertion_equal_the_tensor_merge_with_ties():
+    """Batches in shuffled order, values with many ties: the insertion kernel keeps the same sorted lists
+    (largest first, smaller index on ties) as the tensor path."""
+    from semlens.units.dissect import _TallyPass
+
+    g = torch.Generator().manual_seed(2)
+    C, n_img = 7, 60
+    values = torch.randint(0, 5, (n_img, C), generator=g).float()
+    order = torch.randperm(n_img, generator=g)
+    fused = _TallyPass({"g": C}, {"l": C}, 3, 1, 5, torch.device("cpu"))
+    plain = _TallyPass({"g": C}, {"l": C}, 3, 1, 5, torch.device("cpu"))
+    for chunk in order.split(8):
+        K.insert_top(fused.top_val["l"], fused.top_idx["l"], values[chunk], chunk)
+        plain._keep_top("l", values[chunk].t(), chunk.view(1, -1).expand(C, -1))
+    assert torch.equal(fused.top_val["l"], plain.top_val["l"]) and torch.equal(fused.top_idx["l"], plain.top_idx["l"])
+    for u in range(C):  # the expected list by a plain sort
+        ref = sorted(range(n_img), key=lambda i: (-float(values[i, u]), i))[:5]
+        assert fused.top_idx["l"][u].tolist() == ref

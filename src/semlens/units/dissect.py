@@ -507,6 +507,9 @@ class _TallyPass:
 
     def add_top(self, name: str, maxima: torch.Tensor, indices: torch.Tensor) -> None:
         """maxima: (B, C) spatial maxima; indices: (B,) dataset indices."""
+        if _fused(self.top_val[name]):  # one insertion kernel instead of a dozen small tensor ops per batch
+            dissect_kernels.insert_top(self.top_val[name], self.top_idx[name], maxima, indices)
+            return
         self._keep_top(name, maxima.t().float(), indices.view(1, -1).expand(maxima.shape[1], -1))
 
     def _keep_top(self, name: str, vals: torch.Tensor, idx: torch.Tensor) -> None:

@@ -13,6 +13,7 @@ same float64 formula in the same operation order, so their integer counts are id
   unit's threshold, and for the pixels above it counts per unit × concept intersections (int64, added
   in place) and per image × unit active pixels.
 * :func:`encode_pixels` — deduplicated concept sets per pixel and their histogram.
+* :func:`insert_top` — a batch's spatial maxima into the per-unit lists of top images.
 
 They release the GIL and split their work over ``workers`` threads (independent units / chunks of
 blocks / images with private counters), so they parallelise without numba's threading layer (and run
@@ -48,11 +49,11 @@ def _jit(name: str) -> Callable[..., Any]:
             for helper in (_select_top, _cut):  # called by the kernels: compiled first (in this order) and put
                 globals()[helper.__name__] = _compiled[helper.__name__] = jit(helper)  # in the module's place
             _compiled.update({f.__name__: jit(f) for f in (_scan, _tally_blocks, _encode_channels, _keep_top,
-                                                           _kth_largest, _cut_rows)})
+                                                           _kth_largest, _cut_rows, _insert_top)})
     return _compiled[name]
 
 
-__all__ = ["AVAILABLE", "Axes", "TopBuffer", "encode_pixels", "scan", "tally"]
+__all__ = ["AVAILABLE", "Axes", "TopBuffer", "encode_pixels", "insert_top", "scan", "tally"]
 
 
 def _select_top(row, n, k):  # pragma: no cover - compiled
@@ -238,6 +239,7 @@ def _tally_blocks(coords, corners, thr, w, row_start, row_len, ly, col_start, co
         if max(max((1 - r) * top_a + r * bottom_a, (1 - r) * top_z + r * bottom_z),
                max((1 - s) * top_a + s * bottom_a, (1 - s) * top_z + s * bottom_z)) < low:
             continue
+        active = 0
         for ii in range(row_len[y]):
             i = row_start[y] + ii
             wy = ly[i]
@@ -249,10 +251,11 @@ def _tally_blocks(coords, corners, thr, w, row_start, row_len, ly, col_start, co
                 top = (1 - wx) * c0 + wx * c1
                 bottom = (1 - wx) * c2 + wx * c3
                 if (1 - wy) * top + wy * bottom > t:
-                    count[b, u] += 1
+                    active += 1
                     pix = base + i * sw + k
                     for q in range(n_lab):
                         inter[u, labels[pix, q]] += 1
+        count[b, u] += active
 
 
 def _encode_channels(labels, image, in_image, k0, b_lo, b_hi, out, hist, present):  # pragma: no cover - compiled
@@ -300,6 +303,36 @@ def _encode_channels(labels, image, in_image, k0, b_lo, b_hi, out, hist, present
             if last != 0 and c < 63:
                 present[last] |= np.int64(1) << c
     return -1
+
+
+def _insert_top(top_val, top_idx, maxima, indices):  # pragma: no cover - compiled
+    """Rows of top_val / top_idx (C, n), sorted by value (descending) then index (ascending; −1 = empty, last),
+    take the images ``indices`` (B,) with their per-unit values ``maxima`` (B, C)."""
+    C, n = top_val.shape
+    for u in range(C):
+        for b in range(maxima.shape[0]):
+            v, i = maxima[b, u], indices[b]
+            j = n
+            while j > 0 and (v > top_val[u, j - 1] or (v == top_val[u, j - 1]
+                                                        and (top_idx[u, j - 1] < 0 or i < top_idx[u, j - 1]))):
+                j -= 1  # (v, i) ranks before entry j - 1
+            if j == n:
+                continue
+            for t in range(n - 1, j, -1):
+                top_val[u, t] = top_val[u, t - 1]
+                top_idx[u, t] = top_idx[u, t - 1]
+            top_val[u, j] = v
+            top_idx[u, j] = i
+
+
+def insert_top(top_val: torch.Tensor, top_idx: torch.Tensor, maxima: torch.Tensor, indices: torch.Tensor) -> None:
+    """Merge a batch into per-unit top lists in place (the tensor path: ``_TallyPass._keep_top``).
+
+    top_val (C, n) float32 / top_idx (C, n) int64, contiguous CPU tensors sorted by value (descending) then index
+    (ascending, −1 = empty); maxima (B, C) values of the images ``indices`` (B,).
+    """
+    _jit("_insert_top")(top_val.numpy(), top_idx.numpy(), maxima.detach().float().contiguous().numpy(),
+                        indices.detach().long().contiguous().numpy())
 
 
 def _spans(n: int, workers: int) -> list[tuple[int, int]]:
@@ -355,7 +388,8 @@ def scan(acts: torch.Tensor, block_bound: torch.Tensor | None, top: TopBuffer | 
 
     block_bound (C,): returns the blocks with a corner cell (y|y+1, x|x+1, clamped) above it, as coords (3, n)
     int16 (int32 when a size exceeds 32767) rows (image, unit, cell y·w + x), ascending within each thread's
-    range of units, and corners (4, n) float32: the table of :meth:`_SparseUpsampler.block_table`; None: no table.
+    range of units, and corners (4, n) float32 (both transposed views of (n, 3) / (n, 4) arrays): the table of
+    :meth:`_SparseUpsampler.block_table`; None: no table.
     top: every cell above ``top.bound`` is appended to its unit's row of ``top`` (in place).
     ``hint``: expected number of blocks (e.g. the previous batch's), to size the table in one go.
     ``maxima``: (B, C) spatial maxima of ``acts`` if already known (planes below both bounds are skipped).
@@ -379,12 +413,14 @@ def scan(acts: torch.Tensor, block_bound: torch.Tensor | None, top: TopBuffer | 
             for lo, hi in spans]
     found = [0] * len(spans)
     for attempt in range(2):
-        parts = [(np.empty((3, r), dtype), np.empty((4, r), np.float32)) for r in room]
+        # one block per row ((n, 3) and (n, 4), handed over as (3, n) / (4, n) views): the first n rows are the
+        # table, so it is trimmed in place instead of copied
+        parts = [(np.empty((r, 3), dtype), np.empty((r, 4), np.float32)) for r in room]
         feed = top if attempt == 0 else TopBuffer(np.empty((C, 0), np.float32), np.zeros(C, np.int64), inf, 0)
 
         def run(k: int, lo: int, hi: int, parts=parts, feed=feed) -> None:
-            found[k] = _jit("_scan")(a, plane_max, tb, C, lo, hi, parts[k][0], parts[k][1], feed.values, feed.count,
-                                     feed.bound, feed.k)
+            found[k] = _jit("_scan")(a, plane_max, tb, C, lo, hi, parts[k][0].T, parts[k][1].T, feed.values,
+                                     feed.count, feed.bound, feed.k)
 
         _run(pool, run, spans)
         if all(f <= r for f, r in zip(found, room, strict=True)):
@@ -392,12 +428,14 @@ def scan(acts: torch.Tensor, block_bound: torch.Tensor | None, top: TopBuffer | 
         room = list(found)
     if block_bound is None:
         return None
-    parts = [(c[:, :f], k[:, :f]) for (c, k), f in zip(parts, found, strict=True)]
     if len(parts) == 1:
-        coords, corners = np.ascontiguousarray(parts[0][0]), np.ascontiguousarray(parts[0][1])
+        (coords, corners), f = parts[0], found[0]
+        coords.resize((f, 3), refcheck=False)  # give back the unused room (no copy)
+        corners.resize((f, 4), refcheck=False)
     else:
-        coords, corners = np.concatenate([c for c, _ in parts], 1), np.concatenate([c for _, c in parts], 1)
-    return torch.from_numpy(coords), torch.from_numpy(corners)
+        coords = np.concatenate([c[:f] for (c, _), f in zip(parts, found, strict=True)])
+        corners = np.concatenate([c[:f] for (_, c), f in zip(parts, found, strict=True)])
+    return torch.from_numpy(coords).t(), torch.from_numpy(corners).t()
 
 
 class Axes:
