@@ -264,44 +264,56 @@ def _encode_channels(labels, image, in_image, k0, b_lo, b_hi, out, hist, present
     (counted once); ``hist`` (n,) counts the written numbers. Returns −1, or the first number outside
     [0, n) (nothing valid is promised then).
 
-    Only possible duplicates are compared: ``present[v]`` has bit j set once channel j (< 63) wrote v on one of
-    these images, ``in_image[v]`` says whether any image has v as a whole-image label. Categories with their
-    own concept numbers thus cost one lookup per pixel.
+    Masks are piecewise constant: a tight loop copies the numbers and finds runs of one number; each run
+    is then checked once: the range, whether the image holds the number as a whole-image label
+    (``in_image[v]``: any image of the batch does), and which earlier channels may hold it (``present[v]``:
+    bit j set once channel j (< 63) wrote v on one of these images); only then are its pixels compared
+    with those channels. Categories with their own concept numbers thus cost a copy and a run count per pixel.
     """
     B, K, P = labels.shape
     n = hist.shape[0]
     for k in range(K):
         c = k0 + k
+        below = (np.int64(1) << c) - 1 if c < 63 else np.int64(-1)  # the channels before c (all beyond 62)
         for b in range(b_lo, b_hi):
-            last, run = 0, 0  # masks are piecewise constant: count runs of one number, not single pixels
-            for p in range(P):  # contiguous in labels
-                row = b * P + p
-                v = labels[b, k, p]
-                if v < 0 or v >= n:
-                    return v
-                if v != 0:
-                    m = present[v]
-                    if m != 0 or c > 63:
-                        for j in range(c):
-                            if (j > 62 or (m >> j) & 1) and out[row, j] == v:
-                                v = 0
-                                break
-                    if v != 0 and in_image[v]:
+            base = b * P
+            last, lo = labels[b, k, 0], 0
+            for p in range(P + 1):  # contiguous in labels; p == P closes the last run
+                if p < P:
+                    v = labels[b, k, p]
+                    out[base + p, c] = v
+                    if v == last:
+                        continue
+                # the run lo..p of number `last`
+                if last < 0 or last >= n:
+                    return last
+                kept = p - lo if last != 0 else 0  # pixels of the run that keep a (non-zero) number
+                if last != 0:
+                    drop = False
+                    if in_image[last]:
                         for i in range(image.shape[1]):
-                            if image[b, i] == v:
-                                v = 0
+                            if image[b, i] == last:
+                                drop = True
                                 break
-                out[row, c] = v
-                if v == last:
-                    run += 1
-                else:
-                    hist[last] += run
-                    if last != 0 and c < 63:
+                    if drop:
+                        for q in range(lo, p):
+                            out[base + q, c] = 0
+                        kept = 0
+                    else:
+                        m = present[last] & below
+                        if m != 0:
+                            for q in range(lo, p):
+                                for j in range(c):
+                                    if (j > 62 or (m >> j) & 1) and out[base + q, j] == last:
+                                        out[base + q, c] = 0
+                                        kept -= 1
+                                        break
+                    if kept > 0 and c < 63:
                         present[last] |= np.int64(1) << c
-                    last, run = v, 1
-            hist[last] += run
-            if last != 0 and c < 63:
-                present[last] |= np.int64(1) << c
+                    hist[last] += kept
+                hist[0] += p - lo - kept
+                if p < P:
+                    last, lo = v, p
     return -1
 
 
