@@ -51,6 +51,7 @@ def quantile_positions(total: int, q: float) -> tuple[int, float]:
 
 
 NUMPY_ON_CPU = True  # CPU tensors take NumPy's faster kernels; False: torch only (the path CUDA takes)
+GUESS_MARGIN = (2.0, 8.0)  # likely_bound(): the kept value of rank a·e + b·√e (e = expected final top-k values seen)
 
 
 def _pack_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -236,7 +237,7 @@ class ExactTopQuantile:
             return self._guess[1]
         kept = self._values
         e = self.k * self._covered / self.total
-        r = math.ceil(2 * e + 8 * math.sqrt(e))
+        r = math.ceil(GUESS_MARGIN[0] * e + GUESS_MARGIN[1] * math.sqrt(e))
         if not 1 <= r <= kept.shape[1]:
             return self.lower_bound
         guess = torch.maximum(kept.kthvalue(kept.shape[1] - r + 1, dim=1).values, self.lower_bound)
@@ -252,7 +253,7 @@ class ExactTopQuantile:
         buf = self._buffer
         assert buf is not None
         e = self.k * self._seen / self.total
-        r = math.ceil(2 * e + 8 * math.sqrt(e))
+        r = math.ceil(GUESS_MARGIN[0] * e + GUESS_MARGIN[1] * math.sqrt(e))
         if not 1 <= r <= min(self.k, int(buf.count.min())):
             return torch.from_numpy(buf.bound.copy())  # the k-th largest at the rows' last cut
         guess = torch.from_numpy(np.maximum(buf.kth_largest(r), buf.bound))
