@@ -248,14 +248,14 @@ class ExactTopQuantile:
         """:meth:`likely_bound` in buffer mode: the rank ``2e + 8√e`` value of each row (a row holds the k largest
         values seen, and more). Recomputed when the values seen doubled since the last guess; in between the
         previous guess, made from fewer values and so at a lower level (a safer bound), is kept."""
-        if self._buffer_guess is not None and self._seen < 2 * self._buffer_guess[0]:
-            return self._buffer_guess[1]
         buf = self._buffer
         assert buf is not None
+        if self._buffer_guess is not None and self._seen < 2 * self._buffer_guess[0]:
+            return torch.maximum(self._buffer_guess[1], torch.from_numpy(buf.bound))  # never below the bound
         e = self.k * self._seen / self.total
         r = math.ceil(GUESS_MARGIN[0] * e + GUESS_MARGIN[1] * math.sqrt(e))
         if not 1 <= r <= min(self.k, int(buf.count.min())):
-            return torch.from_numpy(buf.bound.copy())  # the k-th largest at the rows' last cut
+            return torch.from_numpy(buf.bound.copy())  # the level of the rows' last cut
         guess = torch.from_numpy(np.maximum(buf.kth_largest(r), buf.bound))
         self._buffer_guess = (self._seen, guess)
         return guess
