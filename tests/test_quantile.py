@@ -108,3 +108,28 @@ def test_fused_buffer_feeding_equals_numpy_and_survives_checkpoints(q, rising):
     ref = np.quantile(torch.cat(batches).transpose(0, 1).reshape(3, -1).double().numpy(), 1 - q, axis=1)
     assert np.allclose(est.result().numpy(), ref.astype(np.float32), rtol=0, atol=1e-6)
     assert est.values.shape == (3, est.k)
+
+
+def test_estimators_fed_with_each_others_floors_fold_to_numpys_quantile():
+    """Two workers' estimators, each dropping what the other's bound already excludes (rows then hold fewer than
+    k values), fold to the exact quantile of all batches."""
+    from semlens.units import dissect_kernels as K
+    from semlens.units.dissect import _fold_state
+
+    g = torch.Generator().manual_seed(11)
+    batches = [torch.randn(5, 4, 6, 6, generator=g).round(decimals=2) + 3.0 * (i % 2 == 0) for i in range(10)]
+    total = sum(b.shape[0] * 36 for b in batches)
+    workers = [ExactTopQuantile(4, total, 0.02) for _ in range(2)]
+    floor = None
+    for i, b in enumerate(batches):
+        est = workers[i % 2]
+        sample = b[::2].transpose(0, 1).reshape(4, -1) if est.seen == 0 else None
+        est.feed(lambda top, b=b: K.scan(b, None, top), b.shape[0] * 36, sample=sample, floor=floor)
+        low = est.lower_bound.numpy()
+        floor = low if floor is None else np.maximum(floor, low)
+    short = [w.values.shape[1] < w.k or bool((w.values == float("-inf")).any()) for w in workers]
+    assert short == [False, True]  # the floor from the high batches left the other worker's rows short
+    folded = ExactTopQuantile(4, total, 0.02)
+    folded.load_state_dict(_fold_state(workers))
+    ref = np.quantile(torch.cat(batches).transpose(0, 1).reshape(4, -1).double().numpy(), 0.98, axis=1)
+    assert np.allclose(folded.result().numpy(), ref.astype(np.float32), rtol=0, atol=1e-6)

@@ -1075,7 +1075,11 @@ def dissect(
         cache: dict[int, _CacheEntry] | None = {} if use_cache else None
         cached = 0
         cache_lock = threading.Lock()
-        bounds: dict[str, torch.Tensor] = {}  # per group, the highest lower bound of any worker (for pruning)
+        # per group, the highest lower bound of the final threshold any worker has (valid for all: each worker's
+        # k-th largest can only be lower than the final one); workers feed only values above it (a "floor") and the
+        # cache is pruned with it
+        floors: dict[str, torch.Tensor] = {}
+        floor_lock = threading.Lock()
         thresholds: dict[str, torch.Tensor]  # per group (C_g,)
         if thr_file is not None and thr_file.exists():
             state, meta = load_state(thr_file)
@@ -1097,15 +1101,17 @@ def dissect(
                         # one pass: every value above the running bound into the exact top-k buffer, the table
                         # above a guess
                         up, top = upsamplers[g], group_max[g]
+                        floor = floors[g].numpy() if lanes > 1 and g in floors else None  # other workers' bound
                         if est.seen == 0:  # the first batch: no guess yet; its table is built once it is fed
                             sample = a[::max(1, a.shape[0] // 16)].transpose(0, 1).reshape(a.shape[1], -1)
-                            est.feed(lambda buf, a=a, up=up, top=top: up.scan(a, None, buf, top), cells, sample)
+                            est.feed(lambda buf, a=a, up=up, top=top: up.scan(a, None, buf, top), cells, sample,
+                                     floor)
                             guesses[g] = est.likely_bound() if cache is not None else None
                             table = up.block_table(a, guesses[g], top) if cache is not None else None
                         else:
                             guesses[g] = guess = est.likely_bound() if cache is not None else None
                             table = est.feed(lambda buf, a=a, up=up, top=top, guess=guess: up.scan(a, guess, buf, top),
-                                             cells)
+                                             cells, floor=floor)
                         if table is not None:
                             tables[g] = table
                     elif not isinstance(est, ExactTopQuantile) or not est.full:
@@ -1125,6 +1131,10 @@ def dissect(
                             values = _take(a.view(-1), (coords[0] * a.shape[1] + coords[1]) * a[0, 0].numel()
                                            + coords[2])
                         est.update(_pack_by_unit(coords, values, bound, a.shape), seen=cells)
+                    if isinstance(est, ExactTopQuantile):
+                        with floor_lock:  # any worker's bound is a lower bound of the final threshold: keep the highest
+                            low = est.lower_bound
+                            floors[g] = torch.maximum(floors[g], low) if g in floors else low
                 if cache is not None:
                     labels = encoder.encode(batch, b)
                     size = labels.nbytes() + sum(t.numel() * t.element_size() for t in [
@@ -1134,9 +1144,9 @@ def dissect(
                             return
                         cache[batch_no] = (tables, maxima, labels, guesses)
                         cached += size
-                        for g, e in estimators.items():  # every worker's bound is valid: keep the highest
-                            bounds[g] = torch.maximum(bounds[g], e.lower_bound) if g in bounds else e.lower_bound
                         if cached > cache_bytes:  # drop blocks the risen bounds exclude; give up if still too big
+                            with floor_lock:
+                                bounds = dict(floors)
                             cached = _prune_cache(list(cache.values()), bounds)
                             if cached > cache_bytes:
                                 cache = None

@@ -120,6 +120,7 @@ class ExactTopQuantile:
         self._guess: tuple[int, torch.Tensor] | None = None  # likely_bound() for the current kept values
         self._buffer: TopBuffer | None = None  # while fused CPU kernels feed the estimator (see buffer())
         self._buffer_guess: tuple[int, torch.Tensor] | None = None  # (values seen, guess) in buffer mode
+        self._floored = False  # fed with a floor from elsewhere: rows may hold fewer than k values
 
     @staticmethod
     def needed(total: int, q: float) -> int:
@@ -186,26 +187,37 @@ class ExactTopQuantile:
         """Values per unit fed so far (including those below the bound)."""
         return self._seen
 
-    def feed(self, kernel: Callable[[TopBuffer], T], n: int, sample: torch.Tensor | None = None) -> T:
+    def feed(self, kernel: Callable[[TopBuffer], T], n: int, sample: torch.Tensor | None = None,
+             floor: np.ndarray | None = None) -> T:
         """Let a fused kernel append ``n`` values per unit to :meth:`buffer` (``kernel(buffer)``); return its result.
 
         ``sample``: (units, m) some of those values, for the first batch: the buffer then starts from a level
         estimated on the sample (about 2·k·m/n values per unit above it) instead of −inf, so a wide first batch
         is not fed whole. The level is verified afterwards (every unit must have kept min(k, n) values, so
-        nothing it dropped can be among its k largest); if it was too high, the batch is fed again from −inf.
+        nothing it dropped can be among its k largest); if it was too high, the batch is fed again without it.
+        ``floor``: (units,) float32 a lower bound of the final k-th largest known from elsewhere (e.g. another
+        worker's estimator over other batches: its k-th largest can only be lower than the final one); values
+        at or below it are not kept. Estimators fed with floors are exact once folded together
+        (their union holds every value above the floor, which includes the k largest), not alone.
         """
         first = sample is not None and self._seen == 0 and self._values.shape[1] == 0 and not self._pending
         buf = self.buffer()
+        if floor is not None:
+            np.maximum(buf.bound, floor, out=buf.bound)
+            self._floored = True
+        valid = buf.bound.copy()
         if first:
             assert sample is not None
             m = sample.shape[1]
             rank = min(m, int(2 * self.k * m / n) + 32)
             if rank < m:
-                buf.bound[:] = sample.float().topk(rank, dim=1, sorted=False).values.amin(1).numpy()
+                np.maximum(buf.bound, sample.float().topk(rank, dim=1, sorted=False).values.amin(1).numpy(),
+                           out=buf.bound)
         out = kernel(buf)
-        if first and bool((buf.count < min(self.k, n)).any()):  # the sampled level was above some k-th largest
+        # the sampled level (where it is above the valid bound) must leave k values per unit of this batch
+        if first and bool(((buf.count < min(self.k, n)) & (buf.bound > valid)).any()):
             buf.count[:] = 0
-            buf.bound[:] = -np.inf
+            buf.bound[:] = valid
             out = kernel(buf)
         buf.cut(self.k + self.k // 8)  # a tight bound for the next batch (a row is cut inside only when full)
         self._seen += n
@@ -217,10 +229,12 @@ class ExactTopQuantile:
         if buf is None:
             return
         buf.keep_top(self.k)
-        m = int(buf.count.min())  # every row holds min(k, seen) values now (a row below k was fed everything)
-        if int(buf.count.max()) != m:
+        m = int(buf.count.max())  # every row holds min(k, seen) values now (a row below k was fed everything) ...
+        if int(buf.count.min()) != m and not self._floored:
             raise RuntimeError("top-k buffer rows of unequal length: a kernel skipped values it had to keep")
-        self.values = torch.from_numpy(buf.values[:, :m].copy()).to(self._values.dtype)
+        values = buf.values[:, :m].copy()  # ... unless a floor dropped values: −inf pads the shorter rows
+        values[np.arange(m)[None, :] >= buf.count[:, None]] = -np.inf
+        self.values = torch.from_numpy(values).to(self._values.dtype)
         self._covered = self._seen
 
     def likely_bound(self) -> torch.Tensor:
