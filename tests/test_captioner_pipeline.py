@@ -213,3 +213,26 @@ def test_run_dong_sweeps_lambda_on_validation_and_writes_results(tmp_path, monke
     assert all({"nll", "topic", "lam_topic", "val_CIDEr"} <= set(h) for h in hist)
     assert hist[0]["lam_topic"] == pytest.approx(3.0 * hist[0]["topic"])
     assert (tmp_path / "report.html").is_file()
+
+
+def test_frame_cnn_multilabel_learns_concept_presence():
+    from semlens.experiments.dong import DongSettings, _fit_multilabel, frame_cnn, frame_cnn_accuracy
+    from semlens.models import build_model
+    from semlens.world import VOCABULARY
+
+    dev = torch.device("cpu")
+    st = DongSettings(cnn_images=64, cnn_epochs=1, cnn_task="multilabel")
+    cnn = frame_cnn(st, seed=0, device=dev)
+    out = cnn(torch.rand(2, 3, 64, 64))
+    assert out.shape == (2, len(VOCABULARY) - 1)  # one output per concept, "-" excluded
+    assert 0.0 <= frame_cnn_accuracy(cnn, dev, n=40, multilabel=True) <= 1.0
+    # the multi-label loss goes down on a tiny fixed problem
+    torch.manual_seed(0)
+    x, y = torch.rand(32, 3, 64, 64), (torch.rand(32, 5) < 0.3).float()
+    losses = _fit_multilabel(build_model("alexnet-like", num_classes=5, image_size=64), x, y, epochs=4, seed=0,
+                             device=dev, batch_size=16, lr=3e-3)
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="label rows"):
+        _fit_multilabel(cnn, x, y[:3], epochs=1, seed=0, device=dev)
+    with pytest.raises(ValueError, match="cnn_task"):
+        frame_cnn(DongSettings(cnn_task="regression"), seed=0, device=dev)
