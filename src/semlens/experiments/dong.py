@@ -35,8 +35,8 @@ from semlens.models.captioner import save_json
 from semlens.report import Report, Section
 from semlens.runtime import resolve_device, seed_everything
 
-__all__ = ["DongSettings", "compare_models", "sweep_lambda", "choose_lambda", "sections", "run_dong", "frame_cnn",
-           "prepare_clips", "register_reproduce"]
+__all__ = ["DongSettings", "compare_models", "paired_gap", "sweep_lambda", "choose_lambda", "sections", "run_dong",
+           "frame_cnn", "prepare_clips", "register_reproduce"]
 
 MODELS = ("LSTM-B", "LSTM-I")
 
@@ -181,6 +181,25 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "n": int(arr.size)}
 
 
+def paired_gap(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Paired comparison of per-seed values ``b`` − ``a`` (same seeds, same order): mean and std of the
+    differences, the paired t statistic with its two-sided p-value (NaN for < 2 seeds or zero spread), and
+    the number of seeds where ``b`` > ``a``."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"need equally many (>= 1) values per model; got {len(a)} and {len(b)}")
+    from scipy import stats
+
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    n = d.size
+    sd = float(d.std(ddof=1)) if n > 1 else float("nan")
+    t = p = float("nan")
+    if n > 1 and sd > 0:
+        t = float(d.mean() / (sd / math.sqrt(n)))
+        p = float(2 * stats.t.sf(abs(t), df=n - 1))
+    return {"mean_diff": float(d.mean()), "std_diff": sd, "n": n, "t": t, "p_two_sided": p,
+            "wins": int((d > 0).sum())}
+
+
 Trained = dict[tuple[float, int], tuple[Any, list[dict[str, Any]], float]]
 
 
@@ -245,7 +264,8 @@ def compare_models(prep: Prepared, settings: DongSettings, seeds: Sequence[int],
     the transfer probe. ``on_run(runs)`` is called after every trained model (e.g. to save partial
     results). ``trained``: models already trained with these settings, (λ, seed) -> (model, history,
     seconds), e.g. by :func:`sweep_lambda`; they are reused instead of retrained. Returns per-run metrics,
-    mean/std per model and the last seed's analyses.
+    mean/std per model, ``paired`` (LSTM-I − LSTM-B per seed, :func:`paired_gap`, for the selectivity AUC and
+    the caption and transfer scores) and the last seed's analyses.
     """
     lam_i = settings.lam if lam is None else lam
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODELS}
@@ -264,7 +284,9 @@ def compare_models(prep: Prepared, settings: DongSettings, seeds: Sequence[int],
                 f"e.g. '{art['captions'][prep.test.video_ids[0]]}'")
     keys = [k for k in runs[MODELS[1]][0] if k not in ("seed", "lam", "history")]
     summary = {m: {k: _stats([r[k] for r in runs[m] if k in r]) for k in keys if k in runs[m][0]} for m in MODELS}
-    return {"runs": runs, "summary": summary, "last": last, "lam": lam_i}
+    paired = {k: paired_gap([r[k] for r in runs[MODELS[0]]], [r[k] for r in runs[MODELS[1]]])
+              for k in ("selectivity_auc", "BLEU-4", "METEOR", "CIDEr", "action_accuracy") if k in runs[MODELS[0]][0]}
+    return {"runs": runs, "summary": summary, "paired": paired, "last": last, "lam": lam_i}
 
 
 def sweep_lambda(prep: Prepared, settings: DongSettings, grid: Sequence[float], device: torch.device, seed: int = 0,
@@ -391,6 +413,11 @@ def sections(prep: Prepared, result: Mapping[str, Any], settings: DongSettings, 
                              "of the topic's named neurons on test, neurons named by PDM with an f fitted on each "
                              "frozen encoder (same procedure for both models); selectivity_auc_own_f: LSTM-I named "
                              "with its jointly trained f; action_accuracy: linear probe on frozen v̄.")
+    if result.get("paired"):
+        main.table([{"metric": k, "LSTM-I − LSTM-B (mean ± std)": f"{v['mean_diff']:+.3f} ± {v['std_diff']:.3f}",
+                     "seeds with LSTM-I higher": f"{v['wins']} of {v['n']}", "paired t": f"{v['t']:.2f}",
+                     "p (two-sided)": f"{v['p_two_sided']:.3g}"} for k, v in result["paired"].items()],
+                   caption="Paired comparison: both models trained with the same seeds; per-seed differences.")
     if sweep:
         main.table([{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()
                      if k in ("lam", "BLEU-4", "METEOR", "CIDEr", "selectivity_auc", "val_topic_loss",
@@ -463,7 +490,7 @@ def run_dong(out: str | Path, seeds: int = 3, fast: bool = False, device: str = 
     results = {"paper": "Dong, Su, Zhu, Zhang, CVPR 2017", "data": "semlens built-in clips",
                "settings": asdict(st), "seeds": seed_list, "lam": lam, "lambda_sweep": sweep,
                "frame_cnn_test_accuracy": cnn_acc,
-               "summary": res["summary"], "runs": res["runs"],
+               "summary": res["summary"], "paired": res["paired"], "runs": res["runs"],
                "topics": prep.topics.top_words(8), "seconds": time.perf_counter() - t0}
     save_json(results, out / "results.json")
     prep.topics.save(out / "topics.json")
@@ -475,6 +502,9 @@ def run_dong(out: str | Path, seeds: int = 3, fast: bool = False, device: str = 
     report.write(out / "report.html")
     log(json.dumps({m: {k: round(res["summary"][m][k]["mean"], 4) for k in ("BLEU-4", "METEOR", "CIDEr",
                                                                            "selectivity_auc")} for m in MODELS}))
+    gap = res["paired"]["selectivity_auc"]
+    log(f"selectivity AUC, LSTM-I − LSTM-B per seed: {gap['mean_diff']:+.3f} ± {gap['std_diff']:.3f}, higher in "
+        f"{gap['wins']} of {gap['n']} seeds, paired t {gap['t']:.2f}, p {gap['p_two_sided']:.3g}")
     return results
 
 
