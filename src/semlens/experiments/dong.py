@@ -50,6 +50,7 @@ class DongSettings:
     stopping on validation CIDEr. ``frame_layers``/``frame_pool``/``frame_grid``/``frame_grid_layers``: the
     frozen CNN's per-frame descriptor (see :func:`semlens.captioning.extract_frame_features`).
     ``topic_dropout``/``topic_weight_decay``: regularisation of LSTM-I's topic head f (no effect on LSTM-B).
+    ``cnn_images``/``cnn_epochs``/``cnn_task``: the frame CNN's training on concept images (see :func:`frame_cnn`).
     """
 
     n_clips: int = 600
