@@ -414,7 +414,7 @@ def sections(prep: Prepared, result: Mapping[str, Any], settings: DongSettings, 
                              "of the topic's named neurons on test, neurons named by PDM with an f fitted on each "
                              "frozen encoder (same procedure for both models); selectivity_auc_own_f: LSTM-I named "
                              "with its jointly trained f; action_accuracy: linear probe on frozen v̄.")
-    if result.get("paired"):
+    if result.get("paired") and result["paired"]["selectivity_auc"]["n"] > 1:  # one seed: nothing to pair
         main.table([{"metric": k, "LSTM-I − LSTM-B (mean ± std)": f"{v['mean_diff']:+.3f} ± {v['std_diff']:.3f}",
                      "seeds with LSTM-I higher": f"{v['wins']} of {v['n']}", "paired t": f"{v['t']:.2f}",
                      "p (two-sided)": f"{v['p_two_sided']:.3g}"} for k, v in result["paired"].items()],
