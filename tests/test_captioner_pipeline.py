@@ -209,7 +209,48 @@ def test_run_dong_sweeps_lambda_on_validation_and_writes_results(tmp_path, monke
     assert [r["lam"] for r in saved["runs"]["LSTM-I"]] == [saved["lam"]] * 2
     assert {"BLEU-4", "METEOR", "CIDEr", "selectivity_auc", "action_accuracy"} <= set(saved["summary"]["LSTM-B"])
     assert "selectivity_auc_own_f" in saved["summary"]["LSTM-I"]
+    d = [i["selectivity_auc"] - b["selectivity_auc"] for b, i in zip(*saved["runs"].values(), strict=True)]
+    assert saved["paired"]["selectivity_auc"]["mean_diff"] == pytest.approx(sum(d) / 2)
     hist = saved["runs"]["LSTM-I"][0]["history"]
     assert all({"nll", "topic", "lam_topic", "val_CIDEr"} <= set(h) for h in hist)
     assert hist[0]["lam_topic"] == pytest.approx(3.0 * hist[0]["topic"])
     assert (tmp_path / "report.html").is_file()
+
+
+def test_frame_cnn_multilabel_learns_concept_presence():
+    from semlens.experiments.dong import DongSettings, _fit_multilabel, frame_cnn, frame_cnn_accuracy
+    from semlens.models import build_model
+    from semlens.world import VOCABULARY
+
+    dev = torch.device("cpu")
+    st = DongSettings(cnn_images=64, cnn_epochs=1, cnn_task="multilabel")
+    cnn = frame_cnn(st, seed=0, device=dev)
+    out = cnn(torch.rand(2, 3, 64, 64))
+    assert out.shape == (2, len(VOCABULARY) - 1)  # one output per concept, "-" excluded
+    assert 0.0 <= frame_cnn_accuracy(cnn, dev, n=40, multilabel=True) <= 1.0
+    # the multi-label loss goes down on a tiny fixed problem
+    torch.manual_seed(0)
+    x, y = torch.rand(32, 3, 64, 64), (torch.rand(32, 5) < 0.3).float()
+    losses = _fit_multilabel(build_model("alexnet-like", num_classes=5, image_size=64), x, y, epochs=4, seed=0,
+                             device=dev, batch_size=16, lr=3e-3)
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="label rows"):
+        _fit_multilabel(cnn, x, y[:3], epochs=1, seed=0, device=dev)
+    with pytest.raises(ValueError, match="cnn_task"):
+        frame_cnn(DongSettings(cnn_task="regression"), seed=0, device=dev)
+
+
+def test_paired_gap_matches_hand_computed_t_test():
+    import math
+
+    from semlens.experiments.dong import paired_gap
+
+    b, i = [0.70, 0.68, 0.70], [0.73, 0.72, 0.70]  # differences 0.03, 0.04, 0.00
+    g = paired_gap(b, i)
+    sd = math.sqrt(((0.03 - 0.07 / 3) ** 2 + (0.04 - 0.07 / 3) ** 2 + (0.07 / 3) ** 2) / 2)
+    assert g["mean_diff"] == pytest.approx(0.07 / 3) and g["std_diff"] == pytest.approx(sd)
+    assert g["t"] == pytest.approx((0.07 / 3) / (sd / math.sqrt(3))) and g["wins"] == 2 and g["n"] == 3
+    assert g["p_two_sided"] == pytest.approx(0.1917, abs=1e-3)  # t = 1.941 with 2 degrees of freedom
+    assert math.isnan(paired_gap([0.5], [0.6])["t"]) and paired_gap([0.5], [0.6])["wins"] == 1
+    with pytest.raises(ValueError, match="equally many"):
+        paired_gap([0.5, 0.6], [0.6])

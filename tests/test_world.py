@@ -275,3 +275,43 @@ def test_masks_stay_consistent_at_other_sizes():
     assert big.pixel_labels == {}
     assert torch.bincount(big.labels, minlength=len(CLASSES)).min() > 20
     assert set(itertools.chain(big.scene.tolist())) == set(VOCABULARY.numbers("scene"))
+
+
+def test_concept_presence_matches_hand_built_masks():
+    n, s = 2, 4
+    z = torch.zeros(n, s, s, dtype=torch.int64)
+    red, blue = VOCABULARY.number("color", "red"), VOCABULARY.number("color", "blue")
+    star, wheel = VOCABULARY.number("object", "star"), VOCABULARY.number("part", "wheel")
+    dots = VOCABULARY.number("texture", "dots")
+    sea, night = VOCABULARY.number("scene", "sea"), VOCABULARY.number("scene", "night")
+    color, obj, part, tex = z.clone(), z.clone(), z.clone(), z.clone()
+    color[0] = blue  # image 0: blue background, a 2-pixel red star with dots
+    color[0, 0, :2] = red
+    obj[0, 0, :2] = star
+    tex[0, 0, 0] = dots
+    part[1, 3, 3] = wheel  # image 1: one wheel pixel, no colour map entries
+    ci = C.ConceptImages(images=torch.zeros(n, 3, s, s), labels=torch.zeros(n, dtype=torch.int64),
+                         evidence=torch.zeros(n, s, s, dtype=torch.bool),
+                         pixel_labels={"color": color, "object": obj, "part": part, "texture": tex},
+                         scene=torch.tensor([sea, night]))
+    want = torch.zeros(n, len(VOCABULARY) - 1)
+    for i, c in ((0, red), (0, blue), (0, star), (0, dots), (0, sea), (1, wheel), (1, night)):
+        want[i, c - 1] = 1
+    assert torch.equal(C.concept_presence(ci), want)
+    want2 = want.clone()
+    want2[0, dots - 1] = 0  # 1 dot pixel < 2; the scene stays present without pixels
+    want2[1, wheel - 1] = 0
+    assert torch.equal(C.concept_presence(ci, min_pixels=2), want2)
+    with pytest.raises(ValueError, match="masks"):
+        C.concept_presence(generate_concepts(n=4, size=32, seed=0, masks=False))
+    with pytest.raises(ValueError, match="min_pixels"):
+        C.concept_presence(ci, min_pixels=0)
+
+
+def test_concept_presence_on_generated_images(ci):
+    y = C.concept_presence(ci)
+    assert y.shape == (len(ci), len(VOCABULARY) - 1) and set(y.unique().tolist()) <= {0.0, 1.0}
+    key_obj = torch.tensor([C.OBJECTS.index(o) for o, _ in CLASSES])[ci.labels] + VOCABULARY.numbers("object")[0]
+    visible = ci.evidence.flatten(1).any(1)
+    assert (y[visible, key_obj[visible] - 1] == 1).all()  # the key object is present wherever it is visible
+    assert (y[torch.arange(len(ci)), ci.scene - 1] == 1).all()

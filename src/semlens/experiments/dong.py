@@ -35,8 +35,8 @@ from semlens.models.captioner import save_json
 from semlens.report import Report, Section
 from semlens.runtime import resolve_device, seed_everything
 
-__all__ = ["DongSettings", "compare_models", "sweep_lambda", "choose_lambda", "sections", "run_dong", "frame_cnn",
-           "prepare_clips", "register_reproduce"]
+__all__ = ["DongSettings", "compare_models", "paired_gap", "sweep_lambda", "choose_lambda", "sections", "run_dong",
+           "frame_cnn", "prepare_clips", "register_reproduce"]
 
 MODELS = ("LSTM-B", "LSTM-I")
 
@@ -50,6 +50,7 @@ class DongSettings:
     stopping on validation CIDEr. ``frame_layers``/``frame_pool``/``frame_grid``/``frame_grid_layers``: the
     frozen CNN's per-frame descriptor (see :func:`semlens.captioning.extract_frame_features`).
     ``topic_dropout``/``topic_weight_decay``: regularisation of LSTM-I's topic head f (no effect on LSTM-B).
+    ``cnn_images``/``cnn_epochs``/``cnn_task``: the frame CNN's training on concept images (see :func:`frame_cnn`).
     """
 
     n_clips: int = 600
@@ -69,6 +70,7 @@ class DongSettings:
     beam: int = 3
     cnn_images: int = 8000  # the frame CNN must encode shape (8000 × 10 epochs: 0.78 test accuracy on 12 classes)
     cnn_epochs: int = 10
+    cnn_task: str = "class"  # "class": 12 (shape, colour) classes; "multilabel": presence of every concept
     frame_layers: tuple[str, ...] = ("features.conv2", "features.conv5")
     frame_pool: str = "meanmax"
     frame_grid: int = 2  # + conv5 average-pooled to 2 x 2: where the actor is (motion, size); see docs/captioning.md
@@ -95,16 +97,33 @@ class DongSettings:
 
 def frame_cnn(settings: DongSettings, seed: int, device: torch.device, spec: str = "alexnet-like"
               ) -> torch.nn.Module:
-    """Train a reference CNN on built-in concept images (the frozen frame encoder)."""
+    """Train a reference CNN on built-in concept images (the frozen frame encoder).
+
+    ``settings.cnn_task``: ``"class"`` trains the 12-way (shape, colour) classifier of the concept world;
+    ``"multilabel"`` trains one sigmoid output per concept (every colour, object, part, texture and scene,
+    targets from the images' masks: :func:`semlens.world.concepts.concept_presence`), the analogue of
+    ImageNet pre-training. Neither sees the clips or their captions.
+    """
     from torch.utils.data import TensorDataset
 
     from semlens.models import build_model
     from semlens.train import TrainConfig, Trainer
     from semlens.world import generate_concepts
 
-    ci = generate_concepts(n=settings.cnn_images, size=64, seed=seed + 101)
+    if settings.cnn_task not in ("class", "multilabel"):
+        raise ValueError(f"unknown cnn_task {settings.cnn_task!r}; use 'class' or 'multilabel'")
+    multi = settings.cnn_task == "multilabel"
+    ci = generate_concepts(n=settings.cnn_images, size=64, seed=seed + 101, masks=multi)
     n_val = max(1, len(ci.labels) // 10)
-    x, y = torch.as_tensor(ci.images), torch.as_tensor(ci.labels)
+    x = torch.as_tensor(ci.images)
+    if multi:
+        from semlens.world.concepts import concept_presence
+
+        y = concept_presence(ci)
+        cnn = build_model(spec, num_classes=y.shape[1], image_size=64)
+        _fit_multilabel(cnn, x[n_val:], y[n_val:], settings.cnn_epochs, seed, device)
+        return cnn.to(device).eval()
+    y = torch.as_tensor(ci.labels)
     cnn = build_model(spec, num_classes=len(ci.class_names), image_size=64)
     cfg = TrainConfig(epochs=settings.cnn_epochs, batch_size=64, lr=1e-3, optimizer="adam", seed=seed,
                       device=str(device))
@@ -112,15 +131,48 @@ def frame_cnn(settings: DongSettings, seed: int, device: torch.device, spec: str
     return cnn.to(device).eval()
 
 
-@torch.no_grad()
-def frame_cnn_accuracy(cnn: torch.nn.Module, device: torch.device, n: int = 600, seed: int = 202) -> float:
-    """Test accuracy of the frame CNN on held-out built-in concept images (how well its features encode shape)."""
-    from semlens.world import generate_concepts
+def _fit_multilabel(cnn: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int,
+                    device: torch.device, batch_size: int = 64, lr: float = 1e-3) -> list[float]:
+    """Adam on the mean binary cross-entropy of ``cnn(x)`` (N, C) logits vs ``y`` (N, C) in {0, 1};
+    x: (N, 3, S, S) in [0, 1]. Seeded shuffling; returns the mean training loss per epoch."""
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{x.shape[0]} images but {y.shape[0]} label rows")
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    cnn.to(device).train()
+    opt = torch.optim.Adam(cnn.parameters(), lr=lr)
+    losses = []
+    for _ in range(epochs):
+        order, tot = torch.randperm(x.shape[0], generator=g), 0.0
+        for s in range(0, x.shape[0], batch_size):
+            idx = order[s: s + batch_size]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(cnn(x[idx].to(device)), y[idx].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tot += float(loss.detach()) * len(idx)
+        losses.append(tot / x.shape[0])
+    cnn.eval()
+    return losses
 
-    ci = generate_concepts(n=n, size=64, seed=seed, masks=False)
-    x, y = torch.as_tensor(ci.images), torch.as_tensor(ci.labels)
-    pred = torch.cat([cnn(x[i:i + 200].to(device)).argmax(1).cpu() for i in range(0, n, 200)])
-    return float((pred == y).float().mean())
+
+@torch.no_grad()
+def frame_cnn_accuracy(cnn: torch.nn.Module, device: torch.device, n: int = 600, seed: int = 202,
+                       multilabel: bool = False) -> float:
+    """How well the frame CNN encodes the concept world, on held-out concept images: test accuracy on the
+    12 classes, or (``multilabel``) the mean over concepts of the ROC AUC of its outputs for concept presence
+    (concepts present in none or all of the images skipped)."""
+    from semlens.units.pdm import auc
+    from semlens.world import generate_concepts
+    from semlens.world.concepts import concept_presence
+
+    ci = generate_concepts(n=n, size=64, seed=seed, masks=multilabel)
+    x = torch.as_tensor(ci.images)
+    out = torch.cat([cnn(x[i:i + 200].to(device)).cpu() for i in range(0, n, 200)])
+    if multilabel:
+        a = auc(out, concept_presence(ci).bool())
+        return float(a[~torch.isnan(a)].mean())
+    return float((out.argmax(1) == torch.as_tensor(ci.labels)).float().mean())
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
@@ -128,6 +180,25 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
     if arr.size == 0:
         return {"mean": float("nan"), "std": float("nan"), "n": 0}
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "n": int(arr.size)}
+
+
+def paired_gap(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Paired comparison of per-seed values ``b`` − ``a`` (same seeds, same order): mean and std of the
+    differences, the paired t statistic with its two-sided p-value (NaN for < 2 seeds or zero spread), and
+    the number of seeds where ``b`` > ``a``."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"need equally many (>= 1) values per model; got {len(a)} and {len(b)}")
+    from scipy import stats
+
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    n = d.size
+    sd = float(d.std(ddof=1)) if n > 1 else float("nan")
+    t = p = float("nan")
+    if n > 1 and sd > 0:
+        t = float(d.mean() / (sd / math.sqrt(n)))
+        p = float(2 * stats.t.sf(abs(t), df=n - 1))
+    return {"mean_diff": float(d.mean()), "std_diff": sd, "n": n, "t": t, "p_two_sided": p,
+            "wins": int((d > 0).sum())}
 
 
 Trained = dict[tuple[float, int], tuple[Any, list[dict[str, Any]], float]]
@@ -194,7 +265,8 @@ def compare_models(prep: Prepared, settings: DongSettings, seeds: Sequence[int],
     the transfer probe. ``on_run(runs)`` is called after every trained model (e.g. to save partial
     results). ``trained``: models already trained with these settings, (λ, seed) -> (model, history,
     seconds), e.g. by :func:`sweep_lambda`; they are reused instead of retrained. Returns per-run metrics,
-    mean/std per model and the last seed's analyses.
+    mean/std per model, ``paired`` (LSTM-I − LSTM-B per seed, :func:`paired_gap`, for the selectivity AUC and
+    the caption and transfer scores) and the last seed's analyses.
     """
     lam_i = settings.lam if lam is None else lam
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODELS}
@@ -213,7 +285,9 @@ def compare_models(prep: Prepared, settings: DongSettings, seeds: Sequence[int],
                 f"e.g. '{art['captions'][prep.test.video_ids[0]]}'")
     keys = [k for k in runs[MODELS[1]][0] if k not in ("seed", "lam", "history")]
     summary = {m: {k: _stats([r[k] for r in runs[m] if k in r]) for k in keys if k in runs[m][0]} for m in MODELS}
-    return {"runs": runs, "summary": summary, "last": last, "lam": lam_i}
+    paired = {k: paired_gap([r[k] for r in runs[MODELS[0]]], [r[k] for r in runs[MODELS[1]]])
+              for k in ("selectivity_auc", "BLEU-4", "METEOR", "CIDEr", "action_accuracy") if k in runs[MODELS[0]][0]}
+    return {"runs": runs, "summary": summary, "paired": paired, "last": last, "lam": lam_i}
 
 
 def sweep_lambda(prep: Prepared, settings: DongSettings, grid: Sequence[float], device: torch.device, seed: int = 0,
@@ -340,6 +414,11 @@ def sections(prep: Prepared, result: Mapping[str, Any], settings: DongSettings, 
                              "of the topic's named neurons on test, neurons named by PDM with an f fitted on each "
                              "frozen encoder (same procedure for both models); selectivity_auc_own_f: LSTM-I named "
                              "with its jointly trained f; action_accuracy: linear probe on frozen v̄.")
+    if result.get("paired") and result["paired"]["selectivity_auc"]["n"] > 1:  # one seed: nothing to pair
+        main.table([{"metric": k, "LSTM-I − LSTM-B (mean ± std)": f"{v['mean_diff']:+.3f} ± {v['std_diff']:.3f}",
+                     "seeds with LSTM-I higher": f"{v['wins']} of {v['n']}", "paired t": f"{v['t']:.2f}",
+                     "p (two-sided)": f"{v['p_two_sided']:.3g}"} for k, v in result["paired"].items()],
+                   caption="Paired comparison: both models trained with the same seeds; per-seed differences.")
     if sweep:
         main.table([{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()
                      if k in ("lam", "BLEU-4", "METEOR", "CIDEr", "selectivity_auc", "val_topic_loss",
@@ -387,8 +466,10 @@ def run_dong(out: str | Path, seeds: int = 3, fast: bool = False, device: str = 
     clips = generate_clips(n=st.n_clips, frames=st.frames, size=64, seed=0)
     log(f"generated {len(clips.video_ids)} clips; training the frame CNN ...")
     cnn = frame_cnn(st, seed=0, device=dev)
-    cnn_acc = frame_cnn_accuracy(cnn, dev)
-    log(f"frame CNN: test accuracy {cnn_acc:.3f} on 600 held-out concept images (12 classes)")
+    multi = st.cnn_task == "multilabel"
+    cnn_acc = frame_cnn_accuracy(cnn, dev, multilabel=multi)
+    quality = f"mean concept AUC {cnn_acc:.3f}" if multi else f"accuracy {cnn_acc:.3f} (12 classes)"
+    log(f"frame CNN ({st.cnn_task}): {quality} on 600 held-out concept images")
     feats = extract_frame_features(cnn, torch.as_tensor(clips.frames), layer=list(st.frame_layers), device=dev,
                                    pool=st.frame_pool, grid=st.frame_grid, grid_layers=st.frame_grid_layers)
     prep = prepare_clips(clips, feats, st.n_topics, standardize=True)
@@ -410,7 +491,7 @@ def run_dong(out: str | Path, seeds: int = 3, fast: bool = False, device: str = 
     results = {"paper": "Dong, Su, Zhu, Zhang, CVPR 2017", "data": "semlens built-in clips",
                "settings": asdict(st), "seeds": seed_list, "lam": lam, "lambda_sweep": sweep,
                "frame_cnn_test_accuracy": cnn_acc,
-               "summary": res["summary"], "runs": res["runs"],
+               "summary": res["summary"], "paired": res["paired"], "runs": res["runs"],
                "topics": prep.topics.top_words(8), "seconds": time.perf_counter() - t0}
     save_json(results, out / "results.json")
     prep.topics.save(out / "topics.json")
@@ -422,6 +503,9 @@ def run_dong(out: str | Path, seeds: int = 3, fast: bool = False, device: str = 
     report.write(out / "report.html")
     log(json.dumps({m: {k: round(res["summary"][m][k]["mean"], 4) for k in ("BLEU-4", "METEOR", "CIDEr",
                                                                            "selectivity_auc")} for m in MODELS}))
+    gap = res["paired"]["selectivity_auc"]
+    log(f"selectivity AUC, LSTM-I − LSTM-B per seed: {gap['mean_diff']:+.3f} ± {gap['std_diff']:.3f}, higher in "
+        f"{gap['wins']} of {gap['n']} seeds, paired t {gap['t']:.2f}, p {gap['p_two_sided']:.3g}")
     return results
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "render_scenes",
     "new_canvas",
     "canvas_rgb",
+    "concept_presence",
 ]
 
 CHUNK = 256
@@ -512,3 +513,26 @@ def generate_concepts(n: int = 1000, size: int = 64, seed: int = 0, noise: float
     out = parts[0] if len(parts) == 1 else ConceptImages.concat(parts)
     off = start - first * CHUNK
     return out.subset(slice(off, off + n))
+
+
+def concept_presence(images: ConceptImages, min_pixels: int = 1) -> Tensor:
+    """Multi-label targets: which concepts each image shows, from its pixel masks and scene.
+
+    Returns (N, C) float32 with C = ``len(images.vocabulary) - 1`` (every concept but ``"-"``; column
+    ``c - 1`` is global concept ``c``): 1 where at least ``min_pixels`` pixels of a colour / object / part /
+    texture map carry the concept, or where it is the image's scene. Needs ``pixel_labels`` (generate with
+    ``masks=True``).
+    """
+    if not images.pixel_labels:
+        raise ValueError("concept_presence needs pixel masks; generate the images with masks=True")
+    if min_pixels < 1:
+        raise ValueError(f"min_pixels must be >= 1, got {min_pixels}")
+    n, c = len(images), len(images.vocabulary)
+    counts = torch.zeros(n, c, dtype=torch.int64)
+    for cat in ("color", "object", "part", "texture"):
+        lab = images.pixel_labels[cat].reshape(n, -1).long()
+        counts.scatter_add_(1, lab, torch.ones_like(lab))
+    counts[:, 0] = 0  # "-": nothing
+    present = counts >= min_pixels
+    present[torch.arange(n), images.scene.long()] = True
+    return present[:, 1:].float()
