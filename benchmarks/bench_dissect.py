@@ -126,17 +126,32 @@ def timed_dissect(model, ds, layers, batch_size, device, **kw) -> tuple[float, f
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def peak_rss_kb() -> float:
+    """This process image's peak RSS in kB: VmHWM on Linux (``ru_maxrss`` carries the parent's peak over fork and
+    exec, so a child started by a big benchmark process would report the parent's), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
 def memory_child(n: int, device: str, batch_size: int, cache_bytes: int, size: int = 64,
                  mask_size: int | None = None) -> None:
     dev = torch.device(device)
     model, layers = make_model(size)
     model.to(dev)
     ds = ProceduralDataset(n, size, mask_size)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    dissect(model, ProceduralDataset(64, size, mask_size), layers, batch_size=batch_size, device=dev,
+            show_progress=False)  # compile the kernels first: their compiler's memory is not the dissection's
+    base = peak_rss_kb()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     dissect(model, ds, layers, batch_size=batch_size, device=dev, cache_bytes=cache_bytes, show_progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_kb()
     gpu = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else 0.0
     print(json.dumps({"rss_peak_mb": peak / 1024, "rss_growth_mb": (peak - base) / 1024, "gpu_peak_mb": gpu}))
 
