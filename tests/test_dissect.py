@@ -127,6 +127,8 @@ def test_bad_input_errors_name_the_culprit():
         dissect(net, ds, "6", device="cpu")
     with pytest.raises(DissectionError, match="no masks for category.*material"):
         dissect(net, ds, "2", categories=["material"], device="cpu")
+    with pytest.raises(DissectionError, match="workers must be >= 1, got 0"):
+        dissect(net, ds, "2", device="cpu", workers=0)
     sparse = random_dataset()
     sparse.annotated["object"][:] = False
     with pytest.raises(DissectionError, match="no masks for category.*object"):
