@@ -250,7 +250,7 @@ def test_top_images_by_insertion_equal_the_tensor_merge_with_ties():
     plain = _TallyPass({"g": C}, {"l": C}, 3, 1, 5, torch.device("cpu"))
     for chunk in order.split(8):
         K.insert_top(fused.top_val["l"], fused.top_idx["l"], values[chunk], chunk)
-        plain._keep_top("l", values[chunk].t(), chunk.view(1, -1).expand(C, -1))
+        plain._merge_top("l", values[chunk].t(), chunk.view(1, -1).expand(C, -1))
     assert torch.equal(fused.top_val["l"], plain.top_val["l"]) and torch.equal(fused.top_idx["l"], plain.top_idx["l"])
     for u in range(C):  # the expected list by a plain sort
         ref = sorted(range(n_img), key=lambda i: (-float(values[i, u]), i))[:5]

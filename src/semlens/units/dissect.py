@@ -510,9 +510,9 @@ class _TallyPass:
         if _fused(self.top_val[name]):  # one insertion kernel instead of a dozen small tensor ops per batch
             dissect_kernels.insert_top(self.top_val[name], self.top_idx[name], maxima, indices)
             return
-        self._keep_top(name, maxima.t().float(), indices.view(1, -1).expand(maxima.shape[1], -1))
+        self._merge_top(name, maxima.t().float(), indices.view(1, -1).expand(maxima.shape[1], -1))
 
-    def _keep_top(self, name: str, vals: torch.Tensor, idx: torch.Tensor) -> None:
+    def _merge_top(self, name: str, vals: torch.Tensor, idx: torch.Tensor) -> None:
         """Merge (C, m) candidate values/indices into the top list: largest first, the smaller index on ties, so
         the list does not depend on the order batches (or workers, or processes) arrive in."""
         vals = torch.cat([self.top_val[name], vals], 1)
@@ -532,7 +532,7 @@ class _TallyPass:
             self.inter[g] += other.inter[g]
             self.act[g] += other.act[g]
         for n in self.top_val:
-            self._keep_top(n, other.top_val[n], other.top_idx[n])
+            self._merge_top(n, other.top_val[n], other.top_idx[n])
 
     def merge_across_processes(self) -> None:
         if not distributed.is_distributed():
@@ -543,7 +543,7 @@ class _TallyPass:
             vals = all_gather_cat(self.top_val[n], dim=1)
             idx = all_gather_cat(self.top_idx[n], dim=1)
             self.top_val[n], self.top_idx[n] = self.top_val[n][:, :0], self.top_idx[n][:, :0]
-            self._keep_top(n, vals, idx)
+            self._merge_top(n, vals, idx)
 
 
 def bilinear_axis(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

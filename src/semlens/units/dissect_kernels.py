@@ -338,7 +338,7 @@ def _insert_top(top_val, top_idx, maxima, indices):  # pragma: no cover - compil
 
 
 def insert_top(top_val: torch.Tensor, top_idx: torch.Tensor, maxima: torch.Tensor, indices: torch.Tensor) -> None:
-    """Merge a batch into per-unit top lists in place (the tensor path: ``_TallyPass._keep_top``).
+    """Merge a batch into per-unit top lists in place (the tensor path: ``_TallyPass._merge_top``).
 
     top_val (C, n) float32 / top_idx (C, n) int64, contiguous CPU tensors sorted by value (descending) then index
     (ascending, −1 = empty); maxima (B, C) values of the images ``indices`` (B,).

@@ -250,13 +250,18 @@ class ExactTopQuantile:
         if self._guess is not None and self._guess[0] == self._covered:  # the kept values have not changed
             return self._guess[1]
         kept = self._values
-        e = self.k * self._covered / self.total
-        r = math.ceil(GUESS_MARGIN[0] * e + GUESS_MARGIN[1] * math.sqrt(e))
+        r = self._guess_rank(self._covered)
         if not 1 <= r <= kept.shape[1]:
             return self.lower_bound
         guess = torch.maximum(kept.kthvalue(kept.shape[1] - r + 1, dim=1).values, self.lower_bound)
         self._guess = (self._covered, guess)
         return guess
+
+    def _guess_rank(self, seen: int) -> int:
+        """Rank of the guess among the largest of ``seen`` values per unit: a·e + b·√e (``GUESS_MARGIN``), e = the
+        final top-k values expected among them."""
+        e = self.k * seen / self.total
+        return math.ceil(GUESS_MARGIN[0] * e + GUESS_MARGIN[1] * math.sqrt(e))
 
     def _likely_bound_of_buffer(self) -> torch.Tensor:
         """:meth:`likely_bound` in buffer mode: the rank ``2e + 8√e`` value of each row (a row holds the k largest
@@ -266,8 +271,7 @@ class ExactTopQuantile:
         assert buf is not None
         if self._buffer_guess is not None and self._seen < 2 * self._buffer_guess[0]:
             return torch.maximum(self._buffer_guess[1], torch.from_numpy(buf.bound))  # never below the bound
-        e = self.k * self._seen / self.total
-        r = math.ceil(GUESS_MARGIN[0] * e + GUESS_MARGIN[1] * math.sqrt(e))
+        r = self._guess_rank(self._seen)
         if not 1 <= r <= min(self.k, int(buf.count.min())):
             return torch.from_numpy(buf.bound.copy())  # the level of the rows' last cut
         guess = torch.from_numpy(np.maximum(buf.kth_largest(r), buf.bound))
