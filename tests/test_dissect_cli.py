@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -100,3 +103,16 @@ def test_cli_dissect_on_hand_written_broden_matches_library(tmp_path, monkeypatc
     assert (out / "report.html").is_file() and not (out / ".checkpoint").exists()
     bad = CliRunner().invoke(app, args[:-2] + ["--layers", "nope"])
     assert bad.exit_code == 2 and "nope" in bad.output
+
+    # the same command under torchrun: rank 0 writes the same tables, and both processes exit cleanly
+    # (the CLI destroys its process group; without that gloo can abort the process at exit)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEMLENS_PROGRESS": "0",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "semlens.cli.main", *args[:9], "--out", str(two), *args[11:19], "--cards", "0"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr
+    for name in ("units.csv", "layers.csv"):
+        assert (two / name).read_text() == (out / name).read_text(), name

@@ -24,7 +24,8 @@ SCRIPT = textwrap.dedent(
     from semlens import distributed
     from semlens.units import dissect
 
-    distributed.init_from_env(backend="gloo")
+    session = distributed.session(backend="gloo")
+    session.__enter__()
     ds = random_dataset(n=9)
     calls = {{"n": 0}}
     load = ds.load_batch
@@ -43,9 +44,8 @@ SCRIPT = textwrap.dedent(
         saved = {{n: d.iou for n, d in res.layers.items()}}
         saved |= {{"t" + n: d.thresholds for n, d in res.layers.items()}}
         torch.save(saved | {{"calls": torch.tensor(calls["n"])}}, sys.argv[1])
-    if distributed.is_distributed():
-        distributed.barrier()
-        torch.distributed.destroy_process_group()
+    session.__exit__(None, None, None)
+    assert not distributed.is_distributed()
     """
 )
 

@@ -6,13 +6,16 @@ code calls them unconditionally. Launch with ``torchrun --nproc_per_node=N`` to 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["is_distributed", "rank", "world_size", "local_rank", "shard_indices", "all_reduce_sum", "init_from_env",
-           "barrier", "broadcast", "all_gather", "shutdown"]
+           "barrier", "broadcast", "all_gather", "shutdown", "session"]
 
 
 def is_distributed() -> bool:
@@ -101,8 +104,35 @@ def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     return [p.to(t.device) for p in parts]
 
 
+@contextlib.contextmanager
+def session(backend: str | None = None) -> Iterator[bool]:
+    """``with session() as parallel:`` initialise from ``torchrun``'s environment, destroy on every exit.
+
+    Yields whether this process runs distributed. A group this context created is destroyed when the
+    block ends: after a barrier on success, at once when the block raised (the other processes may never
+    reach a barrier). A group that existed before is left alone.
+    """
+    created = not is_distributed() and init_from_env(backend)
+    try:
+        yield is_distributed()
+    except BaseException:
+        if created and is_distributed():
+            dist.destroy_process_group()
+            gc.collect()
+        raise
+    if created:
+        shutdown()
+
+
 def shutdown() -> None:
-    """Wait for every process, then destroy the default process group (no-op in one process)."""
+    """Wait for every process, then destroy the default process group (no-op in one process).
+
+    A garbage collection follows, so that process-group objects caught in reference cycles are freed
+    while the interpreter is fully alive: gloo's worker threads aborting the process (``terminate
+    called without an active exception``) when a group is torn down during interpreter finalisation
+    is a known torch failure.
+    """
     if is_distributed():
         dist.barrier()
         dist.destroy_process_group()
+        gc.collect()

@@ -55,8 +55,7 @@ def register(app: typer.Typer) -> None:
         from semlens.units.dissect_report import dissection_sections
         from semlens.world import BrodenDataset
 
-        with user_errors():
-            distributed.init_from_env()
+        with user_errors(), distributed.session():
             dev = resolve_device(device)
             net = load_model(model, weights).to(dev)
             names = layers

@@ -41,8 +41,7 @@ def register(app: typer.Typer) -> None:
         from semlens.train import TrainConfig, Trainer
         from semlens.world import BrodenDataset
 
-        with user_errors():
-            started = not distributed.is_distributed() and distributed.init_from_env()
+        with user_errors(), distributed.session():
             ds = BrodenDataset(data, categories=[])
             if ds.task_labels is None:
                 raise ValueError(f"{data} has no task.csv: not a concept-world dataset with class labels")
@@ -67,5 +66,3 @@ def register(app: typer.Typer) -> None:
                 procs = f" ({distributed.world_size()} processes)" if distributed.is_distributed() else ""
                 typer.echo(f"wrote {path}{procs}; train acc {last.get('train_acc', float('nan')):.3f}, "
                            f"val acc {last.get('val_acc', float('nan')):.3f}")
-            if started:
-                distributed.shutdown()
