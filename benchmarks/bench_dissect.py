@@ -166,6 +166,8 @@ def main() -> None:
                     "layout with stride-4 conv1)")
     ap.add_argument("--mask-size", type=int, default=None, help="mask resolution (default: the image size; Broden "
                     "stores masks at half the image resolution)")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5; 2 with --quick): "
+                    "one thread's ratio spreads by about +-0.1 from repeat to repeat on a shared 2-core machine")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cache-bytes", type=int, default=1 << 28, help=argparse.SUPPRESS)
@@ -175,7 +177,7 @@ def main() -> None:
         return
     dev = torch.device(args.device)
     n = args.images or (256 if args.quick else 1024)
-    repeats = 2 if args.quick else 3
+    repeats = args.repeats or (2 if args.quick else 5)
     model, layers = make_model(args.size)
     model.to(dev)
     ds = ProceduralDataset(n, args.size, args.mask_size)
