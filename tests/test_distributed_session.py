@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch.distributed as dist
 
@@ -44,3 +48,29 @@ def test_session_leaves_a_group_it_did_not_create(tmp_path):
         assert distributed.is_distributed()
     finally:
         dist.destroy_process_group()
+
+
+ERROR_SCRIPT = """
+import time
+import torch
+from semlens import distributed
+with distributed.session(backend="gloo"):
+    if distributed.rank() == 1:
+        time.sleep(0.5)
+        raise ValueError("rank 1 fails")
+    distributed.all_reduce_sum(torch.ones(3))  # rank 0 waits here for a peer that has failed
+"""
+
+
+def test_an_error_on_one_rank_ends_both_at_once_without_an_abort(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(ERROR_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    # a hang (rank 0 waiting for gloo's 30-minute timeout) would end in TimeoutExpired
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "ValueError: rank 1 fails" in out
+    assert "Connection closed by peer" in out  # rank 0 did not wait for the timeout
+    assert "terminate called" not in out and "SIGABRT" not in out

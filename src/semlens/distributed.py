@@ -109,14 +109,16 @@ def session(backend: str | None = None) -> Iterator[bool]:
     """``with session() as parallel:`` initialise from ``torchrun``'s environment, destroy on every exit.
 
     Yields whether this process runs distributed. A group this context created is destroyed when the
-    block ends: after a barrier on success, at once when the block raised (the other processes may never
-    reach a barrier). A group that existed before is left alone.
+    block ends: after a barrier on success; at once when the block raised (the other processes may never
+    reach a barrier), for gloo only. An NCCL group is left to the process exit after an error, since
+    destroying it while peers wait in a collective can hang. Either way peers waiting in a collective fail
+    with "connection closed by peer" once this process is gone. A group that existed before is left alone.
     """
     created = not is_distributed() and init_from_env(backend)
     try:
         yield is_distributed()
     except BaseException:
-        if created and is_distributed():
+        if created and is_distributed() and dist.get_backend() == "gloo":
             dist.destroy_process_group()
             gc.collect()
         raise
