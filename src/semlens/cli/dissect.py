@@ -83,4 +83,3 @@ def register(app: typer.Typer) -> None:
                     typer.echo(f"{row['layer']}: {row['unique_detectors']} unique detectors, "
                                f"{row['detectors']}/{row['units']} detector units")
                 typer.echo(f"wrote {paths['units']}, {paths['layers']}, {out / 'report.html'}")
-            distributed.barrier()
