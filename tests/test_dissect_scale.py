@@ -24,27 +24,25 @@ SCRIPT = textwrap.dedent(
     from semlens import distributed
     from semlens.units import dissect
 
-    session = distributed.session(backend="gloo")
-    session.__enter__()
-    ds = random_dataset(n=9)
-    calls = {{"n": 0}}
-    load = ds.load_batch
+    with distributed.session(backend="gloo"):
+        ds = random_dataset(n=9)
+        calls = {{"n": 0}}
+        load = ds.load_batch
 
-    def counting_load(indices):
-        calls["n"] += 1
-        if calls["n"] == int(os.environ.get("DIE_AT", "0")):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return load(indices)
+        def counting_load(indices):
+            calls["n"] += 1
+            if calls["n"] == int(os.environ.get("DIE_AT", "0")):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return load(indices)
 
-    ds.load_batch = counting_load
-    res = dissect(tiny_net(), ds, ["0", "2"], quantile=0.05, batch_size=1, device="cpu", cache_bytes=0,
-                  checkpoint=os.environ.get("CKPT") or None, checkpoint_every=int(os.environ.get("EVERY", "1")),
-                  show_progress=False, workers=int(os.environ.get("WORKERS", "1")))
-    if distributed.rank() == 0:
-        saved = {{n: d.iou for n, d in res.layers.items()}}
-        saved |= {{"t" + n: d.thresholds for n, d in res.layers.items()}}
-        torch.save(saved | {{"calls": torch.tensor(calls["n"])}}, sys.argv[1])
-    session.__exit__(None, None, None)
+        ds.load_batch = counting_load
+        res = dissect(tiny_net(), ds, ["0", "2"], quantile=0.05, batch_size=1, device="cpu", cache_bytes=0,
+                      checkpoint=os.environ.get("CKPT") or None, checkpoint_every=int(os.environ.get("EVERY", "1")),
+                      show_progress=False, workers=int(os.environ.get("WORKERS", "1")))
+        if distributed.rank() == 0:
+            saved = {{n: d.iou for n, d in res.layers.items()}}
+            saved |= {{"t" + n: d.thresholds for n, d in res.layers.items()}}
+            torch.save(saved | {{"calls": torch.tensor(calls["n"])}}, sys.argv[1])
     assert not distributed.is_distributed()
     """
 )
