@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-out
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint deps wheel-check bench clean
 
 venv: $(STAMP)
 
@@ -19,12 +19,22 @@ demo: $(STAMP)
 	$(VENV)/bin/semlens demo --out $(DEMO_OUT)
 	@echo "report: $(DEMO_OUT)/report.html"
 
+# The whole suite, the linter, the dependency check and the installed-wheel smoke test.
 test: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 -q --durations=15 tests
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(MAKE) lint deps wheel-check
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks tools
+
+# Every third-party module the package imports is declared in pyproject.toml; nothing declared is unused.
+deps: $(STAMP)
+	$(VENV)/bin/deptry src
+
+# Build the wheel, check its contents, install it into a fresh venv (pip resolving only the declared
+# dependencies) and run the newcomer's first commands there.
+wheel-check: $(STAMP)
+	$(PY) tools/wheel_check.py
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

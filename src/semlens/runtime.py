@@ -40,15 +40,21 @@ def seed_everything(seed: int) -> torch.Generator:
 def _progress_enabled(enabled: bool | None) -> bool:
     if enabled is not None:
         return enabled
-    if os.environ.get("SEMLENS_PROGRESS") in {"0", "false", "no"}:
+    setting = os.environ.get("SEMLENS_PROGRESS", "").lower()
+    if setting in {"0", "false", "no"}:
         return False
+    if setting in {"1", "true", "yes"}:
+        return True
     return sys.stderr.isatty()
 
 
 def progress(
     iterable: Iterable[T], total: int | None = None, desc: str = "", enabled: bool | None = None
 ) -> Iterator[T]:
-    """Wrap ``iterable`` in a progress bar on stderr (shown on terminals; ``SEMLENS_PROGRESS=0`` hides it)."""
+    """Wrap ``iterable`` in a progress bar on stderr.
+
+    Shown on terminals; ``SEMLENS_PROGRESS=0`` hides it everywhere, ``SEMLENS_PROGRESS=1`` shows it everywhere.
+    """
     if not _progress_enabled(enabled):
         yield from iterable
         return

@@ -1,0 +1,67 @@
+"""Under ``torchrun``, the rank that fails first is named as the root cause, with its own exception.
+
+Without the elastic error file, ``torchrun`` can only say that a worker exited with a non-zero code, and the
+first message a user sees is a peer's gloo error ("Connection closed by peer"). ``semlens.cli.main.main``
+records the failing rank's exception in ``TORCHELASTIC_ERROR_FILE``; ``torchrun`` prints it under
+"Root Cause (first observed failure)".
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from torch import nn
+
+TESTS = Path(__file__).resolve().parent
+MESSAGE = "planted failure on rank 0, the root cause"
+
+
+class PlantedFailure(Exception):
+    """An exception no CLI error handler knows: it must reach torchrun's summary unchanged."""
+
+
+def fails_on_rank0(num_classes: int, image_size: int = 64) -> nn.Module:
+    """A model factory for ``semlens train``: rank 0 raises, rank 1 builds a model and goes on."""
+    if os.environ.get("RANK") == "0":
+        raise PlantedFailure(MESSAGE)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * image_size * image_size, num_classes))
+
+
+def test_torchrun_names_the_failing_rank_and_its_exception(tmp_path):
+    from typer.testing import CliRunner
+
+    from semlens.cli.main import app
+
+    data = tmp_path / "concepts"
+    r = CliRunner().invoke(app, ["data", "concepts", "--out", str(data), "--n", "20", "--size", "16",
+                                 "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEMLENS_PROGRESS": "0",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "semlens.cli.main", "train", "--model", "test_cli_torchrun_errors:fails_on_rank0", "--data", str(data),
+           "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "Root Cause (first observed failure)" in out, out[-3000:]
+    root_cause = out.split("Root Cause (first observed failure)", 1)[1]
+    # the summary names rank 0 and carries its exception's message and type (not "error_file: <N/A>")
+    assert "rank      : 0" in root_cause, root_cause[-3000:]
+    assert MESSAGE in root_cause and "PlantedFailure" in root_cause, root_cause[-3000:]
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_semlens_progress_setting_forces_or_hides_bars(monkeypatch, capsys):
+    """``SEMLENS_PROGRESS=1`` draws bars off a terminal too (the wheel check relies on it), ``=0`` never."""
+    from semlens.runtime import progress
+
+    monkeypatch.setenv("SEMLENS_PROGRESS", "1")
+    assert list(progress(range(3), total=3, desc="forced")) == [0, 1, 2]
+    assert "forced" in capsys.readouterr().err
+    monkeypatch.setenv("SEMLENS_PROGRESS", "0")
+    assert list(progress(range(3), total=3, desc="hidden", enabled=None)) == [0, 1, 2]
+    assert "hidden" not in capsys.readouterr().err
