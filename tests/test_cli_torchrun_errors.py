@@ -65,3 +65,37 @@ def test_semlens_progress_setting_forces_or_hides_bars(monkeypatch, capsys):
     monkeypatch.setenv("SEMLENS_PROGRESS", "0")
     assert list(progress(range(3), total=3, desc="hidden", enabled=None)) == [0, 1, 2]
     assert "hidden" not in capsys.readouterr().err
+
+
+def _stamp(path: Path) -> int:
+    import json
+
+    return int(json.loads(path.read_text())["message"]["extraInfo"]["timestamp"])
+
+
+def test_record_failure_first_wins_and_lost_peers_come_later(tmp_path, monkeypatch):
+    import time
+
+    import torch.distributed as dist
+
+    from semlens.distributed import record_failure
+
+    assert record_failure(ValueError("not under torchrun")) is False  # no error file: nothing written
+    own, peer = tmp_path / "own.json", tmp_path / "peer.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(own))
+    try:
+        raise PlantedFailure(MESSAGE)
+    except PlantedFailure as err:
+        before = int(time.time())
+        assert record_failure(err) is True
+        assert record_failure(RuntimeError("a later error")) is False  # the first failure of a process wins
+    text = own.read_text()
+    assert MESSAGE in text and "PlantedFailure" in text and "a later error" not in text
+    assert before <= _stamp(own) <= int(time.time())
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(peer))
+    try:
+        raise dist.DistBackendError("[pair.cc:537] Connection closed by peer [127.0.0.1]:1234")
+    except RuntimeError as err:
+        before = int(time.time())
+        assert record_failure(err) is True
+    assert before + 1 <= _stamp(peer) <= int(time.time()) + 1  # stamped a second later: never wins a tie

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 from collections.abc import Iterator
 
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["is_distributed", "rank", "world_size", "local_rank", "shard_indices", "all_reduce_sum", "init_from_env",
-           "barrier", "broadcast", "all_gather", "shutdown", "session"]
+           "barrier", "broadcast", "all_gather", "shutdown", "session", "record_failure"]
 
 
 def is_distributed() -> bool:
@@ -117,7 +118,9 @@ def session(backend: str | None = None) -> Iterator[bool]:
     created = not is_distributed() and init_from_env(backend)
     try:
         yield is_distributed()
-    except BaseException:
+    except BaseException as err:
+        if isinstance(err, Exception):
+            record_failure(err)  # before the group goes: peers fail only once it is gone, so they come later
         if created and is_distributed() and dist.get_backend() == "gloo":
             dist.destroy_process_group()
             gc.collect()
@@ -138,3 +141,34 @@ def shutdown() -> None:
         dist.barrier()
         dist.destroy_process_group()
         gc.collect()
+
+
+def _lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is the consequence of another process failing (its connection closed, a collective broken)."""
+    return isinstance(err, dist.DistError) or "closed by peer" in str(err).lower()
+
+
+def record_failure(err: BaseException) -> bool:
+    """Record ``err`` in ``torchrun``'s elastic error file, once per process; return whether it was written.
+
+    ``torchrun`` names as *root cause* the failed worker whose error file holds the smallest timestamp
+    (whole seconds), and prints that worker's message and traceback. Call this from the ``except`` block
+    where the error is handled (the traceback is the one being handled). The first failure of a process
+    wins: later calls leave the file alone. An error that only reports a lost peer (a ``DistError`` or
+    "connection closed by peer") is stamped one second later, so that the worker that really failed first
+    wins a tie within the same second. Without ``TORCHELASTIC_ERROR_FILE`` (not under torchrun) nothing happens.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.path.exists(path):
+        return False
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    ErrorHandler().record_exception(err)
+    if _lost_peer(err):
+        with open(path) as f:
+            data = json.load(f)
+        info = data["message"]["extraInfo"]
+        info["timestamp"] = str(int(info["timestamp"]) + 1)
+        with open(path, "w") as f:
+            json.dump(data, f)
+    return True

@@ -42,14 +42,19 @@ def main() -> None:
 
     ``torchrun`` reads each worker's error file (``TORCHELASTIC_ERROR_FILE``) to report the *root cause*:
     the first rank that failed and its traceback. Without it the user sees a peer's "connection closed by
-    peer" first. Torch's ``record`` is imported only under ``torchrun``, so plain runs start no faster or slower.
+    peer" first. Commands that open :func:`semlens.distributed.session` record there already, before the
+    process group goes; this catches what fails outside a session. Plain runs import nothing extra.
     """
-    if "TORCHELASTIC_ERROR_FILE" in os.environ:
-        from torch.distributed.elastic.multiprocessing.errors import record
-
-        record(app)()
-    else:
+    if "TORCHELASTIC_ERROR_FILE" not in os.environ:
         app()
+        return
+    from semlens.distributed import record_failure
+
+    try:
+        app()
+    except Exception as err:
+        record_failure(err)
+        raise
 
 
 if __name__ == "__main__":
