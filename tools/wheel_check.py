@@ -60,10 +60,10 @@ def build_wheel(dist: Path) -> Path:
 
 
 def expected_files() -> set[str]:
-    """Paths (relative to site-packages) that the wheel must hold: modules and declared package data."""
-    files = {str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
-    files |= {str(p.relative_to(PACKAGE.parent)) for p in (PACKAGE / "report" / "templates").glob("*.html")}
-    return files
+    """Paths (relative to site-packages) that the wheel must hold: every file of the package's source tree
+    (modules, templates, static files), caches aside."""
+    return {str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")}
 
 
 def check_contents(wheel: Path) -> None:
@@ -74,7 +74,7 @@ def check_contents(wheel: Path) -> None:
     stray = sorted(n for n in names if FORBIDDEN_PARTS & set(Path(n).parts) or n.endswith((".pyc", ".pyo")))
     if stray:
         raise CheckFailed(f"the wheel holds files that do not belong to the package: {stray[:10]}")
-    print(f"  ok  contents ({len(names)} files, every module and template present, no tests or caches)")
+    print(f"  ok  contents ({len(names)} files, every file of src/semlens present, no tests or caches)")
 
 
 def pinned_torch() -> str:
