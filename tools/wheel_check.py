@@ -3,7 +3,7 @@
 Run by ``make test`` (so by CI). Steps:
 
 1. ``python -m build --wheel`` (the standard front end, with build isolation) into ``build/wheel-check/dist``.
-2. The wheel's contents: every module and package-data file under ``src/semlens`` is inside; no tests,
+2. The wheel's contents: every file under ``src/semlens`` (modules, templates, static files) is inside; no tests,
    benchmarks, caches or compiled files.
 3. A fresh virtual environment; torch from this machine's local wheel (``--torch``, default the version pinned
    in ``requirements.txt``), then the wheel, with pip resolving only the dependencies the wheel *declares* (the
