@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-out
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench clean browser
 
 venv: $(STAMP)
 
@@ -19,7 +19,13 @@ demo: $(STAMP)
 	$(VENV)/bin/semlens demo --out $(DEMO_OUT)
 	@echo "report: $(DEMO_OUT)/report.html"
 
-test: $(STAMP)
+# headless chromium for the report's browser check (tests/test_report_browser.py); Debian/Ubuntu package
+browser:
+	@test -x /usr/bin/chromium || (command -v apt-get >/dev/null && \
+		(apt-get install -y chromium || (apt-get update && apt-get install -y chromium))) || \
+		echo "chromium not installed: the report's browser check will be skipped"
+
+test: $(STAMP) browser
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 -q --durations=15 tests
 	$(VENV)/bin/ruff check src tests benchmarks
 

@@ -85,7 +85,7 @@ def unit_cards_figure(result: DissectionResult, model: nn.Module, dataset: Any, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2 * len(units), images, figsize=(1.5 * images, 3.1 * len(units)), squeeze=False)
+    fig, axes = plt.subplots(2 * len(units), images, figsize=(1.5 * images + 0.9, 3.1 * len(units)), squeeze=False)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     with frozen(model), torch.no_grad():
@@ -113,6 +113,10 @@ def unit_cards_figure(result: DissectionResult, model: nn.Module, dataset: Any, 
                 bottom.imshow(torch.where(concept[j, :, :, None] > 0, tint, img[j] * 0.35).numpy())
             axes[2 * r, 0].set_title(f"{name} unit {u}: {result.concept_names[c]} ({result.concept_categories[c]}) "
                                      f"IoU {float(d.best_iou[u]):.2f}", fontsize=8, loc="left")
+            labels = ((2 * r, "unit's region\n(top images)"), (2 * r + 1, f"'{result.concept_names[c]}'\nmask (red)"))
+            for row, label in labels:
+                axes[row, 0].text(-0.06, 0.5, label, transform=axes[row, 0].transAxes, ha="right", va="center",
+                                  fontsize=6)
     fig.tight_layout()
     return fig
 
