@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Label every unit of LAYERS with its best-matching concept (IoU) and count unique detectors.
 
-        Under ``torchrun --nproc_per_node=N`` each process dissects a shard; rank 0 writes the outputs.
+        Under "torchrun --nproc_per_node=N" each process dissects a shard; rank 0 writes the outputs.
         """
         from semlens import distributed
         from semlens.models import load

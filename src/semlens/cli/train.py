@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         """Train MODEL on the classification task of DATA (split 'train'; accuracy on split 'val').
 
         Interrupted runs resume from OUT/checkpoints when started again with the same arguments.
-        Data parallel: ``torchrun --nproc_per_node=N -m semlens.cli.main train ...`` splits every batch
+        Data parallel: "torchrun --nproc_per_node=N -m semlens.cli.main train ..." splits every batch
         over N processes (same batches, same result up to float rounding); rank 0 writes the outputs.
         """
         import torch
