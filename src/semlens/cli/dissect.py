@@ -29,6 +29,7 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option(None, help="Only images of this split (index.csv 'split' column)."),
         resume: bool = typer.Option(False, help="Continue an interrupted run from OUT/.checkpoint."),
         cards: int = typer.Option(6, help="Unit cards in the report (0 = none)."),
+        overwrite: bool = typer.Option(False, help="Write into a non-empty OUT that semlens did not create."),
         workers: int = typer.Option(None, help="CPU: batches processed side by side, one intra-op thread each "
                                                "(default: torch's thread count; 1 = one batch at a time)."),
     ) -> None:
@@ -38,6 +39,7 @@ def register(app: typer.Typer) -> None:
         """
         from semlens import distributed
         from semlens.models import load
+        from semlens.outputs import OutputDir
         from semlens.report import Report
         from semlens.runtime import resolve_device
         from semlens.units.dissect import dissect as run
@@ -52,6 +54,9 @@ def register(app: typer.Typer) -> None:
                 names = getattr(net, "conv_layers", None)
                 if not names:
                     raise ValueError(f"model {model!r} has no conv_layers attribute; list the layers explicitly")
+            if distributed.rank() == 0:  # checks OUT; kept on failure: .checkpoint resumes the run
+                OutputDir(out, inputs=[data] + ([weights] if weights else []), overwrite=overwrite,
+                          cleanup=False).open()
             ds = BrodenDataset(data)
             indices = ds.split_indices(split) if split else None
             ckpt = out / ".checkpoint"

@@ -95,16 +95,18 @@ def register(app: typer.Typer) -> None:
         only_correct: bool = typer.Option(False, help="Rank on correctly predicted examples only."),
         seed: int = typer.Option(0, help="Seed for noise baselines, random orders and the bootstrap."),
         device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
+        overwrite: bool = typer.Option(False, help="Write into a non-empty OUT that semlens did not create."),
     ) -> None:
         """Evaluate explanation methods on every metric, rank them, write ranking.csv/json and curves."""
         from rich.console import Console
         from rich.table import Table
 
         from semlens.evaluate.compare import DEFAULT_METRICS, CompareConfig, compare_methods
+        from semlens.outputs import OutputDir
         from semlens.report import Report
         from semlens.runtime import resolve_device, seed_everything
 
-        with user_errors():
+        with user_errors(), OutputDir(out, inputs=[weights, data], overwrite=overwrite):
             seed_everything(seed)
             dev = resolve_device(device)
             images, labels, evidence = load_eval_data(data, n or None, split)
