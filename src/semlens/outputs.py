@@ -65,12 +65,19 @@ def distinct_stems(paths: Sequence[str | os.PathLike]) -> list[str]:
     """
     full = [Path(os.path.abspath(p)) for p in paths]
     stems = [p.stem for p in full]
-    depth = 0
-    while len(set(stems)) < len(stems) and depth < 32:
-        depth += 1
-        counts = {s: stems.count(s) for s in stems}
-        stems = [("_".join([*p.parent.parts[-depth:], p.stem]).lstrip("/_") if counts[s] > 1 else s)
-                 for p, s in zip(full, stems, strict=True)]
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(stems):
+        groups.setdefault(s, []).append(i)
+    for stem, idx in groups.items():
+        parents = [full[i].parent for i in idx]
+        if len(idx) < 2 or len(set(parents)) == 1:
+            continue  # one input, or one folder: numbered below
+        for depth in range(1, max(len(p.parts) for p in parents) + 1):
+            names = ["_".join([*(part for part in p.parts[-depth:] if part != os.sep), stem]) for p in parents]
+            if len(set(names)) == len(set(parents)):
+                break
+        for i, name in zip(idx, names, strict=True):
+            stems[i] = name
     seen: dict[str, int] = {}
     out = []
     for s in stems:
