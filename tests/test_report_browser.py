@@ -71,3 +71,19 @@ def test_demo_steps_have_human_names():
     titles = [step_title(name) for name, _ in discover_steps()]
     assert titles and not any(t.startswith("s") and "_" in t for t in titles)
     assert step_title("s10_world").startswith("The built-in worlds")
+
+
+def test_mask_colours_follow_the_concepts():
+    import numpy as np
+
+    from semlens.experiments.demo_steps.s10_world import concept_palette
+    from semlens.units.dissect_report import _mask_colour
+    from semlens.world.concepts import COLORS, VOCABULARY
+
+    pal = concept_palette(VOCABULARY)
+    green = VOCABULARY.number("color", "green")
+    np.testing.assert_allclose(pal[green], COLORS["green"])  # green drawn green, not in a false colour
+    assert pal.shape == (len(VOCABULARY.names), 3) and np.allclose(pal[0], 0.93)
+    rgb, name = _mask_colour("green", "color")
+    assert name == "green" and np.allclose(rgb.numpy(), COLORS["green"])
+    assert _mask_colour("black", "color")[1] == "red" and _mask_colour("circle", "object")[1] == "red"
