@@ -166,7 +166,7 @@ CORRECTORS: dict[str, Callable[[dict[str, Any], Path, torch.device], Corrector]]
     "captioner": CaptionerProjectCorrector,
 }
 
-DEFAULT_PARAMS = {"mu": 1e-2, "steps": 50, "lr": 1e-4}  # weight of ||theta' - theta||^2, Adam steps, lr
+DEFAULT_PARAMS = {"mu": 1e-2, "steps": 50, "lr": 1e-4}  # METHODS.md §1.6
 _PATH_KEYS = ("data", "names", "topics")
 
 

@@ -54,8 +54,8 @@ class VocabularyMismatchError(CheckpointError):
 class Vocabulary:
     """Word <-> id map with the specials ``<pad>=0, <bos>=1, <eos>=2, <unk>=3``.
 
-    Built from training captions keeping words seen at least ``min_count`` times (3 is a common
-    choice on MSVD). Words are sorted by decreasing count, then alphabetically (deterministic).
+    Built from training captions keeping words seen at least ``min_count`` times (METHODS.md §1.2
+    recommends 3 on MSVD). Words are sorted by decreasing count, then alphabetically (deterministic).
     """
 
     def __init__(self, words: Sequence[str]):

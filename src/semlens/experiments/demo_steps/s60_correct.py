@@ -65,7 +65,7 @@ def _caption_sections(ctx: DemoContext) -> list[Section]:
     ])
     sec.text("LSTM-I, greedy decoding; a miss is a topic the clip contains (its LDA topic target) whose top-8 "
              "words are absent from the caption. Propagation: encoder only, mu=1e-2, 50 Adam steps at lr 1e-4 "
-             f"(Dong et al. 2017). Took {time.perf_counter() - t0:.1f} s. Tolerance we hold propagation to: "
+             f"(METHODS.md §1.6). Took {time.perf_counter() - t0:.1f} s. Tolerance we hold propagation to: "
              "test BLEU-4 and METEOR may drop by at most 0.02 (about half the seed-to-seed std of BLEU-4).")
     return [sec]
 
