@@ -146,15 +146,14 @@ class ExplainOptions:
 
 
 def _check_fits(model: nn.Module, path: Path, x: torch.Tensor, opts: ExplainOptions) -> None:
-    """Name the file, its shape and the expected one when ``x`` does not fit the model."""
+    """Name the file, its shape and the expected one when ``x`` does not fit the model (channels checked
+    against the first conv; sizes by one probe forward, so models with adaptive pooling take any size)."""
     want = expected_input(model, opts.image_size)
     first = next((m for m in model.modules() if isinstance(m, LINEAR_TYPES)), None)
     channels = getattr(first, "in_channels", None)
     if channels is not None and x.dim() >= 2 and x.shape[1] != channels:
         raise UserInputError(f"{path}: {x.shape[1]} channels (shape {tuple(x.shape)}); the model expects "
                              f"{channels} channels, {want} per sample")
-    if opts.image_size and x.dim() == 4 and tuple(x.shape[-2:]) != (opts.image_size, opts.image_size):
-        raise UserInputError(f"{path}: input of shape {tuple(x.shape[1:])} per sample; the model expects {want}")
     try:
         probe_model(model, x[:1])
     except InputShapeError as err:
@@ -177,7 +176,7 @@ def explain_files(model: nn.Module, files: Sequence[Path], out: OutputDir, opts:
     from semlens.explain import Attributor
     from semlens.runtime import progress
 
-    dev = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     loaded = [(f, *load_input(f, opts.mean, opts.std)) for f in files]
     for f, x, _ in loaded:
         _check_fits(model, f, x, opts)
