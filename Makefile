@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-out
 
-.PHONY: venv demo test lint deps wheel-check bench clean
+.PHONY: venv demo test lint deps wheel-check browser bench clean
 
 venv: $(STAMP)
 
@@ -19,8 +19,13 @@ demo: $(STAMP)
 	$(VENV)/bin/semlens demo --out $(DEMO_OUT)
 	@echo "report: $(DEMO_OUT)/report.html"
 
+# Debian's chromium for the browser tests (the report's check, the web app's scenarios); installed when
+# missing (as root, as in CI). Without it the browser tests fail: they are part of the suite.
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
 # The whole suite, the linter, the dependency check and the installed-wheel smoke test.
-test: $(STAMP)
+test: $(STAMP) browser
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 -q --durations=15 tests
 	$(MAKE) lint deps wheel-check
 

@@ -6,7 +6,13 @@ inputs from cumulative rank masks and runs them in batched forwards. This script
 and, in the same run, the bare cost of forwarding N*(L+1) inputs in batches of the same size. It prints
 medians over repeats and the ratio (target <= 1.2), plus a per-image Python-loop reference for scale.
 
-    python benchmarks/bench_metrics.py [--quick] [--device auto|cpu|cuda] [--model alexnet-like]
+    python benchmarks/bench_metrics.py [--quick] [--device auto|cpu|cuda] [--model alexnet-like] [--full]
+
+``--full`` also times the whole default metric set of ``compare_methods`` (mass and rank accuracy, pointing game,
+sparseness, complexity, region-perturbation MoRF/LeRF curves with AOPC, selectivity, continuity, randomisation; the
+Quantus-comparable scores) on the same images for gradient and epsilon-plus-flat, against the floor any
+implementation (Quantus included) needs: the same number of forward passes, run at the fastest batch size
+measured here. It prints the perturbation batch each setting uses and the ratio (metric set / forwards).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--model", default="alexnet-like", help="built-in model name, or 'stand-in'")
     ap.add_argument("--batch-size", type=int, default=256, help="inputs per forward pass")
+    ap.add_argument("--full", action="store_true", help="also time the full metric set against its forwards")
     args = ap.parse_args()
     device = resolve_device(args.device)
     n, steps, repeats = (16, 30, 3) if args.quick else (64, 100, 5)
@@ -97,6 +104,47 @@ def main() -> None:
     print(f"plain forward passes     median {t_plain * 1e3:9.1f} ms")
     print(f"ratio curves / forwards         {t_curve / t_plain:9.2f}   (target <= 1.2)")
     print(f"per-image loop (est.)    median {t_loop * 1e3:9.1f} ms   ({t_loop / t_curve:.1f}x slower than batched)")
+    if args.full:
+        full_metric_set(model, x, device, 1 if args.quick else 3)
+
+
+def full_metric_set(model: nn.Module, x: torch.Tensor, device: torch.device, repeats: int) -> None:
+    """The default metric set of compare_methods (automatic perturbation batch and 256) against the forwards
+    it runs, replayed at the fastest batch size."""
+    from semlens.evaluate.batching import fastest_batch_size
+    from semlens.evaluate.compare import CompareConfig, compare_methods
+
+    n, size = x.shape[0], x.shape[-1]
+    y = torch.randint(0, 10, (n,), device=device)
+    masks = torch.zeros(n, size, size, dtype=torch.bool, device=device)
+    masks[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = True
+    methods = ["gradient", "epsilon-plus-flat"]
+    counted = [0]
+    hook = model.register_forward_pre_hook(lambda _m, inp: counted.__setitem__(0, counted[0] + inp[0].shape[0]))
+
+    def run(batch: int | None):
+        cfg = CompareConfig(patch_size=4, perturb_batch_size=batch, n_boot=200, randomization_samples=16)
+        return compare_methods(model, x, y, methods, masks=masks, config=cfg, device=device, show_progress=False)
+
+    res = run(None)  # warm-up, and the batch the measurement picks
+    hook.remove()
+    forwards, chosen = counted[0], res.config.perturb_batch_size
+    best = fastest_batch_size(model, x[:1], needed=forwards)
+    chunk = x[:1].expand(best, *x.shape[1:]).contiguous()
+
+    def plain() -> None:
+        with torch.no_grad():
+            for start in range(0, forwards, best):
+                model(chunk[: min(best, forwards - start)])
+
+    t_auto = timed(lambda: run(None), repeats, device)
+    t_256 = timed(lambda: run(256), repeats, device)
+    t_plain = timed(plain, repeats, device)
+    print(f"full metric set ({len(res.metrics)} scores, {len(methods)} methods, {n} images): {forwards} forwards")
+    print(f"metric set, measured batch {chosen:4d}  median {t_auto * 1e3:9.1f} ms")
+    print(f"metric set, batch 256            median {t_256 * 1e3:9.1f} ms")
+    print(f"its forwards at batch {best:4d}       median {t_plain * 1e3:9.1f} ms")
+    print(f"ratio metric set / forwards             {t_auto / t_plain:9.2f}   (256: {t_256 / t_plain:.2f})")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Correcting a video captioner through PDM-named neurons (METHODS.md §1.6)."""
+"""Correcting a video captioner through PDM-named neurons (Dong et al. 2017)."""
 
 from __future__ import annotations
 

@@ -80,10 +80,20 @@ def test_cli_explain_end_to_end(user_model, tmp_path):
     np.testing.assert_allclose(rel_img, expect, rtol=1e-5, atol=1e-7)
     expect_b = attribute(net, torch.from_numpy(batch), 2, "epsilon-gamma-box").numpy()
     np.testing.assert_allclose(rel_batch, expect_b, rtol=1e-5, atol=1e-7)
+    # one PNG per sample, upscaled by the smallest integer factor reaching 224 px: 12 * 19 = 228, every input
+    # pixel a 19 x 19 block of the native heatmap's colour (nearest neighbour, no interpolated values)
+    from semlens.explain import heatmap_rgb
+
     with Image.open(out / "cat.png") as png:
-        assert png.size == (12, 12) and png.mode == "RGB"
-    with Image.open(out / "batch.png") as png:
-        assert png.size == (2 * 12 + 2, 12)
+        assert png.size == (228, 228) and png.mode == "RGB"
+        big = np.asarray(png)
+    native = heatmap_rgb(rel_img, x_img[0].numpy())
+    np.testing.assert_array_equal(big[::19, ::19], native)
+    np.testing.assert_array_equal(big, native.repeat(19, 0).repeat(19, 1))
+    for i in range(2):
+        with Image.open(out / f"batch-{i}.png") as png:
+            assert png.size == (228, 228)
+    assert not (out / "batch.png").exists()
 
 
 def test_cli_errors_and_listing(user_model, tmp_path):

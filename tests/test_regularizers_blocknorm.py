@@ -20,6 +20,9 @@ def test_summary_mean_std_and_published_numbers():
     assert rows[0]["unique_mean"] == 12 and abs(rows[0]["unique_std"] - 2 ** 1.5) < 1e-12
     assert rows[0]["unique detectors (sum over conv layers)"] == "12.0 ± 2.8"
     assert rows[1]["unique_std"] == 0 and rows[1]["paper (Places365)"] == "AlexNet: 187"
+    # one seed has no spread to show: no "± 0.0"
+    assert rows[1]["unique detectors (sum over conv layers)"] == "20.0 (one seed)"
+    assert rows[1]["test accuracy"] == "0.600 (one seed)"
     assert PUBLISHED["alexnet-b"]["weight_decay"] == 148
     results = {"config": {"models": ["alexnet-like"], "n_train": 10, "epochs": 1, "seeds": 2, "weight_decay": 5e-4,
                           "p": 2.0, "q": 1.0, "groups": 5, "strength": 5e-3, "n_dissect": 5, "quantile": 0.005,
@@ -50,3 +53,11 @@ def test_seeds_stuck_at_chance_are_listed_not_averaged():
     (row,) = summarize(runs, ("alexnet-like",))
     assert row["seeds"] == 2 and row["not trained (seeds)"] == "1"
     assert row["unique_mean"] == 12 and abs(row["acc_mean"] - 0.75) < 1e-12
+
+
+def test_models_at_chance_are_shown_as_such_and_not_compared():
+    runs = [_run("alexnet-like", "weight_decay", 0, 10, 0.8), _run("alexnet-like", "block_norm", 0, 3, 0.085)]
+    rows = summarize(runs, ("alexnet-like",), min_acc=0.15)
+    assert [r["seeds"] for r in rows] == [1, 0]
+    assert rows[1]["test accuracy"] == "0.085 (at chance)" and rows[1]["not trained (seeds)"] == "0"
+    assert rows[1]["unique_mean"] != rows[1]["unique_mean"]  # NaN: never ranked against weight decay

@@ -277,8 +277,8 @@ def test_cli_under_torchrun_equals_one_process(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("(2 processes)") == 1  # rank 0 alone reports
     files = sorted(str(p.relative_to(tmp_path / "two")) for p in (tmp_path / "two").rglob("*"))
-    assert files == ["checkpoints", "checkpoints/last.pt", "checkpoints/last.safetensors", "history.json",
-                     "model.safetensors"]
+    assert files == [".semlens-output", "checkpoints", "checkpoints/last.pt", "checkpoints/last.safetensors",
+                     "history.json", "model.safetensors"]  # the marker: a directory semlens created
     one = load_state_dict(tmp_path / "one" / "model.safetensors")
     two = load_state_dict(tmp_path / "two" / "model.safetensors")
     assert _max_diff(one, two) <= 1e-6

@@ -15,6 +15,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from semlens.outputs import apply_umask
+
 __all__ = ["save_weights", "load_state_dict", "load_weights", "read_config", "CheckpointError"]
 
 _META_KEY = "semlens_config"
@@ -28,7 +30,8 @@ def save_weights(model_or_state: nn.Module | dict[str, torch.Tensor], path: str 
                  config: dict[str, Any] | None = None) -> Path:
     """Write weights (and an optional JSON-serialisable ``config``) to a ``.safetensors`` file.
 
-    The write is atomic: a temporary file is renamed over ``path`` once complete.
+    The write is atomic: a temporary file is renamed over ``path`` once complete. The file gets the
+    permissions of the user's umask (e.g. 0644), not safetensors' 0600.
     """
     path = Path(path)
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
@@ -37,6 +40,7 @@ def save_weights(model_or_state: nn.Module | dict[str, torch.Tensor], path: str 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    apply_umask(tmp)  # safetensors creates 0600 files; collaborators must be able to read the weights
     os.replace(tmp, path)
     return path
 

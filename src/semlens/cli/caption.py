@@ -20,11 +20,10 @@ def _corpus(path: Path):
 
 
 def _load(model_path: Path, device: str):
-    from semlens.models.captioner import AttentiveCaptioner
-    from semlens.runtime import resolve_device
+    from semlens.models import load
     from semlens.units.topics import TopicModel
 
-    model = AttentiveCaptioner.load(model_path, map_location=resolve_device(device)).eval()
+    model = load("captioner", model_path, device=device)
     topics_path = model_path.with_name(model_path.stem + ".topics.json")
     return model, (TopicModel.load(topics_path) if topics_path.is_file() else None), topics_path
 

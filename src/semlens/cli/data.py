@@ -23,12 +23,14 @@ def register(app: typer.Typer) -> None:
         noise: float = typer.Option(0.04, help="Std of the Gaussian pixel noise."),
         val_fraction: float = typer.Option(0.3, help="Share of images in split 'val' (the rest: 'train')."),
         workers: int = typer.Option(0, help="Worker processes (0 = all cores)."),
+        overwrite: bool = typer.Option(False, help="Write into a non-empty OUT that semlens did not create."),
     ) -> None:
         """Write N concept images with colour/object/part/texture masks, scene labels, class labels and
         evidence masks as a Broden-format dataset."""
+        from semlens.outputs import OutputDir
         from semlens.world import write_concepts
 
-        with user_errors():
+        with user_errors(), OutputDir(out, overwrite=overwrite):
             t0 = time.perf_counter()
             write_concepts(out, n=n, size=size, seed=seed, noise=noise, val_fraction=val_fraction,
                            workers=workers or None)
@@ -46,11 +48,13 @@ def register(app: typer.Typer) -> None:
                                                "'semlens train'): write per-frame features from its penultimate "
                                                "layer to features/ instead of raw frames."),
         device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda' (for --encoder)."),
+        overwrite: bool = typer.Option(False, help="Write into a non-empty OUT that semlens did not create."),
     ) -> None:
         """Write N captioned clips: captions.csv, splits/*.txt, truth.csv, frames/ (and features/ with --encoder)."""
+        from semlens.outputs import OutputDir
         from semlens.world import generate_clips, write_clip_corpus
 
-        with user_errors():
+        with user_errors(), OutputDir(out, inputs=[encoder] if encoder else [], overwrite=overwrite):
             t0 = time.perf_counter()
             cs = generate_clips(n=n, frames=frames, size=size, seed=seed, captions_per_clip=captions)
             feats = None

@@ -10,29 +10,17 @@ import typer
 from semlens.cli._common import user_errors
 
 
-def load_model(spec: str, weights: Path | None, device: str = "cpu"):
-    """Build ``spec`` (with ``model_kwargs`` from the weights' config, if any) and load ``weights``."""
-    from semlens.checkpoint import load_weights, read_config
-    from semlens.models import build_model
-
-    kwargs = {}
-    if weights is not None and weights.suffix == ".safetensors":
-        kwargs = dict(read_config(weights).get("model_kwargs", {}))
-    model = build_model(spec, **kwargs)
-    if weights is not None:
-        load_weights(model, weights)
-    return model.eval()
-
-
 def register(app: typer.Typer) -> None:
     @app.command()
     def dissect(
-        model: str = typer.Option(..., help="Built-in model name or package.module:factory."),
+        model: str = typer.Option(None, help="Built-in model name or package.module:factory (default: the one "
+                                             "the weights' config names)."),
         data: Path = typer.Option(..., help="Broden-format directory (index.csv, images/, label.csv, ...)."),
         layers: str = typer.Option(..., help="Comma-separated dotted layer names, or 'all-conv' for the "
                                              "model's conv_layers."),
         out: Path = typer.Option(..., help="Output directory: units.csv, layers.csv, dissection.json, report.html."),
         weights: Path = typer.Option(None, help=".safetensors (config's model_kwargs are used) or .pt weights."),
+        random_init: bool = typer.Option(False, help="Dissect an untrained model on purpose (no --weights)."),
         batch_size: int = typer.Option(32, help="Images per batch."),
         device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
         quantile: float = typer.Option(0.005, help="Top activation quantile defining each unit's threshold."),
@@ -41,14 +29,17 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option(None, help="Only images of this split (index.csv 'split' column)."),
         resume: bool = typer.Option(False, help="Continue an interrupted run from OUT/.checkpoint."),
         cards: int = typer.Option(6, help="Unit cards in the report (0 = none)."),
+        overwrite: bool = typer.Option(False, help="Write into a non-empty OUT that semlens did not create."),
         workers: int = typer.Option(None, help="CPU: batches processed side by side, one intra-op thread each "
                                                "(default: torch's thread count; 1 = one batch at a time)."),
     ) -> None:
         """Label every unit of LAYERS with its best-matching concept (IoU) and count unique detectors.
 
-        Under ``torchrun --nproc_per_node=N`` each process dissects a shard; rank 0 writes the outputs.
+        Under "torchrun --nproc_per_node=N" each process dissects a shard; rank 0 writes the outputs.
         """
         from semlens import distributed
+        from semlens.models import load
+        from semlens.outputs import OutputDir
         from semlens.report import Report
         from semlens.runtime import resolve_device
         from semlens.units.dissect import dissect as run
@@ -57,12 +48,15 @@ def register(app: typer.Typer) -> None:
 
         with user_errors(), distributed.session():
             dev = resolve_device(device)
-            net = load_model(model, weights).to(dev)
+            net = load(model, weights, device=dev, random_init=random_init)
             names = layers
             if layers.strip() == "all-conv":
                 names = getattr(net, "conv_layers", None)
                 if not names:
                     raise ValueError(f"model {model!r} has no conv_layers attribute; list the layers explicitly")
+            if distributed.rank() == 0:  # checks OUT; kept on failure: .checkpoint resumes the run
+                OutputDir(out, inputs=[data] + ([weights] if weights else []), overwrite=overwrite,
+                          cleanup=False).open()
             ds = BrodenDataset(data)
             indices = ds.split_indices(split) if split else None
             ckpt = out / ".checkpoint"
@@ -74,7 +68,7 @@ def register(app: typer.Typer) -> None:
                          device=dev, categories=cats, checkpoint=ckpt, indices=indices, workers=workers)
             if distributed.rank() == 0:
                 paths = result.save(out)
-                report = Report(title=f"Network Dissection of {model}")
+                report = Report(title=f"Network Dissection of {model or type(net).__name__}")
                 for section in dissection_sections(result, net, ds, cards=cards):
                     report.add(section)
                 report.write(out / "report.html")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import typer
 
 from semlens.cli._common import user_errors
+
+if TYPE_CHECKING:
+    import torch
 
 
 def load_eval_data(path: Path, n: int | None = None, split: str | None = None,
@@ -19,6 +22,7 @@ def load_eval_data(path: Path, n: int | None = None, split: str | None = None,
     ``labels`` and optionally ``evidence`` ((N, H, W)). ``n`` keeps the first ``n`` examples of ``split``.
     """
     import numpy as np
+    import torch
 
     if path.is_file() and path.suffix == ".npz":
         try:
@@ -56,28 +60,21 @@ def load_eval_data(path: Path, n: int | None = None, split: str | None = None,
     return images, ds.task_labels[idx], evidence
 
 
-def build_evaluated_model(spec: str, weights: Path, num_classes: int | None, image_size: int,
-                          fallback_classes: int) -> torch.nn.Module:
-    """Build ``spec`` and load ``weights``. ``num_classes``: the option, else the weights' stored config,
-    else ``fallback_classes`` (from the labels); ``image_size`` is passed when the factory accepts it."""
-    from semlens.checkpoint import load_weights, read_config
-    from semlens.models import build_model
+def build_evaluated_model(spec: str | None, weights: Path, num_classes: int | None, image_size: int,
+                          fallback_classes: int, device: str = "cpu") -> torch.nn.Module:
+    """:func:`semlens.models.load` with the data's class count and image size as defaults (the weights'
+    config wins over them; ``num_classes``, when given, wins over both)."""
+    from semlens.models import load
 
-    config = read_config(weights) if weights.suffix == ".safetensors" else {}
-    nested = config.get("model_kwargs", {}) if isinstance(config.get("model_kwargs"), dict) else {}
-    classes = num_classes or config.get("num_classes") or nested.get("num_classes") or fallback_classes
-    size = config.get("image_size") or nested.get("image_size") or image_size
-    try:
-        model = build_model(spec, num_classes=classes, image_size=size)
-    except TypeError:  # a user factory without an image_size argument
-        model = build_model(spec, num_classes=classes)
-    return load_weights(model, weights)
+    return load(spec, weights, device=device, defaults={"num_classes": fallback_classes, "image_size": image_size},
+                num_classes=num_classes)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("evaluate-explanations")
     def evaluate_explanations(
-        model: str = typer.Option(..., help="Built-in model name or package.module:factory."),
+        model: str = typer.Option(None, help="Built-in model name or package.module:factory (default: the one "
+                                             "the weights' config names)."),
         weights: Path = typer.Option(..., help="Weights file (.safetensors, or .pt loaded with weights_only)."),
         data: Path = typer.Option(..., help="Broden directory from `semlens data concepts`, or .npz "
                                             "(images, labels, evidence)."),
@@ -98,22 +95,23 @@ def register(app: typer.Typer) -> None:
         only_correct: bool = typer.Option(False, help="Rank on correctly predicted examples only."),
         seed: int = typer.Option(0, help="Seed for noise baselines, random orders and the bootstrap."),
         device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
+        overwrite: bool = typer.Option(False, help="Write into a non-empty OUT that semlens did not create."),
     ) -> None:
         """Evaluate explanation methods on every metric, rank them, write ranking.csv/json and curves."""
         from rich.console import Console
         from rich.table import Table
 
         from semlens.evaluate.compare import DEFAULT_METRICS, CompareConfig, compare_methods
+        from semlens.outputs import OutputDir
         from semlens.report import Report
         from semlens.runtime import resolve_device, seed_everything
 
-        with user_errors():
+        with user_errors(), OutputDir(out, inputs=[weights, data], overwrite=overwrite):
             seed_everything(seed)
             dev = resolve_device(device)
             images, labels, evidence = load_eval_data(data, n or None, split)
             net = build_evaluated_model(model, weights, num_classes or None, images.shape[-1],
-                                        int(labels.max()) + 1)
-            net = net.to(dev).eval()
+                                        int(labels.max()) + 1, device=dev)
             cfg = CompareConfig(
                 metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()) or DEFAULT_METRICS,
                 patch_size=patch_size, baseline=baseline, steps=steps, patches_per_step=patches_per_step,

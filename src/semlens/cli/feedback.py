@@ -5,22 +5,41 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from semlens.cli._common import user_errors
 
-console = Console()
 feedback_app = typer.Typer(help="Correct a model through its named units: remarks, versions, undo.",
                            no_args_is_help=True)
 
 _PROJECT = typer.Option(Path("."), "--project", "-p", help="Project directory (holds .semlens/).")
 
 
+_DEVICE = typer.Option("auto", "--device", help="'auto', 'cpu' or 'cuda'.")
+
+
 def _project(path: Path):
     from semlens.correct.project import CorrectionProject
 
     return CorrectionProject(path)
+
+
+def _store(path: Path):
+    """The project's store without loading the model (no torch import: fast)."""
+    from semlens.correct.lineage import open_store
+
+    return open_store(path)
+
+
+def _print(*objects) -> None:
+    from rich.console import Console
+
+    Console().print(*objects)
+
+
+def _table(*columns: str):
+    from rich.table import Table
+
+    return Table(*columns)
 
 
 @feedback_app.command("init")
@@ -45,7 +64,7 @@ def init(
         p = CorrectionProject.init(project, kind=kind, model=model, weights=weights,
                                    **{k: v for k, v in settings.items() if v})
         v = p.store.current_version()
-    console.print(f"project ready in {project}; base version {v.id}")
+    _print(f"project ready in {project}; base version {v.id}")
 
 
 @feedback_app.command("add")
@@ -54,19 +73,21 @@ def add(
     missing: str = typer.Option(..., "--missing", help="The concept (classifier) or topic (captioner) missed."),
     text: str = typer.Option("", help="Free text kept with the remark."),
     author: str = typer.Option(None, help="Author (default: $USER)."),
-    device: str = typer.Option("cpu"),
+    device: str = _DEVICE,
     project: Path = _PROJECT,
 ) -> None:
     """Record a remark; show the current prediction, the units involved and the enhanced prediction."""
     with user_errors():
         p = _project(project)
-        corr = p.corrector(device)
+        from semlens.runtime import resolve_device
+
+        corr = p.corrector(resolve_device(device))
         corr.check(sample, missing)
         remark = p.store.add_remark(sample, corr.remark_kind, missing, author=author, text=text)
-        console.print(f"remark {remark.id} stored (against version {remark.model_version})")
-        console.print(f"  prediction now:        {corr.describe(sample)}")
-        console.print(f"  units named {missing!r}: {', '.join(corr.unit_names(missing))}")
-        console.print(f"  with enhancement:      {corr.describe(sample, [missing])}")
+        _print(f"remark {remark.id} stored (against version {remark.model_version})")
+        _print(f"  prediction now:        {corr.describe(sample)}")
+        _print(f"  units named {missing!r}: {', '.join(corr.unit_names(missing))}")
+        _print(f"  with enhancement:      {corr.describe(sample, [missing])}")
 
 
 @feedback_app.command("list")
@@ -75,21 +96,21 @@ def list_remarks(
 ) -> None:
     """List remarks."""
     with user_errors():
-        remarks = _project(project).store.remarks(status)
-    table = Table("id", "sample", "kind", "target", "author", "version", "status", "applied in")
+        remarks = _store(project).remarks(status)
+    table = _table("id", "sample", "kind", "target", "author", "version", "status", "applied in")
     for r in remarks:
         table.add_row(str(r.id), r.sample_id, r.kind, r.target, r.author, str(r.model_version), r.status,
                       str(r.applied_in or ""))
-    console.print(table)
+    _print(table)
 
 
 @feedback_app.command("show")
 def show(remark_id: int, project: Path = _PROJECT) -> None:
     """Show one remark in full."""
     with user_errors():
-        r = _project(project).store.remark(remark_id)
+        r = _store(project).remark(remark_id)
     for key, value in r.__dict__.items():
-        console.print(f"{key:>14}: {value}")
+        _print(f"{key:>14}: {value}")
 
 
 @feedback_app.command("apply")
@@ -97,37 +118,64 @@ def apply(
     mu: float = typer.Option(None, help="Weight of ||theta' - theta||^2 (default 1e-2)."),
     steps: int = typer.Option(None, help="Fine-tuning steps (default 50)."),
     lr: float = typer.Option(None, help="Adam learning rate (default 1e-4)."),
-    device: str = typer.Option("cpu"),
+    device: str = _DEVICE,
     project: Path = _PROJECT,
 ) -> None:
     """Apply all open remarks by correction propagation; creates a new current version."""
     with user_errors():
-        version, stats = _project(project).apply(device=device, mu=mu, steps=steps, lr=lr)
-    console.print(f"version {version.id} (parent {version.parent}) made from remarks {list(version.remark_ids)}; "
-                  f"distance to enhanced maps {stats.get('data_loss_first', float('nan')):.4g} -> "
-                  f"{stats.get('data_loss_last', float('nan')):.4g}")
+        from semlens.runtime import resolve_device
+
+        version, stats = _project(project).apply(device=resolve_device(device), mu=mu, steps=steps, lr=lr)
+    _print(f"version {version.id} (parent {version.parent}) made from remarks {list(version.remark_ids)}; "
+           f"distance to enhanced maps {stats.get('data_loss_first', float('nan')):.4g} -> "
+           f"{stats.get('data_loss_last', float('nan')):.4g}")
+    typer.echo(f"new model: {version.weights}")
 
 
 @feedback_app.command("undo")
 def undo(project: Path = _PROJECT) -> None:
     """Return to the parent of the current version (its remarks become open again)."""
     with user_errors():
-        v = _project(project).store.undo()
-    console.print(f"current version is now {v.id}")
+        v = _store(project).undo()
+    _print(f"current version is now {v.id}")
 
 
 @feedback_app.command("versions")
 def versions(project: Path = _PROJECT) -> None:
     """List model versions with their lineage."""
     with user_errors():
-        store = _project(project).store
+        store = _store(project)
         cur = store.current_version()
         rows = store.versions()
-    table = Table("id", "parent", "state", "remarks", "params", "created", "current")
+    table = _table("id", "parent", "state", "remarks", "params", "created", "current")
     for v in rows:
         table.add_row(str(v.id), str(v.parent or ""), v.state, ",".join(map(str, v.remark_ids)), str(v.params),
                       v.created_at[:19], "*" if cur and v.id == cur.id else "")
-    console.print(table)
+    _print(table)
+
+
+@feedback_app.command("withdraw")
+def withdraw(remark_id: int, project: Path = _PROJECT) -> None:
+    """Withdraw an open remark (it is kept, marked withdrawn, and no longer applied)."""
+    with user_errors():
+        r = _store(project).withdraw(remark_id)
+    typer.echo(f"remark {r.id} withdrawn")
+
+
+@feedback_app.command("export")
+def export(
+    version: int = typer.Argument(None, help="Version id (default: the current version)."),
+    out: Path = typer.Option(..., "--out", help="Directory for model-vN.safetensors and model-vN.lineage.json."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty directory semlens did not "
+                                                              "create."),
+    project: Path = _PROJECT,
+) -> None:
+    """Export a version's weights with its lineage (parents, remarks, parameters) as JSON."""
+    with user_errors():
+        from semlens.correct.lineage import export_version
+
+        weights, meta = export_version(_store(project), out, version, overwrite=overwrite)
+    typer.echo(f"wrote {weights} and {meta}")
 
 
 def register(app: typer.Typer) -> None:

@@ -16,6 +16,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags without "<bool>", starts without rich's help renderer
+    context_settings={"max_content_width": 120, "help_option_names": ["-h", "--help"]},
 )
 
 

@@ -16,9 +16,9 @@ from typing import Any, Protocol
 
 import torch
 
-from semlens.checkpoint import load_weights, read_config, save_weights
+from semlens.checkpoint import read_config, save_weights
 from semlens.correct.store import FeedbackStore, FeedbackStoreError, Remark, suggest
-from semlens.models import build_model
+from semlens.models import load, weights_config
 
 __all__ = ["Corrector", "CorrectionProject", "CORRECTORS", "ClassifierProjectCorrector", "CaptionerProjectCorrector"]
 
@@ -54,8 +54,7 @@ class ClassifierProjectCorrector:
         from semlens.world import BrodenDataset
 
         cfg = self.config
-        self.model = load_weights(build_model(cfg["model"], **cfg.get("model_kwargs", {})), self.weights)
-        self.model.to(self.device).eval()
+        self.model = load(cfg["model"] or None, self.weights, device=self.device, **cfg.get("model_kwargs", {}))
         self.dataset = BrodenDataset(cfg["data"])
         self.names = UnitNames.from_csv(cfg["names"], cfg["layer"])
         self.engine = ClassifierCorrector(self.model, cfg["layer"], self.names, min_iou=cfg.get("min_iou", 0.04),
@@ -113,12 +112,11 @@ class CaptionerProjectCorrector:
     def __post_init__(self) -> None:
         from semlens.captioning import analyze_neurons, prepare
         from semlens.correct.captioner import CaptionCorrector
-        from semlens.models.captioner import AttentiveCaptioner
         from semlens.units.topics import TopicModel
         from semlens.world import CaptionCorpus
 
         cfg = self.config
-        self.model = AttentiveCaptioner.load(self.weights, map_location=self.device).eval()
+        self.model = load("captioner", self.weights, device=self.device)
         self.corpus = CaptionCorpus(cfg["data"])
         topics = TopicModel.load(cfg["topics"])
         splits = {s: list(self.corpus.split(s)) for s in ("train", "test")}
@@ -169,6 +167,7 @@ CORRECTORS: dict[str, Callable[[dict[str, Any], Path, torch.device], Corrector]]
 }
 
 DEFAULT_PARAMS = {"mu": 1e-2, "steps": 50, "lr": 1e-4}  # METHODS.md §1.6
+_PATH_KEYS = ("data", "names", "topics")
 
 
 class CorrectionProject:
@@ -187,6 +186,9 @@ class CorrectionProject:
         if self.config.get("kind") not in CORRECTORS:
             raise FeedbackStoreError(f"{self.config_path}: unknown model kind {self.config.get('kind')!r}; "
                                      f"known: {', '.join(CORRECTORS)}")
+        for key in _PATH_KEYS:  # stored relative to the project directory, so a project can be moved
+            if self.config.get(key):
+                self.config[key] = str(self.dir / self.config[key])
         self.store = FeedbackStore(self.dir)
 
     @classmethod
@@ -197,18 +199,23 @@ class CorrectionProject:
             raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(CORRECTORS)}")
         path = Path(project_dir) / ".semlens" / "project.json"
         if path.exists():
-            raise FileExistsError(f"{path} exists already; this directory is a correction project")
+            raise FileExistsError(f"{project_dir} is a correction project already ({path} exists); use "
+                                  "`semlens feedback add` there, or choose another --project")
         cfg = {"kind": kind, "model": model, **settings}
         if "model_kwargs" not in cfg:
             cfg["model_kwargs"] = read_config(weights).get("model_kwargs", {}) if str(weights).endswith(
                 ".safetensors") else {}
+        if kind == "classifier" and not model:
+            cfg["model"] = weights_config(weights).get("model", "")  # the one the weights' config names
         required = {"classifier": ("model", "data", "names", "layer"), "captioner": ("data", "topics")}[kind]
         missing = [k for k in required if not cfg.get(k)]
         if missing:
             raise ValueError(f"a {kind} project needs {', '.join('--' + k for k in missing)}")
-        for key in ("data", "names", "topics"):
+        for key in _PATH_KEYS:
             if cfg.get(key):
-                cfg[key] = str(Path(cfg[key]).resolve())
+                if not Path(cfg[key]).exists():
+                    raise FileNotFoundError(f"--{key} {cfg[key]} not found")
+                cfg[key] = os.path.relpath(Path(cfg[key]).resolve(), Path(project_dir).resolve())
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from semlens.outputs import file_mode
+
 __all__ = [
     "FeedbackStore",
     "Remark",
@@ -140,7 +142,7 @@ class FeedbackStore:
     """
 
     def __init__(self, project_dir: str | os.PathLike | None = None, *, db_path: str | os.PathLike | None = None,
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float | None = None) -> None:
         if db_path is None:
             db_path = Path(project_dir or ".") / ".semlens" / "feedback.sqlite"
         self.db_path = Path(db_path)
@@ -148,26 +150,42 @@ class FeedbackStore:
         self.versions_dir = self.root / "versions"
         self.root.mkdir(parents=True, exist_ok=True)
         self.versions_dir.mkdir(exist_ok=True)
-        self._timeout = timeout_s
-        try:
-            with self._connect() as con:
-                self._init_schema(con)
-        except sqlite3.DatabaseError as err:
-            raise FeedbackStoreError(
-                f"{self.db_path} is not a usable semlens feedback database ({err}); it was left untouched"
-            ) from err
+        # how long to wait for another writer's lock (default 30 s, or $SEMLENS_STORE_TIMEOUT)
+        self._timeout = float(os.environ.get("SEMLENS_STORE_TIMEOUT", 30.0)) if timeout_s is None else timeout_s
+        with self._connect() as con:  # SQLite errors: one line naming the file (see _connect)
+            self._init_schema(con)
 
     # -- connection and schema -------------------------------------------------------------------
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.db_path, timeout=self._timeout, isolation_level=None)
+        """A connection; SQLite's damage, locking and permission errors become one-line
+        :class:`FeedbackStoreError` naming the file and what to do (the file is never written then)."""
+        try:
+            con = sqlite3.connect(self.db_path, timeout=self._timeout, isolation_level=None)
+        except sqlite3.Error as err:
+            raise self._sqlite_error(err) from err
         try:
             con.row_factory = sqlite3.Row
             con.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
             con.execute("PRAGMA foreign_keys = ON")
             yield con
+        except sqlite3.DatabaseError as err:
+            raise self._sqlite_error(err) from err
         finally:
             con.close()
+
+    def _sqlite_error(self, err: sqlite3.Error) -> FeedbackStoreError:
+        """The message for an SQLite error: locked, not writable, or damaged."""
+        text = str(err)
+        db = self.db_path
+        if "locked" in text or "busy" in text:
+            return FeedbackStoreError(f"{db} is locked by another process (waited {self._timeout:g} s); retry when "
+                                      "the other semlens command has finished")
+        if "readonly" in text or "unable to open" in text or "read-only" in text:
+            return FeedbackStoreError(f"{db} cannot be written ({text}): check the permissions of {self.root} "
+                                      "and of the files in it")
+        return FeedbackStoreError(f"{db} is damaged ({text}); it was left untouched: restore it from a copy, "
+                                  f"or check it with: sqlite3 {db} 'PRAGMA integrity_check'")
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -320,6 +338,7 @@ class FeedbackStore:
             stale.unlink()
         tmp = final.with_name(final.name + f".tmp{os.getpid()}")
         write(tmp)
+        os.chmod(tmp, file_mode())  # the user's umask, whatever wrote the file
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)

@@ -137,7 +137,9 @@ def paper_table(ours: Mapping[str, Mapping[str, object]], metrics: Sequence[str]
         if v is None:
             return "–"
         if isinstance(v, Mapping):
-            return f"{v['mean']:.3f} ± {v['std']:.3f}"
+            from semlens.report import mean_std
+
+            return mean_std(float(v["mean"]), float(v["std"]), int(v.get("n", 2)))
         return f"{float(v):.3f}"  # type: ignore[arg-type]
 
     rows = [{"model": name, "data": "ours", **{m: cell(vals.get(m)) for m in metrics}} for name, vals in ours.items()]

@@ -16,7 +16,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,9 @@ class CompareConfig:
     """Settings of a comparison (all logged in the JSON output).
 
     patch_size / baseline / steps / patches_per_step: region perturbation (see
-    :func:`~semlens.evaluate.explanations.perturbation_curve`); ``perturb_batch_size``: inputs per forward.
+    :func:`~semlens.evaluate.explanations.perturbation_curve`); ``perturb_batch_size``: inputs per forward
+    (None: the fastest of 16..256, measured once for the model and input size, see
+    :func:`~semlens.evaluate.batching.fastest_batch_size`).
     batch_size: examples explained at once. continuity_*: see :func:`~semlens.evaluate.explanations.continuity`.
     randomization_samples: examples (the first ones) used by the costly randomisation check (None = all).
     input_bounds: valid input range ``(low, high)``: the z^B bounds passed to LRP, the range of the uniform-noise
@@ -68,7 +70,7 @@ class CompareConfig:
     baseline: str = "uniform"
     steps: int | None = None
     patches_per_step: int = 1
-    perturb_batch_size: int = 256
+    perturb_batch_size: int | None = None
     batch_size: int = 32
     continuity_perturbations: int = 4
     continuity_noise: float = 0.02
@@ -407,8 +409,15 @@ def compare_methods(
     fraction = None
     layers: list[str] = []
     n_rand = n if cfg.randomization_samples is None else min(n, cfg.randomization_samples)
+    perturb_batch = cfg.perturb_batch_size
+    if perturb_batch is None:  # measured: the largest batch is not always the fastest per input on CPUs
+        from semlens.evaluate.batching import fastest_batch_size
+
+        with frozen(model, freeze_params=False), torch.no_grad():
+            perturb_batch = fastest_batch_size(model, images[:1].to(dev),
+                                               needed=min(n, cfg.batch_size) * ((cfg.steps or 100) + 1))
     curve_kw: dict[str, Any] = dict(patch_size=cfg.patch_size, baseline=cfg.baseline, steps=cfg.steps,
-                                    patches_per_step=cfg.patches_per_step, batch_size=cfg.perturb_batch_size,
+                                    patches_per_step=cfg.patches_per_step, batch_size=perturb_batch,
                                     low=low, high=high)
     starts = range(0, n, cfg.batch_size)
     with frozen(model, freeze_params=False):
@@ -475,7 +484,8 @@ def compare_methods(
         methods=names, metrics=metrics, scores=scores,
         curves={name: {o: torch.cat(v) for o, v in oc.items()} for name, oc in curves.items()},
         random_curve=torch.cat(random_curves) if random_curves else None, fraction=fraction,
-        correct=torch.cat(correct), config=cfg, randomization_layers=layers,
+        correct=torch.cat(correct), config=replace(cfg, perturb_batch_size=perturb_batch),  # the batch used
+        randomization_layers=layers,
         references=[m for m in names if m == RANDOM_METHOD],
     )
 

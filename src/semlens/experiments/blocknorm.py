@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from semlens.report import Report, Section
+from semlens.report import Report, Section, mean_std
 
 __all__ = ["BlockNormConfig", "PUBLISHED", "run_blocknorm", "blocknorm_sections", "train_and_dissect",
            "register_reproduce"]
@@ -67,7 +67,7 @@ class BlockNormConfig:
 
     @classmethod
     def fast(cls, **kw: Any) -> BlockNormConfig:
-        base = {"seeds": 1, "epochs": 2, "n_train": 800, "n_test": 200, "n_dissect": 200, "min_acc": 0.0}
+        base = {"seeds": 1, "epochs": 2, "n_train": 800, "n_test": 200, "n_dissect": 200, "min_acc": 0.15}
         return cls(**{**base, **kw})
 
 
@@ -161,16 +161,26 @@ def summarize(runs: list[dict[str, Any]], models: tuple[str, ...],
             every = [r for r in runs if r["model"] == model and r["regularizer"] == reg]
             mine = [r for r in every if r["test_acc"] >= min_acc]
             failed = [r["seed"] for r in every if r["test_acc"] < min_acc]
-            if not mine:
+            if not every:
+                continue
+            pub = PUBLISHED.get(model, {})
+            if not mine:  # every seed stuck at chance: shown as such, left out of the comparison
+                accs = ", ".join(f"{r['test_acc']:.3f}" for r in every)
+                rows.append({"model": model, "regularizer": reg, "seeds": 0,
+                             "not trained (seeds)": ", ".join(map(str, failed)),
+                             "unique detectors (sum over conv layers)": "- (not trained)",
+                             "test accuracy": f"{accs} (at chance)",
+                             "paper (Places365)": f"{pub.get('paper_model', '-')}: {pub.get(reg, '-')}",
+                             "unique_mean": float("nan"), "unique_std": float("nan"), "acc_mean": float("nan"),
+                             "acc_std": float("nan")})
                 continue
             u_mean, u_std = _mean_std([float(r["unique_total"]) for r in mine])
             a_mean, a_std = _mean_std([float(r["test_acc"]) for r in mine])
-            pub = PUBLISHED.get(model, {})
             rows.append({
                 "model": model, "regularizer": reg, "seeds": len(mine),
                 "not trained (seeds)": ", ".join(map(str, failed)) or "-",
-                "unique detectors (sum over conv layers)": f"{u_mean:.1f} ± {u_std:.1f}",
-                "test accuracy": f"{a_mean:.3f} ± {a_std:.3f}",
+                "unique detectors (sum over conv layers)": mean_std(u_mean, u_std, len(mine), 1),
+                "test accuracy": mean_std(a_mean, a_std, len(mine)),
                 "paper (Places365)": f"{pub.get('paper_model', '-')}: {pub.get(reg, '-')}",
                 "unique_mean": u_mean, "unique_std": u_std, "acc_mean": a_mean, "acc_std": a_std,
             })
@@ -217,7 +227,8 @@ def blocknorm_sections(results: dict[str, Any], title: str = "Block norm vs weig
     cols = ["model", "regularizer", "seeds", "not trained (seeds)", "unique detectors (sum over conv layers)",
             "test accuracy", "paper (Places365)"]
     sec.table(results["table"], columns=cols, caption="Table 1 analogue (mean ± std over the seeds that trained: test "
-              f"accuracy ≥ {min_acc:g}; seeds stuck at chance are listed, not averaged)")
+              f"accuracy ≥ {min_acc:g}, chance is {1 / 12:.3f}; seeds stuck at chance are listed, not averaged "
+              "or compared)")
     sec.figure(per_layer_figure(results["runs"], models, min_acc), caption="mean unique detectors per conv layer")
     out = [sec]
     if results.get("sweep"):
@@ -248,11 +259,12 @@ def run_blocknorm(out: str | Path, cfg: BlockNormConfig | None = None, sweep: bo
     table = summarize(runs, cfg.models, cfg.min_acc)
     results: dict[str, Any] = {"config": asdict(cfg), "published": PUBLISHED, "table": table, "runs": runs}
     first = cfg.models[0]
-    means = {r["regularizer"]: r["unique_mean"] for r in table if r["model"] == first}
+    trained = [r for r in table if r["seeds"] > 0]  # models stuck at chance are left out of comparisons
+    means = {r["regularizer"]: r["unique_mean"] for r in trained if r["model"] == first}
     helps = means.get("block_norm", 0) > means.get("weight_decay", 0)
-    results["block_norm_helps_with_defaults"] = {m: next((r["unique_mean"] for r in table if r["model"] == m
+    results["block_norm_helps_with_defaults"] = {m: next((r["unique_mean"] for r in trained if r["model"] == m
                                                           and r["regularizer"] == "block_norm"), 0)
-                                                 > next((r["unique_mean"] for r in table if r["model"] == m
+                                                 > next((r["unique_mean"] for r in trained if r["model"] == m
                                                          and r["regularizer"] == "weight_decay"), 0)
                                                  for m in cfg.models}
     if sweep or (sweep is None and not helps):

@@ -56,6 +56,17 @@ def discover_steps() -> list[tuple[str, Callable[[DemoContext], list[Section]]]]
     return steps
 
 
+def step_title(name: str) -> str:
+    """A human name for a step module: its docstring's first line without the "Demo step NN:" prefix
+    (``s10_world`` -> "the built-in worlds ..."), else the module name without its number."""
+    import re
+
+    module = importlib.import_module(f"semlens.experiments.demo_steps.{name}")
+    first = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
+    title = re.sub(r"^demo step( \d+)?:\s*", "", first, flags=re.IGNORECASE).rstrip(".,")
+    return title[:1].upper() + title[1:] if title else re.sub(r"^s\d+_", "", name).replace("_", " ")
+
+
 def run_demo(out: str | Path, device: str = "auto", seed: int = 0, only: list[str] | None = None) -> Path:
     """Run every demo step, write ``out/report.html`` and return its path.
 
@@ -71,20 +82,21 @@ def run_demo(out: str | Path, device: str = "auto", seed: int = 0, only: list[st
     intro.text(
         "Every section below was produced by `make demo` on semlens' built-in synthetic data, which "
         "carries exact ground truth (concept masks, evidence masks, clip captions). The numbers are from "
-        "fast, reduced runs; the closing notes of each issue and the benchmarks give the full-size figures."
+        "fast, reduced runs; the full-size figures are in the documentation (docs/) and come from the "
+        "`semlens reproduce` commands and the scripts in benchmarks/."
     )
     report.add(intro)
     timings = []
     for name, run in discover_steps():
         if only and not any(word in name for word in only):
             continue
-        console.print(f"[bold]demo[/] {name} ...")
+        console.print(f"[bold]demo[/] {step_title(name)} ...")
         t0 = time.perf_counter()
         for section in run(ctx):
             report.add(section)
         elapsed = time.perf_counter() - t0
-        timings.append({"step": name, "seconds": round(elapsed, 1)})
-        console.print(f"[bold]demo[/] {name} done in {elapsed:.1f}s")
+        timings.append({"step": step_title(name), "seconds": round(elapsed, 1)})
+        console.print(f"[bold]demo[/] {step_title(name)}: done in {elapsed:.1f}s")
         report.write(out / "report.html")  # keep a readable report even if a later step fails
     report.add(Section("Run times").table(timings, caption=f"device: {ctx.device}"))
     return report.write(out / "report.html")

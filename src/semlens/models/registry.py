@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["register_model", "build_model", "available_models", "ModelSpecError"]
+__all__ = ["register_model", "build_model", "available_models", "resolve_factory", "accepted_kwargs", "ModelSpecError"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -41,15 +42,15 @@ def _load_builtins() -> None:
     importlib.import_module("semlens.models")
 
 
-def build_model(spec: str, **kwargs: Any) -> nn.Module:
-    """Instantiate a model from a built-in name or ``package.module:factory``.
+def resolve_factory(spec: str) -> Callable[..., nn.Module]:
+    """The factory behind ``spec``: a built-in name or ``package.module:factory``.
 
     ``package.module`` is imported from the current directory or ``PYTHONPATH``; ``factory`` is any
     callable returning an ``nn.Module`` (a class or a function).
     """
     _load_builtins()
     if spec in _REGISTRY:
-        return _REGISTRY[spec](**kwargs)
+        return _REGISTRY[spec]
     if ":" not in spec:
         raise ModelSpecError(
             f"unknown model {spec!r}: not a built-in ({', '.join(sorted(_REGISTRY))}) "
@@ -66,7 +67,30 @@ def build_model(spec: str, **kwargs: Any) -> nn.Module:
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise ModelSpecError(f"{module_name!r} has no callable {attr!r} (model spec {spec!r})")
-    model = factory(**kwargs)
+    return factory
+
+
+def accepted_kwargs(factory: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``kwargs`` that ``factory``'s signature accepts (all of it when it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: pass everything
+        return dict(kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return dict(kwargs)
+    names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                  inspect.Parameter.KEYWORD_ONLY)}
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
+def build_model(spec: str, **kwargs: Any) -> nn.Module:
+    """Instantiate a model from a built-in name or ``package.module:factory``.
+
+    The factory receives only the keyword arguments its signature accepts (``num_classes``,
+    ``image_size``, ``width`` ... are offered by the commands; a factory taking none of them is fine).
+    """
+    factory = resolve_factory(spec)
+    model = factory(**accepted_kwargs(factory, kwargs))
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model

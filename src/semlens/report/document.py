@@ -7,6 +7,7 @@ import datetime as _dt
 import html
 import io
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import jinja2
 
-__all__ = ["Report", "Section", "figure_to_data_uri", "table_html"]
+__all__ = ["Report", "Section", "figure_to_data_uri", "table_html", "mean_std"]
 
 
 def figure_to_data_uri(fig: Any, dpi: int = 110) -> str:
@@ -33,17 +34,46 @@ def _fmt(value: Any, digits: int) -> str:
     return str(value)
 
 
+_INTERVAL = re.compile(r"^(\S+) (\[[^\]]+\])$")
+
+
+def _cell(value: Any, digits: int) -> str:
+    """A table cell's HTML: ``"0.52 [0.48, 0.55]"`` shows the interval on a second, smaller line."""
+    text = _fmt(value, digits)
+    m = _INTERVAL.match(text)
+    if m:
+        return f"{html.escape(m.group(1))}<br><span class='ci'>{html.escape(m.group(2))}</span>"
+    if len(text) <= 40 and not any(ch.isspace() for ch in text):  # a name: never broken at its hyphens
+        return f"<span class='nw'>{html.escape(text)}</span>"
+    return html.escape(text)
+
+
+def _header(name: Any) -> str:
+    """Readable column names: ``relevance_mass_accuracy`` -> ``relevance mass accuracy``."""
+    return html.escape(str(name).replace("_", " "))
+
+
 def table_html(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, digits: int = 3) -> str:
-    """An HTML table from a list of dicts (column order from ``columns`` or the first row)."""
+    """An HTML table from a list of dicts (column order from ``columns`` or the first row), in a box that
+    scrolls sideways on its own when the table is wider than the page."""
     if not rows:
         return "<p><em>(no rows)</em></p>"
     cols = list(columns or rows[0].keys())
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    head = "".join(f"<th>{_header(c)}</th>" for c in cols)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, ''), digits))}</td>" for c in cols) + "</tr>"
+        "<tr>" + "".join(f"<td>{_cell(r.get(c, ''), digits)}</td>" for c in cols) + "</tr>"
         for r in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<div class='table-wrap'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+def mean_std(mean: float, std: float, n: int, digits: int = 3) -> str:
+    """``"0.512 ± 0.031"`` over ``n`` seeds; one seed has no spread: ``"0.512 (one seed)"``; none: ``"-"``."""
+    if n < 1 or mean != mean:  # no runs, or NaN
+        return "-"
+    if n == 1:
+        return f"{mean:.{digits}f} (one seed)"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 @dataclass

@@ -29,7 +29,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -133,6 +133,8 @@ class Trainer:
         if len(train_data) == 0:  # type: ignore[arg-type]
             raise ValueError("train_data is empty")
         self.history: list[dict[str, Any]] = []
+        #: called with each epoch's history record once the epoch is done (e.g. to print a loss line)
+        self.on_epoch: Callable[[dict[str, Any]], None] | None = None
         self.global_step = 0
 
     # -- data ------------------------------------------------------------------------------------
@@ -495,6 +497,8 @@ class Trainer:
             record["seconds"] = time.perf_counter() - t0
             self.history.append(record)
             self._save_checkpoint(opt, epoch + 1, 0, {})
+            if self.on_epoch is not None and distributed.rank() == 0:
+                self.on_epoch(record)
         return self.history
 
     @torch.no_grad()

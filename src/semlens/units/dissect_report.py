@@ -75,6 +75,17 @@ def _concept_mask(batch: Any, number: int, seg: tuple[int, int]) -> torch.Tensor
     return out
 
 
+def _mask_colour(concept: str, category: str) -> tuple[torch.Tensor, str]:
+    """The tint of a concept's mask: a colour concept in its own colour (when light enough to see on the
+    darkened image), every other concept in red. Returns ``(rgb (3,), name)``."""
+    from semlens.world.concepts import COLORS
+
+    rgb = COLORS.get(concept) if category == "color" else None
+    if rgb is not None and 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 0.25:
+        return torch.tensor(rgb), concept
+    return torch.tensor([1.0, 0.1, 0.1]), "red"
+
+
 def unit_cards_figure(result: DissectionResult, model: nn.Module, dataset: Any, units: Sequence[tuple[str, int]],
                       *, images: int = 4, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       ) -> Any:
@@ -85,7 +96,7 @@ def unit_cards_figure(result: DissectionResult, model: nn.Module, dataset: Any, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2 * len(units), images, figsize=(1.5 * images, 3.1 * len(units)), squeeze=False)
+    fig, axes = plt.subplots(2 * len(units), images, figsize=(1.5 * images + 0.9, 3.1 * len(units)), squeeze=False)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     with frozen(model), torch.no_grad():
@@ -102,6 +113,7 @@ def unit_cards_figure(result: DissectionResult, model: nn.Module, dataset: Any, 
             concept = F.interpolate(_concept_mask(batch, result.concept_numbers[c], result.seg_size)[:, None].float(),
                                     size=size, mode="nearest")[:, 0]
             img = batch.images.cpu().permute(0, 2, 3, 1).clamp(0, 1)
+            colour, colour_name = _mask_colour(result.concept_names[c], result.concept_categories[c])
             for j in range(images):
                 top, bottom = axes[2 * r, j], axes[2 * r + 1, j]
                 top.axis("off")
@@ -109,10 +121,15 @@ def unit_cards_figure(result: DissectionResult, model: nn.Module, dataset: Any, 
                 if j >= len(idx):
                     continue
                 top.imshow((img[j] * (0.2 + 0.8 * region[j, :, :, None])).numpy())
-                tint = img[j] * 0.35 + 0.65 * torch.tensor([1.0, 0.1, 0.1]) * concept[j, :, :, None]
+                tint = img[j] * 0.35 + 0.65 * colour * concept[j, :, :, None]
                 bottom.imshow(torch.where(concept[j, :, :, None] > 0, tint, img[j] * 0.35).numpy())
             axes[2 * r, 0].set_title(f"{name} unit {u}: {result.concept_names[c]} ({result.concept_categories[c]}) "
                                      f"IoU {float(d.best_iou[u]):.2f}", fontsize=8, loc="left")
+            labels = ((2 * r, "unit's region\n(top images)"),
+                      (2 * r + 1, f"'{result.concept_names[c]}' mask\n(in {colour_name})"))
+            for row, label in labels:
+                axes[row, 0].text(-0.06, 0.5, label, transform=axes[row, 0].transAxes, ha="right", va="center",
+                                  fontsize=6)
     fig.tight_layout()
     return fig
 
@@ -133,7 +150,8 @@ def dissection_sections(result: DissectionResult, model: nn.Module | None = None
         chosen = best_units(result, cards)
         cs = Section(f"{title}: unit cards")
         cs.text("For each unit: its top-activating images with the region above the unit's threshold (others "
-                "darkened), and below them the mask of the unit's best concept.")
+                "darkened), and below them the mask of the unit's best concept (a colour concept in its own colour, "
+                "others in red, as the row label says).")
         cs.figure(unit_cards_figure(result, model, dataset, chosen, images=images, transform=transform),
                   caption="unit cards (highest IoU first)")
         out.append(cs)

@@ -7,7 +7,6 @@ import os
 import torch
 from torch import Tensor, nn
 
-from semlens.checkpoint import load_weights, read_config
 from semlens.layers import HookHandles, frozen, get_module
 from semlens.runtime import progress
 
@@ -16,13 +15,9 @@ __all__ = ["load_trained", "encode_frames"]
 
 def load_trained(path: str | os.PathLike) -> nn.Module:
     """Rebuild a model saved by ``semlens train`` / :meth:`Trainer.save` from its JSON config (eval mode)."""
-    from semlens.models import build_model
+    from semlens.models import load
 
-    config = read_config(path)
-    if "model" not in config:
-        raise ValueError(f"{path} has no 'model' entry in its config; build the model yourself and use load_weights")
-    model = build_model(config["model"], **config.get("model_kwargs", {}))
-    return load_weights(model, path).eval()
+    return load(None, path, device="cpu")
 
 
 def _last_linear(model: nn.Module) -> str:

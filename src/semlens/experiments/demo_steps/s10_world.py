@@ -18,24 +18,46 @@ EPOCHS = 3
 N_CLIPS = 240
 
 
+def concept_palette(vocabulary) -> np.ndarray:
+    """``(n_concepts, 3)`` RGB in [0, 1] per global concept number: a colour concept in its own colour,
+    every other concept a distinct tab20 colour, 0 ("nothing") light grey."""
+    from matplotlib import colormaps
+
+    from semlens.world.concepts import COLORS
+
+    tab = colormaps["tab20"]
+    pal = np.array([COLORS.get(name, tab(i % 20)[:3]) if cat == "color" else tab(i % 20)[:3]
+                    for i, (name, cat) in enumerate(zip(vocabulary.names, vocabulary.category, strict=True))],
+                   dtype=np.float64)
+    pal[0] = (0.93, 0.93, 0.93)
+    return pal
+
+
 def _sample_figure(ci, k: int = 6):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     cats = ["color", "object", "part", "texture"]
-    fig, axes = plt.subplots(k, len(cats) + 2, figsize=(1.7 * (len(cats) + 2), 1.75 * k))
+    pal = concept_palette(ci.vocabulary)
+    fig, axes = plt.subplots(k, len(cats) + 2, figsize=(1.8 * (len(cats) + 2), 2.3 * k))
     for r in range(k):
         axes[r, 0].imshow(ci.images[r].permute(1, 2, 0).numpy())
         axes[r, 0].set_title(ci.class_names[int(ci.labels[r])], fontsize=7)
         for c, cat in enumerate(cats, start=1):
             lab = ci.pixel_labels[cat][r].numpy()
-            axes[r, c].imshow(lab, cmap="tab20", interpolation="nearest", vmin=0, vmax=len(ci.vocabulary))
-            names = [ci.vocabulary.names[v] for v in np.unique(lab) if v]
-            axes[r, c].set_title((cat + ": " + ", ".join(names))[:34], fontsize=6)
+            axes[r, c].imshow(pal[lab], interpolation="nearest")  # each concept in its legend colour
+            present = [int(v) for v in np.unique(lab) if v]
+            axes[r, c].set_title(cat, fontsize=7)
+            axes[r, c].legend(handles=[Patch(facecolor=pal[v], edgecolor="0.5", label=ci.vocabulary.names[v])
+                                       for v in present[:6]], fontsize=5, loc="upper center",
+                              bbox_to_anchor=(0.5, 0.0), frameon=False, handlelength=1.0, borderaxespad=0.2)
         axes[r, -1].imshow(ci.evidence[r].numpy(), cmap="gray")
-        axes[r, -1].set_title("evidence; " + ci.vocabulary.names[int(ci.scene[r])], fontsize=7)
+        axes[r, -1].set_title("evidence (white)", fontsize=7)
+        axes[r, -1].text(0.5, -0.06, "scene: " + ci.vocabulary.names[int(ci.scene[r])], fontsize=6,
+                         ha="center", va="top", transform=axes[r, -1].transAxes)
     for a in axes.flat:
         a.axis("off")
     fig.tight_layout()
@@ -120,8 +142,10 @@ def run(ctx: DemoContext) -> list[Section]:
         "texture masks and the evidence mask (the key object's visible pixels). A Broden-format copy of "
         f"{N_BRODEN} images was written in {t_write:.1f}s to `{concepts_dir}`."
     )
-    data.figure(_sample_figure(test), "Test images, their concept masks (colour, object, part, texture) and "
-                                      "evidence masks; titles name the class, the concepts present and the scene.")
+    data.figure(_sample_figure(test), "Test images (titled with their class), their concept masks (colour, "
+                                      "object, part, texture; each concept in the colour of the legend below "
+                                      "the panel, colour concepts in their own colour) and evidence masks "
+                                      "(the key object's visible pixels in white) with the scene.")
     data.figure(_clip_figure(clips), "Clips as frame strips (every third frame) with two of their 20 captions.")
     rows = [{"model": "alexnet-like", "train images": N_TRAIN, "epochs": EPOCHS,
              "train acc (last epoch)": history[-1]["train_acc"], "test acc": acc,

@@ -78,6 +78,13 @@ def _figure(images: torch.Tensor, maps: dict[str, torch.Tensor], titles: list[st
             ax.set_yticks([])
     axes[0, 0].set_title("input", fontsize=7)
     fig.tight_layout()
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    bar = fig.colorbar(ScalarMappable(Normalize(-1, 1), cmap="bwr"), ax=axes[:, 1:].ravel().tolist(), shrink=0.5,
+                       pad=0.02, ticks=[-1, 0, 1])
+    bar.ax.set_yticklabels(["−max", "0", "+max"], fontsize=6)
+    bar.set_label("relevance (each map scaled to its 99.5th percentile of |R|)", fontsize=6)
     return fig
 
 
