@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from semlens import distributed
+from semlens.artefacts import model_signature
 from semlens.layers import frozen, resolve_layers
 from semlens.runtime import resolve_device
 from semlens.streaming import (
@@ -62,6 +63,7 @@ from semlens.streaming import (
     worker_index,
 )
 from semlens.units import dissect_kernels
+from semlens.units.names import UnitNames, save_unit_names
 from semlens.units.quantile import ExactTopQuantile, HistogramQuantileSketch, make_quantile_estimator
 
 __all__ = [
@@ -197,6 +199,7 @@ class DissectionResult:
     iou_threshold: float
     seg_size: tuple[int, int]
     exact_thresholds: dict[str, bool]
+    model: str = ""  # model_signature of the dissected model ("" = unknown)
 
     def detectors(self, layer: str) -> torch.Tensor:
         """(C,) bool: units whose best IoU exceeds the threshold."""
@@ -236,11 +239,19 @@ class DissectionResult:
                          "zero_threshold_units": int((d.thresholds <= 0).sum())})
         return rows
 
+    def unit_names(self, layer: str) -> UnitNames:
+        """The stored-artefact form of ``layer``'s labels: every unit's best concept and IoU (float64)."""
+        d = self.layers[layer]
+        return UnitNames(layer, torch.arange(d.units), tuple(self.concept_names[c] for c in d.best_concept.tolist()),
+                         d.best_iou.clone(), self.model)
+
     def save(self, out: str | os.PathLike) -> dict[str, Path]:
-        """Write ``units.csv``, ``layers.csv`` and ``dissection.json`` to ``out``; return their paths."""
+        """Write ``units.csv``, ``layers.csv``, ``dissection.json`` and the names file ``unit_names.safetensors``
+        (read by ``semlens feedback init``) to ``out``; return their paths."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"units": out / "units.csv", "layers": out / "layers.csv", "json": out / "dissection.json"}
+        paths["names"] = save_unit_names(out / "unit_names.safetensors", [self.unit_names(n) for n in self.layers])
         _write_csv(paths["units"], self.unit_rows(), ["layer", "unit", "concept", "category", "iou", "threshold"])
         _write_csv(paths["layers"], self.layer_rows())
         summary = {
@@ -1232,6 +1243,7 @@ def dissect(
         concept_categories=[c[2] for c in concepts], categories=cats, label_pixels=label_pixels,
         annotated_images=annotated, n_images=n, quantile=quantile, iou_threshold=iou_threshold, seg_size=seg,
         exact_thresholds={m: isinstance(thr_pass.estimators[g], ExactTopQuantile) for m, g in group_of.items()},
+        model=model_signature(model),
     )
 
 

@@ -19,16 +19,26 @@ Two exact paths, both without a loop over neurons × videos:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
+
+from semlens.artefacts import ArtefactError, load_artefact, model_signature, save_artefact
+
+if TYPE_CHECKING:
+    from semlens.units.topics import TopicModel
 
 __all__ = ["NeuronTopics", "LinearTopicMap", "prediction_difference", "name_neurons", "auc", "topic_selectivity",
            "contains_topic"]
 
 TopicMap = Callable[[torch.Tensor], torch.Tensor]
+_KIND, _VERSION = "neuron-topics", 1
 
 
 class LinearTopicMap:
@@ -196,6 +206,52 @@ class NeuronTopics:
     def to_json(self) -> dict[str, object]:
         return {"topic": self.topic.tolist(), "strength": self.strength.tolist(),
                 "topic_names": self.topic_names, "differences": self.differences.tolist()}
+
+    # ------------------------------------------------------------------ stored artefact
+    def save(self, path: str | os.PathLike, topic_model: TopicModel | None = None, model: nn.Module | None = None
+             ) -> Path:
+        """Write the neuron → topic table (artefact ``neuron-topics`` v1) with the topic model it names topics
+        of (vocabulary, priors and topic-word counts, so it can be rebuilt by :meth:`load_topic_model`) and
+        the :func:`~semlens.artefacts.model_signature` of ``model``."""
+        tensors = {"differences": self.differences.float(), "topic": self.topic.long(), "strength": self.strength}
+        meta: dict[str, Any] = {"topic_names": list(self.topic_names), "n_neurons": int(self.topic.numel()),
+                                "model": model_signature(model) if model is not None else ""}
+        if topic_model is not None:
+            if topic_model.n_topics != self.n_topics:
+                raise ValueError(f"the topic model has {topic_model.n_topics} topics; the table names {self.n_topics}")
+            d = dict(topic_model.to_json())
+            tensors["topic_model/components"] = torch.as_tensor(np.asarray(d.pop("components"), dtype=np.float64))
+            d.pop("top_words", None)
+            meta["topic_model"], meta["topic_model_fingerprint"] = d, topic_model.fingerprint()
+        return save_artefact(path, _KIND, _VERSION, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, topic_model: TopicModel | None = None, model: nn.Module | None = None
+             ) -> NeuronTopics:
+        """Read a table written by :meth:`save`. A table made with another topic model (vocabulary or topics)
+        than ``topic_model``, or for another architecture than ``model``, raises :class:`ArtefactError`."""
+        tensors, h = load_artefact(path, _KIND, _VERSION)
+        stored = h.get("topic_model_fingerprint")
+        if topic_model is not None and stored and stored != topic_model.fingerprint():
+            vocab = len(h["topic_model"]["vocabulary"])
+            raise ArtefactError(f"neuron table {path} was named with another topic model ({vocab} words, fingerprint "
+                                f"{stored}; this one: {len(topic_model.vocabulary_ or [])} words, "
+                                f"{topic_model.fingerprint()})")
+        if model is not None and h.get("model") and h["model"] != model_signature(model):
+            raise ArtefactError(f"neuron table {path} was made for another model (signature {h['model']}, this model "
+                                f"{model_signature(model)})")
+        return cls(tensors["differences"], tensors["topic"], tensors["strength"], list(h["topic_names"]))
+
+    @staticmethod
+    def load_topic_model(path: str | os.PathLike) -> TopicModel:
+        """The topic model stored with the table at ``path`` (an error when it was saved without one)."""
+        from semlens.units.topics import TopicModel
+
+        tensors, h = load_artefact(path, _KIND, _VERSION)
+        if "topic_model" not in h:
+            raise ArtefactError(f"neuron table {path} was saved without its topic model")
+        return TopicModel.from_json({**h["topic_model"], "components": tensors["topic_model/components"].numpy()},
+                                    str(path))
 
 
 def name_neurons(f: TopicMap, vbar: torch.Tensor, topic_names: Sequence[str] | None = None, removal: str = "zero",
