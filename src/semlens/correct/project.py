@@ -42,6 +42,7 @@ class Artefacts:
     names: Any
     references: ConceptReferences
     save_names: Callable[[Path], Path]
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # recorded in project.json
 
 
 class Corrector(Protocol):
@@ -65,7 +66,8 @@ class Corrector(Protocol):
 class ClassifierProjectCorrector:
     """Image classifier + Broden-format data + stored unit names and references (:mod:`semlens.correct.classifier`).
 
-    The data is read only to look up the image of a sample id."""
+    Only the images of the samples named are read (``images/<id><image_suffix>``); the dataset's index is
+    parsed only for data laid out otherwise, or to suggest a sample id after an unknown one."""
 
     config: dict[str, Any]
     weights: Path
@@ -77,7 +79,6 @@ class ClassifierProjectCorrector:
     def __post_init__(self) -> None:
         from semlens.correct.classifier import ClassifierCorrector
         from semlens.units.names import UnitNames
-        from semlens.world import BrodenDataset
 
         cfg = self.config
         self.model = _classifier(cfg["model"], cfg.get("model_kwargs", {}), self.weights, self.device)
@@ -85,28 +86,43 @@ class ClassifierProjectCorrector:
         refs = ConceptReferences.load(self.references_path, model=self.model, layer=cfg["layer"])
         self.engine = ClassifierCorrector(self.model, cfg["layer"], self.names, refs, min_iou=cfg.get("min_iou", 0.04),
                                           device=self.device)
-        self.dataset = BrodenDataset(cfg["data"])
-        self._ids = {Path(name).stem: i for i, name in enumerate(self.dataset.images)}
+        self._dataset: Any = None
+
+    @property
+    def dataset(self) -> Any:
+        """The Broden-format dataset (its index parsed on first use)."""
+        if self._dataset is None:
+            from semlens.world import BrodenDataset
+
+            self._dataset = BrodenDataset(self.config["data"])
+        return self._dataset
 
     def sample_ids(self) -> list[str]:
-        return list(self._ids)
+        return [Path(name).stem for name in self.dataset.images]
 
-    def _index(self, sample_id: str) -> int:
-        if sample_id not in self._ids:
-            raise KeyError(f"unknown sample id {sample_id!r}.{suggest(sample_id, list(self._ids))}")
-        return self._ids[sample_id]
+    def _images(self, sample_ids: Sequence[str]) -> torch.Tensor:
+        """(B, 3, H, W) images of the samples (an unknown id raises, naming the closest ids)."""
+        from semlens.world import read_images
+
+        suffix, root = self.config.get("image_suffix"), Path(self.config["data"])
+        if suffix is not None and all((root / "images" / f"{s}{suffix}").is_file() for s in sample_ids):
+            return read_images(root, [f"{s}{suffix}" for s in sample_ids], self.config.get("image_size"))
+        ids = {Path(name).stem: i for i, name in enumerate(self.dataset.images)}
+        for s in sample_ids:
+            if s not in ids:
+                raise KeyError(f"unknown sample id {s!r}.{suggest(s, list(ids))}")
+        return self.dataset.load_batch([ids[s] for s in sample_ids]).images
 
     def check(self, sample_id: str, target: str) -> None:
-        self._index(sample_id)
+        self._images([sample_id])
         self.engine.units(target)
 
     def _class_name(self, k: int) -> str:
-        names = self.dataset.class_names
+        names = self.config["class_names"] if "class_names" in self.config else self.dataset.class_names
         return names[k] if names else str(k)
 
     def describe(self, sample_id: str, enhanced: Sequence[str] = ()) -> str:
-        x = self.dataset.load_batch([self._index(sample_id)]).images
-        probs = self.engine.predict(x, enhanced).softmax(-1)[0]
+        probs = self.engine.predict(self._images([sample_id]), enhanced).softmax(-1)[0]
         top = torch.topk(probs, k=min(3, probs.numel()))
         return ", ".join(f"{self._class_name(int(i))} {float(p):.2f}" for p, i in zip(top.values, top.indices,
                                                                                        strict=True))
@@ -119,9 +135,8 @@ class ClassifierProjectCorrector:
         for r in remarks:
             by_sample.setdefault(r.sample_id, []).append(r.target)
         ids = sorted(by_sample)
-        x = self.dataset.load_batch([self._index(s) for s in ids]).images
-        res = self.engine.propagate(x, [by_sample[s] for s in ids], mu=params["mu"], steps=params["steps"],
-                                    lr=params["lr"])
+        res = self.engine.propagate(self._images(ids), [by_sample[s] for s in ids], mu=params["mu"],
+                                    steps=params["steps"], lr=params["lr"])
         return {"data_loss_first": res.data_loss[0], "data_loss_last": res.data_loss[-1], "steps": res.steps}
 
 
@@ -142,25 +157,29 @@ class CaptionerProjectCorrector:
         from semlens.correct.captioner import CaptionCorrector
         from semlens.models.captioner import AttentiveCaptioner
         from semlens.units.pdm import NeuronTopics
-        from semlens.world import CaptionCorpus
 
         self.model = AttentiveCaptioner.load(self.weights, map_location=self.device).eval()
         names = NeuronTopics.load(self.names_path, model=self.model)
         refs = ConceptReferences.load(self.references_path, model=self.model, names=names.topic_names)
         self.engine = CaptionCorrector(self.model, names, refs, max_neurons=self.config.get("max_neurons"))
-        self.corpus = CaptionCorpus(self.config["data"])
 
     def sample_ids(self) -> list[str]:
-        return list(self.corpus.video_ids)
+        from semlens.world import CaptionCorpus
+
+        return list(CaptionCorpus(self.config["data"]).video_ids)
 
     def _feats(self, sample_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded features (B, T, F) and lengths (B,) of the clips ``features/<id>.npy`` (an unknown id raises,
+        naming the closest ids)."""
         from semlens.models.captioner import pad_features
+        from semlens.world import read_features
 
-        known = set(self.corpus.video_ids)
+        root = Path(self.config["data"])
         for s in sample_ids:
-            if s not in known:
-                raise KeyError(f"unknown sample id {s!r}.{suggest(s, list(known))}")
-        return pad_features([torch.as_tensor(self.corpus.features(s), dtype=torch.float32) for s in sample_ids])
+            if not (root / "features" / f"{s}.npy").is_file():
+                known = self.sample_ids()
+                raise KeyError(f"unknown sample id {s!r}.{suggest(s, known)}")
+        return pad_features([read_features(root, s, self.model.config.feature_dim) for s in sample_ids])
 
     def check(self, sample_id: str, target: str) -> None:
         self._feats([sample_id])
@@ -226,7 +245,7 @@ class CorrectionProject:
         if kind not in CORRECTORS:
             raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(CORRECTORS)}")
         path = cls.refuse_existing(project_dir)
-        cfg = {"kind": kind, "model": model, **settings}
+        cfg = {"kind": kind, "model": model, **artefacts.settings, **settings}
         if "model_kwargs" not in cfg:
             cfg["model_kwargs"] = read_config(weights).get("model_kwargs", {}) if str(weights).endswith(
                 ".safetensors") else {}
@@ -310,7 +329,11 @@ def classifier_artefacts(model: str, weights: str | os.PathLike, data: str | os.
     unit_names = dataclasses.replace(UnitNames.load(names, layer, model=net), model=model_signature(net))
     ds = BrodenDataset(data)
     refs = fit_references(net, layer, ds, ds.split_indices(split), batch_size, device)
-    return Artefacts(unit_names, refs, unit_names.save)
+    settings: dict[str, Any] = {"image_size": list(ds.image_size), "class_names": ds.class_names}
+    suffixes = {Path(name).suffix for name in ds.images}
+    if len(suffixes) == 1 and all("/" not in name for name in ds.images):  # images/<sample id><suffix>
+        settings["image_suffix"] = suffixes.pop()
+    return Artefacts(unit_names, refs, unit_names.save, settings)
 
 
 def _store(directory: Path, save: Callable[[Path], object]) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,7 @@ import torch
 
 from semlens.report import Report, Section
 
-__all__ = ["BlockNormConfig", "PUBLISHED", "run_blocknorm", "blocknorm_sections", "train_and_dissect",
-           "register_reproduce"]
+__all__ = ["BlockNormConfig", "PUBLISHED", "run_blocknorm", "blocknorm_sections", "train_and_dissect"]
 
 #: Table 1 of the TUKL summary (Places365): sum of unique detectors over conv layers.
 PUBLISHED = {
@@ -275,37 +274,3 @@ def run_blocknorm(out: str | Path, cfg: BlockNormConfig | None = None, sweep: bo
         report.add(section)
     report.write(out / "report.html")
     return results
-
-
-def register_reproduce(app: Any) -> None:
-    """Add the ``blocknorm`` command to the ``semlens reproduce`` sub-app."""
-    import typer
-
-    @app.command()
-    def blocknorm(
-        out: Path = typer.Option(..., help="Output directory (results.json, report.html, runs/)."),
-        seeds: int = typer.Option(3, help="Seeds per model and regularizer."),
-        epochs: int = typer.Option(None, help="Training epochs (default 10; 2 with --fast)."),
-        fast: bool = typer.Option(False, help="Tiny version: 1 seed, 800 training images, 2 epochs."),
-        sweep: bool = typer.Option(None, "--sweep/--no-sweep", help="Sweep p, q, G and strength (default: only "
-                                   "when block norm does not beat weight decay with the defaults)."),
-        n_train: int = typer.Option(None, help="Training images (default 8000; 800 with --fast)."),
-        device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
-    ) -> None:
-        """Weight decay vs group block norm on AlexNet-like / AlexNet-B: unique detectors and accuracy."""
-        from semlens.cli._common import user_errors
-
-        with user_errors():
-            cfg = BlockNormConfig.fast(device=device) if fast else BlockNormConfig(seeds=seeds, device=device)
-            if fast and seeds != 3:
-                cfg = replace(cfg, seeds=seeds)
-            if epochs is not None:
-                cfg = replace(cfg, epochs=epochs)
-            if n_train is not None:
-                cfg = replace(cfg, n_train=n_train)
-            results = run_blocknorm(out, cfg, sweep=sweep)
-        for row in results["table"]:
-            unique = row["unique detectors (sum over conv layers)"]
-            typer.echo(f"{row['model']:13s} {row['regularizer']:13s} unique {unique:>14s}"
-                       f"  acc {row['test accuracy']}  paper {row['paper (Places365)']}")
-        typer.echo(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'report.html'}")

@@ -36,7 +36,7 @@ from semlens.report import Report, Section
 from semlens.runtime import resolve_device, seed_everything
 
 __all__ = ["DongSettings", "compare_models", "paired_gap", "sweep_lambda", "choose_lambda", "sections", "run_dong",
-           "frame_cnn", "prepare_clips", "register_reproduce"]
+           "frame_cnn", "prepare_clips"]
 
 MODELS = ("LSTM-B", "LSTM-I")
 
@@ -523,24 +523,3 @@ def prepare_clips(clips: Any, feats: torch.Tensor, n_topics: int, seed: int = 0,
     caps = {v: list(clips.captions[k]) for k, v in enumerate(ids)}
     splits = {s: [ids[i] for i in clips.splits[s]] for s in ("train", "val", "test") if s in clips.splits}
     return prepare(feat, caps, splits, n_topics=n_topics, seed=seed)
-
-
-def register_reproduce(app: Any) -> None:
-    """Add ``semlens reproduce dong`` to the ``reproduce`` sub-app (discovered by semlens.cli.reproduce)."""
-    import typer
-
-    from semlens.cli._common import user_errors
-
-    @app.command("dong")
-    def dong(
-        out: Path = typer.Option(..., help="Output directory: results.json, report.html, models, topics."),
-        seeds: int = typer.Option(3, help="Number of seeds (0..seeds-1) per model."),
-        fast: bool = typer.Option(False, "--fast", help="Small clips set and model, few epochs (minutes on CPU)."),
-        device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
-    ) -> None:
-        """Dong et al. 2017: LSTM-B vs LSTM-I on the built-in clips (captioning, selectivity, transfer)."""
-        if seeds < 1:
-            raise typer.BadParameter("--seeds must be >= 1")
-        with user_errors():
-            run_dong(out, seeds=seeds, fast=fast, device=device, log=typer.echo)
-        typer.echo(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'report.html'}")
