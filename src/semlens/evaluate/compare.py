@@ -291,22 +291,19 @@ class Comparison:
         if fig is not None:
             paths["png"] = out / "perturbation_curves.png"
             fig.savefig(paths["png"], dpi=110, bbox_inches="tight")
-            import matplotlib.pyplot as plt
+            from semlens.report import close_figure
 
-            plt.close(fig)
+            close_figure(fig)
         return paths
 
     def figure(self) -> Any:
         """Mean MoRF and LeRF curves of the target logit per method (random order dashed); None without curves."""
         if not self.curves or self.fraction is None:
             return None
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from semlens.report import subplots
 
         orders = [o for o in ("morf", "lerf") if any(o in c for c in self.curves.values())]
-        fig, axes = plt.subplots(1, len(orders), figsize=(5.2 * len(orders), 3.8), squeeze=False)
+        fig, axes = subplots(1, len(orders), figsize=(5.2 * len(orders), 3.8), squeeze=False)
         frac = self.fraction.numpy()
         for ax, order in zip(axes[0], orders, strict=True):
             for method in self.methods:

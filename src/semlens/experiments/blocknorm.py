@@ -178,12 +178,9 @@ def summarize(runs: list[dict[str, Any]], models: tuple[str, ...],
 
 def per_layer_figure(runs: list[dict[str, Any]], models: tuple[str, ...], min_acc: float = TRAINED_MIN_ACC) -> Any:
     """Mean unique detectors per conv layer, one panel per model, weight decay vs block norm."""
-    import matplotlib
+    from semlens.report import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.0), squeeze=False)
+    fig, axes = subplots(1, len(models), figsize=(4.2 * len(models), 3.0), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         for k, reg in enumerate(REGULARIZERS):
             mine = [r for r in runs if r["model"] == model and r["regularizer"] == reg

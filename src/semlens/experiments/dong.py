@@ -334,16 +334,13 @@ def choose_lambda(rows: Sequence[Mapping[str, Any]], meteor_tolerance: float = 0
 
 
 def _figures(prep: Prepared, last: Mapping[str, Any], video_has: np.ndarray) -> list[tuple[Any, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from semlens.report import subplots
 
     figs = []
     names = prep.topics.topic_names()
     K = len(names)
     # (1) mean activation of each topic's neurons, videos with vs without the topic, LSTM-B | LSTM-I
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), sharey=True)
+    fig, axes = subplots(1, 2, figsize=(11, 3.2), sharey=True)
     for ax, m in zip(axes, MODELS, strict=True):
         prof = last[m]["analysis"]["profile"]
         x = np.arange(K)
@@ -361,7 +358,7 @@ def _figures(prep: Prepared, last: Mapping[str, Any], video_has: np.ndarray) -> 
     j = int(nt.strength.argmax())
     t = int(nt.topic[j])
     seq, lengths = ana["v_test"][:, :, j].numpy(), prep.test.lengths.numpy()
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, ax = subplots(figsize=(6, 3))
     for label, sel, color in (("relevant (R)", video_has[:, t], "C0"), ("irrelevant (I)", ~video_has[:, t], "C3")):
         idx = np.flatnonzero(sel)[:6]
         for n_drawn, k in enumerate(idx):
@@ -374,7 +371,7 @@ def _figures(prep: Prepared, last: Mapping[str, Any], video_has: np.ndarray) -> 
     figs.append((fig, f"Activation of LSTM-I neuron {j}, named '{names[t]}' by PDM, per frame on test clips whose "
                       "captions contain the topic (R) and clips that do not (I)."))
     # (3) selectivity AUC per topic
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, ax = subplots(figsize=(6, 3))
     for off, m in zip((-0.2, 0.2), MODELS, strict=True):
         aucs = [np.nan if a is None else a for a in last[m]["analysis"]["selectivity"]["auc_per_topic"]]
         ax.bar(np.arange(K) + off, aucs, 0.4, label=m)
