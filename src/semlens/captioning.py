@@ -24,6 +24,7 @@ from torch import nn
 from semlens.layers import capture_activations, frozen
 from semlens.models.captioner import AttentiveCaptioner, CaptionerConfig, Vocabulary
 from semlens.runtime import progress, resolve_device
+from semlens.stats import linear_probe
 from semlens.train.caption_trainer import (
     CaptionData,
     CaptionTrainConfig,
@@ -268,18 +269,6 @@ def analyze_neurons(model: AttentiveCaptioner, prep: Prepared, refit_head: bool 
     return {"names": names, "selectivity": sel, "vbar_train": vtr, "vbar_test": vte, "v_test": seq,
             "topic_error_test": topic_err, "head_refit_loss": head_loss, "split": split,
             "profile": topic_activation_profile(names, vte, data.topics, orientation=sel["orientation"])}
-
-
-def linear_probe(x_train: torch.Tensor, y_train: Sequence[int] | torch.Tensor, x_test: torch.Tensor,
-                 y_test: Sequence[int] | torch.Tensor, C: float = 1.0, seed: int = 0) -> float:
-    """Accuracy of a multinomial logistic regression on standardized frozen features (N, D)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed))
-    clf.fit(np.asarray(x_train, dtype=np.float64), np.asarray(y_train))
-    return float(clf.score(np.asarray(x_test, dtype=np.float64), np.asarray(y_test)))
 
 
 def correction_artefacts(weights: str | os.PathLike, corpus_dir: str | os.PathLike, *,

@@ -38,6 +38,7 @@ from semlens.evaluate.explanations import (
 )
 from semlens.layers import frozen
 from semlens.runtime import progress
+from semlens.stats import bootstrap_means
 
 __all__ = ["CompareConfig", "Comparison", "compare_methods", "resolve_explainers", "bootstrap_means",
            "LOCALISATION_METRICS", "DEFAULT_METRICS", "RANDOM_METHOD"]
@@ -137,27 +138,6 @@ def _attribute_fn(attribute: Callable[..., torch.Tensor], name: str, bounds: tup
 
     explain.__name__ = f"explain_{name}"
     return explain
-
-
-def bootstrap_means(values: torch.Tensor, n_boot: int = 1000, seed: int = 0,
-                    level: float = 0.95) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Paired bootstrap of per-example scores ``values: (M, N)`` (NaN = missing, ignored).
-
-    Returns ``(mean (M,), lo (M,), hi (M,), boot (M, n_boot))``: the plain means, the percentile interval
-    at ``level`` and the resampled means (the same resampled example indices for every row).
-    """
-    values = values.to(torch.float64)
-    m, n = values.shape
-    valid = ~torch.isnan(values)
-    filled = torch.where(valid, values, torch.zeros_like(values))
-    mean = filled.sum(1) / valid.sum(1)
-    idx = torch.randint(0, n, (n_boot, n), generator=torch.Generator().manual_seed(seed))
-    ones = torch.ones(n_boot, n, dtype=torch.float64)
-    counts = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, ones)  # resample multiplicities
-    boot = (counts @ filled.T) / (counts @ valid.T.to(torch.float64))  # (n_boot, M)
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    lo, hi = torch.nanquantile(boot, q, dim=0)
-    return mean, lo, hi, boot.T
 
 
 def _average_rank(scores: list[float], higher_is_better: bool) -> list[float]:

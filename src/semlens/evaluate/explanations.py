@@ -32,6 +32,7 @@ from torch import nn
 
 from semlens.layers import frozen, get_module
 from semlens.runtime import progress
+from semlens.stats import spearman
 
 __all__ = [
     "MetricInputError",
@@ -585,37 +586,6 @@ def continuity(
 
 
 # ----------------------------------------------------------------------------------------- randomisation
-
-
-def _average_ranks(v: torch.Tensor) -> torch.Tensor:
-    """1-based ranks along dim 1 with ties given their average rank (as ``scipy.stats.rankdata``)."""
-    n, m = v.shape
-    sorted_v, order = v.sort(dim=1, stable=True)
-    pos = torch.arange(m, device=v.device).expand(n, m)
-    starts = torch.ones(n, m, dtype=torch.bool, device=v.device)
-    starts[:, 1:] = sorted_v[:, 1:] != sorted_v[:, :-1]
-    ends = torch.ones_like(starts)
-    ends[:, :-1] = starts[:, 1:]
-    first = torch.where(starts, pos, 0).cummax(1).values
-    last = torch.where(ends, pos, m).flip(1).cummin(1).values.flip(1)
-    avg = (first + last).to(torch.float64) / 2 + 1
-    ranks = torch.empty_like(avg)
-    ranks.scatter_(1, order, avg)
-    return ranks
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation per row of ``a, b: (N, ...)`` -> ``(N,)`` float64 (average ranks for ties).
-
-    Rows where either side is constant have no defined correlation and score 0.
-    """
-    if a.shape != b.shape:
-        raise MetricInputError(f"cannot correlate shapes {tuple(a.shape)} and {tuple(b.shape)}")
-    ra, rb = _average_ranks(a.flatten(1)), _average_ranks(b.flatten(1))
-    ra = ra - ra.mean(1, keepdim=True)
-    rb = rb - rb.mean(1, keepdim=True)
-    den = (ra.square().sum(1) * rb.square().sum(1)).sqrt()
-    return torch.where(den > 0, (ra * rb).sum(1) / den.clamp_min(1e-300), torch.zeros_like(den))
 
 
 def parameter_layers(model: nn.Module) -> list[str]:

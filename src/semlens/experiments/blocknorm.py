@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from semlens.report import Report, Section
+from semlens.stats import mean_std
 
 __all__ = ["BlockNormConfig", "PUBLISHED", "run_blocknorm", "blocknorm_sections", "train_and_dissect"]
 
@@ -128,10 +129,6 @@ def _make_data(cfg: BlockNormConfig, out: Path) -> dict[str, Any]:
             "broden": BrodenDataset(broden_dir), "class_names": train.class_names}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def _cached(path: Path, fn: Any, key: str) -> dict[str, Any]:
     """Load a finished run from ``path`` when it was made with the same settings ``key``; else run ``fn``."""
     if path.is_file():
@@ -162,8 +159,8 @@ def summarize(runs: list[dict[str, Any]], models: tuple[str, ...],
             failed = [r["seed"] for r in every if r["test_acc"] < min_acc]
             if not mine:
                 continue
-            u_mean, u_std = _mean_std([float(r["unique_total"]) for r in mine])
-            a_mean, a_std = _mean_std([float(r["test_acc"]) for r in mine])
+            u, a = mean_std([float(r["unique_total"]) for r in mine]), mean_std([float(r["test_acc"]) for r in mine])
+            u_mean, u_std, a_mean, a_std = u["mean"], u["std"], a["mean"], a["std"]
             pub = PUBLISHED.get(model, {})
             rows.append({
                 "model": model, "regularizer": reg, "seeds": len(mine),

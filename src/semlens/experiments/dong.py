@@ -11,7 +11,6 @@ sweep, and mean and std over seeds per metric and model) and DIR/report.html.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -26,7 +25,6 @@ from semlens.captioning import (
     analyze_neurons,
     extract_frame_features,
     generate,
-    linear_probe,
     prepare,
     train_captioner,
 )
@@ -34,6 +32,7 @@ from semlens.evaluate.captioning import paper_table, score_captions
 from semlens.models.captioner import save_json
 from semlens.report import Report, Section
 from semlens.runtime import resolve_device, seed_everything
+from semlens.stats import auc, linear_probe, mean_std, paired_gap
 
 __all__ = ["DongSettings", "compare_models", "paired_gap", "sweep_lambda", "choose_lambda", "sections", "run_dong",
            "frame_cnn", "prepare_clips"]
@@ -162,7 +161,6 @@ def frame_cnn_accuracy(cnn: torch.nn.Module, device: torch.device, n: int = 600,
     """How well the frame CNN encodes the concept world, on held-out concept images: test accuracy on the
     12 classes, or (``multilabel``) the mean over concepts of the ROC AUC of its outputs for concept presence
     (concepts present in none or all of the images skipped)."""
-    from semlens.units.pdm import auc
     from semlens.world import generate_concepts
     from semlens.world.concepts import concept_presence
 
@@ -173,32 +171,6 @@ def frame_cnn_accuracy(cnn: torch.nn.Module, device: torch.device, n: int = 600,
         a = auc(out, concept_presence(ci).bool())
         return float(a[~torch.isnan(a)].mean())
     return float((out.argmax(1) == torch.as_tensor(ci.labels)).float().mean())
-
-
-def _stats(values: Sequence[float]) -> dict[str, float]:
-    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
-    if arr.size == 0:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "n": int(arr.size)}
-
-
-def paired_gap(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """Paired comparison of per-seed values ``b`` − ``a`` (same seeds, same order): mean and std of the
-    differences, the paired t statistic with its two-sided p-value (NaN for < 2 seeds or zero spread), and
-    the number of seeds where ``b`` > ``a``."""
-    if len(a) != len(b) or not a:
-        raise ValueError(f"need equally many (>= 1) values per model; got {len(a)} and {len(b)}")
-    from scipy import stats
-
-    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
-    n = d.size
-    sd = float(d.std(ddof=1)) if n > 1 else float("nan")
-    t = p = float("nan")
-    if n > 1 and sd > 0:
-        t = float(d.mean() / (sd / math.sqrt(n)))
-        p = float(2 * stats.t.sf(abs(t), df=n - 1))
-    return {"mean_diff": float(d.mean()), "std_diff": sd, "n": n, "t": t, "p_two_sided": p,
-            "wins": int((d > 0).sum())}
 
 
 Trained = dict[tuple[float, int], tuple[Any, list[dict[str, Any]], float]]
@@ -284,7 +256,7 @@ def compare_models(prep: Prepared, settings: DongSettings, seeds: Sequence[int],
                 + f" (epoch {rec['selected_epoch'] + 1} of {rec['epochs_run']}, {rec['train_seconds']:.0f}s); "
                 f"e.g. '{art['captions'][prep.test.video_ids[0]]}'")
     keys = [k for k in runs[MODELS[1]][0] if k not in ("seed", "lam", "history")]
-    summary = {m: {k: _stats([r[k] for r in runs[m] if k in r]) for k in keys if k in runs[m][0]} for m in MODELS}
+    summary = {m: {k: mean_std([r[k] for r in runs[m] if k in r]) for k in keys if k in runs[m][0]} for m in MODELS}
     paired = {k: paired_gap([r[k] for r in runs[MODELS[0]]], [r[k] for r in runs[MODELS[1]]])
               for k in ("selectivity_auc", "BLEU-4", "METEOR", "CIDEr", "action_accuracy") if k in runs[MODELS[0]][0]}
     return {"runs": runs, "summary": summary, "paired": paired, "last": last, "lam": lam_i}

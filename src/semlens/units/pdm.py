@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from semlens.artefacts import ArtefactError, load_artefact, model_signature, save_artefact
+from semlens.stats import auc
 
 if TYPE_CHECKING:
     from semlens.units.topics import TopicModel
@@ -271,32 +272,6 @@ def contains_topic(s: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
     top = torch.zeros_like(s, dtype=torch.bool)
     top[torch.arange(s.shape[0]), s.argmax(1)] = True
     return (s >= threshold) | top
-
-
-def auc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """ROC AUC of ``scores`` (N, M) separating ``labels`` (N, M) bool, per column (M,); ties count half.
-
-    NaN where a column has no positive or no negative. Mann-Whitney U via average ranks (vectorized).
-    """
-    scores = scores.double()
-    N = scores.shape[0]
-    order = scores.argsort(0)
-    sorted_s = scores.gather(0, order)
-    ranks_sorted = torch.arange(1, N + 1, dtype=torch.float64, device=scores.device)[:, None].expand_as(scores)
-    # average ranks of ties: group equal consecutive values
-    new_group = torch.ones_like(sorted_s, dtype=torch.bool)
-    new_group[1:] = sorted_s[1:] != sorted_s[:-1]
-    gid = new_group.long().cumsum(0) - 1  # (N, M)
-    sums = torch.zeros_like(sorted_s).scatter_add_(0, gid, ranks_sorted)
-    cnts = torch.zeros_like(sorted_s).scatter_add_(0, gid, torch.ones_like(sorted_s))
-    avg = (sums / cnts.clamp(min=1)).gather(0, gid)
-    ranks = torch.empty_like(avg).scatter_(0, order, avg)
-    pos = labels.bool()
-    n1 = pos.sum(0).double()
-    n0 = N - n1
-    u = (ranks * pos).sum(0) - n1 * (n1 + 1) / 2
-    out = u / (n1 * n0)
-    return torch.where((n1 > 0) & (n0 > 0), out, torch.full_like(out, float("nan")))
 
 
 def topic_selectivity(names: NeuronTopics, vbar_fit: torch.Tensor, s_fit: torch.Tensor, vbar_eval: torch.Tensor,

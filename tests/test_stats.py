@@ -1,0 +1,32 @@
+"""semlens.stats is the one home of the shared statistics; the jobs use these very functions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from semlens import stats
+
+
+def test_jobs_use_the_shared_statistics():
+    import semlens.captioning as captioning
+    import semlens.evaluate.compare as compare
+    import semlens.evaluate.explanations as explanations
+    import semlens.experiments.blocknorm as blocknorm
+    import semlens.experiments.dong as dong
+    import semlens.units.pdm as pdm
+
+    assert pdm.auc is stats.auc and dong.auc is stats.auc
+    assert explanations.spearman is stats.spearman
+    assert compare.bootstrap_means is stats.bootstrap_means
+    assert dong.paired_gap is stats.paired_gap and dong.mean_std is stats.mean_std
+    assert blocknorm.mean_std is stats.mean_std
+    assert captioning.linear_probe is stats.linear_probe and dong.linear_probe is stats.linear_probe
+
+
+def test_mean_std_by_hand():
+    got = stats.mean_std([1.0, None, 2.0, float("nan"), 6.0])
+    assert got["n"] == 3 and got["mean"] == pytest.approx(3.0) and got["std"] == pytest.approx(math.sqrt(7.0))
+    assert stats.mean_std([4.0]) == {"mean": 4.0, "std": 0.0, "n": 1}
+    assert stats.mean_std([None])["n"] == 0 and math.isnan(stats.mean_std([])["mean"])
