@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -63,6 +62,7 @@ from semlens.streaming import (
     worker_index,
 )
 from semlens.units import dissect_kernels
+from semlens.units.backend import Backend
 from semlens.units.names import UnitNames, save_unit_names
 from semlens.units.quantile import ExactTopQuantile, HistogramQuantileSketch, make_quantile_estimator
 
@@ -299,13 +299,6 @@ def _dedupe(labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _bincount(t: torch.Tensor, minlength: int) -> torch.Tensor:
-    """``torch.bincount`` of a 1-D integer tensor; NumPy's (several times faster) on CPU. Raises on negatives."""
-    if NUMPY_ON_CPU and t.device.type == "cpu":
-        return torch.from_numpy(np.bincount(t.numpy(), minlength=minlength))
-    return torch.bincount(t, minlength=minlength)
-
-
 def _compact_dtype(n_numbers: int) -> torch.dtype:
     """Smallest integer dtype holding concept numbers 0 .. n_numbers − 1."""
     if n_numbers <= 256:
@@ -321,8 +314,10 @@ class _LabelEncoder:
     their histograms share a concept, i.e. only when a duplicate is possible in this batch.
     """
 
-    def __init__(self, categories: list[str], n_numbers: int, seg: tuple[int, int], device: torch.device):
+    def __init__(self, categories: list[str], n_numbers: int, seg: tuple[int, int], device: torch.device,
+                 backend: Backend | None = None):
         self.categories, self.n_numbers, self.seg, self.device = categories, n_numbers, seg, device
+        self.backend = backend or Backend.for_device(device)
         self.dtype = _compact_dtype(n_numbers)
         self.pool: concurrent.futures.Executor | None = None  # threads the fused kernel may use
         self.workers = 1
@@ -330,7 +325,7 @@ class _LabelEncoder:
     def _hist(self, t: torch.Tensor, where: str) -> torch.Tensor:
         """(n_numbers,) int64 histogram of the 1-D integer tensor ``t``; bad numbers raise DissectionError."""
         try:
-            hist = _bincount(t, self.n_numbers)  # raises on negative numbers
+            hist = self.backend.bincount(t, self.n_numbers)  # raises on negative numbers
         except (RuntimeError, ValueError):
             hist = None
         if hist is None or hist.numel() > self.n_numbers:
@@ -369,7 +364,7 @@ class _LabelEncoder:
             ann.append(a.to(self.device).reshape(b).bool())
         image = _dedupe(torch.cat(img, 1)) if img else torch.zeros(b, 0, dtype=torch.long, device=self.device)
         image_hist = torch.bincount(image.reshape(-1), minlength=self.n_numbers)
-        if _fused(image):
+        if self.backend.uses_fused(image):
             try:
                 pixel, hist = dissect_kernels.encode_pixels(maps, image, self.n_numbers, self.dtype, self.pool,
                                                             self.workers)
@@ -394,7 +389,7 @@ class _LabelEncoder:
                 dup = covered if dup is None else dup | covered
             if dup is not None:
                 chans[k] = ch.masked_fill(dup, 0)
-                hists[k] = _bincount(chans[k], self.n_numbers)
+                hists[k] = self.backend.bincount(chans[k], self.n_numbers)
         if chans:
             pixel = torch.stack([c.to(self.dtype) for c in chans], 1)
         else:
@@ -492,7 +487,8 @@ class _TallyPass:
     """Pass-2 counts: intersections and activated pixels per group of layers, top images per layer."""
 
     def __init__(self, groups: dict[str, int], layers: dict[str, int], n_cols: int, n_cats: int, top_n: int,
-                 device: torch.device):
+                 device: torch.device, backend: Backend | None = None):
+        self.backend = backend or Backend.for_device(device)
         z = {"dtype": torch.int64, "device": device}
         self.inter = {g: torch.zeros(c, n_cols, **z) for g, c in groups.items()}
         self.act = {g: torch.zeros(c, n_cats, **z) for g, c in groups.items()}
@@ -518,7 +514,7 @@ class _TallyPass:
 
     def add_top(self, name: str, maxima: torch.Tensor, indices: torch.Tensor) -> None:
         """maxima: (B, C) spatial maxima; indices: (B,) dataset indices."""
-        if _fused(self.top_val[name]):  # one insertion kernel instead of a dozen small tensor ops per batch
+        if self.backend.uses_fused(self.top_val[name]):  # one insertion kernel, not a dozen small tensor ops
             dissect_kernels.insert_top(self.top_val[name], self.top_idx[name], maxima, indices)
             return
         self._merge_top(name, maxima.t().float(), indices.view(1, -1).expand(maxima.shape[1], -1))
@@ -566,72 +562,6 @@ def bilinear_axis(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, to
     return i0, i1, src - i0
 
 
-NUMPY_ON_CPU = True  # CPU tensors take NumPy's faster kernels in the helpers below; False: torch only
-FUSED_ON_CPU = True  # CPU block tables and tallies use the fused kernels of dissect_kernels when numba is present
-
-
-def _fused(t: torch.Tensor) -> bool:
-    return FUSED_ON_CPU and NUMPY_ON_CPU and dissect_kernels.AVAILABLE and t.device.type == "cpu"
-
-
-def _greater(a: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) bool ``a > bound`` per channel (bound: (C,)); NumPy's kernel on CPU (about 2x faster)."""
-    if NUMPY_ON_CPU and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and a.is_contiguous():
-        return torch.from_numpy(np.greater(a.numpy(), bound.to(a.dtype).numpy().reshape(1, -1, 1, 1)))
-    return a > bound.view(1, -1, 1, 1)
-
-
-def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t.index_select(0, idx)``; NumPy's gather on CPU (several times faster for large sparse gathers)."""
-    if NUMPY_ON_CPU and t.device.type == "cpu" and idx.device.type == "cpu" and t.dtype in _NUMPY_DTYPES:
-        return torch.from_numpy(t.numpy()[idx.numpy()])
-    return t.index_select(0, idx)
-
-
-_NUMPY_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool)
-
-
-def _take_cols(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t.index_select(1, idx)`` for a 2-D ``t``, contiguous; NumPy's gather on CPU."""
-    if NUMPY_ON_CPU and t.device.type == "cpu" and idx.device.type == "cpu" and t.dtype in _NUMPY_DTYPES:
-        return torch.from_numpy(np.ascontiguousarray(t.numpy()[:, idx.numpy()]))
-    return t.index_select(1, idx)
-
-
-def _or_shifted(mask: torch.Tensor, shift: int) -> torch.Tensor:
-    """(n,) bool ``mask[i] | mask[i + shift]`` (the last ``shift`` entries unchanged); NumPy on CPU."""
-    if shift >= mask.numel():
-        return mask
-    if NUMPY_ON_CPU and mask.device.type == "cpu":
-        m = mask.numpy()
-        out = m.copy()
-        np.logical_or(m[:-shift], m[shift:], out=out[:-shift])
-        return torch.from_numpy(out)
-    out = mask.clone()
-    out[:-shift] |= mask[shift:]
-    return out
-
-
-def _nonzero_coords(mask: torch.Tensor) -> torch.Tensor:
-    """(ndim, n) int64 coordinates of the True entries of a bool tensor, in ascending (row-major) order.
-
-    NumPy on CPU (several times faster than ``torch.nonzero`` there).
-    """
-    if NUMPY_ON_CPU and mask.device.type == "cpu" and mask.ndim == 1:
-        return torch.from_numpy(np.flatnonzero(mask.numpy())).unsqueeze(0)
-    if NUMPY_ON_CPU and mask.device.type == "cpu" and mask.ndim == 3:
-        m = mask.numpy()
-        a, b, n = m.shape
-        flat = np.flatnonzero(m)
-        # entries per (i, j) plane from the sorted flat indices: no division over the n entries
-        counts = np.diff(np.searchsorted(flat, np.arange(a * b + 1) * n))
-        planes = np.arange(a * b)
-        coords = np.stack([np.repeat(planes // b, counts), np.repeat(planes % b, counts),
-                           flat - np.repeat(planes * n, counts)])
-        return torch.from_numpy(coords)
-    return mask.nonzero().t()
-
-
 def _tiles(i0: torch.Tensor, n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cut the output indices of each source index into tiles of at most S = ceil(n_out / n_in).
 
@@ -670,8 +600,10 @@ class _SparseUpsampler:
     activations.
     """
 
-    def __init__(self, h: int, w: int, seg: tuple[int, int], device: torch.device) -> None:
+    def __init__(self, h: int, w: int, seg: tuple[int, int], device: torch.device, backend: Backend | None = None
+                 ) -> None:
         self.h, self.w, self.seg = h, w, seg
+        self.backend = backend or Backend.for_device(device)
         iy0, _, ly = bilinear_axis(h, seg[0])
         ix0, _, lx = bilinear_axis(w, seg[1])
         self.rows, self.cols = dissect_kernels.Axes(iy0, ly, h), dissect_kernels.Axes(ix0, lx, w)  # fused kernels
@@ -707,24 +639,25 @@ class _SparseUpsampler:
         acts: (B, C, h, w); maxima: (B, C) its spatial maxima when known. Dense work: one comparison, two boolean
         ORs and one nonzero over the cells (the fused kernel: one pass over the planes that reach the bound).
         """
-        if _fused(acts):
+        if self.backend.uses_fused(acts):
             table = self.scan(acts, bound, None, maxima)
             assert table is not None
             return table
         acts = acts.contiguous()
         B, C, h, w = acts.shape
-        above = _greater(acts, bound).view(-1)
+        above = self.backend.greater(acts, bound).view(-1)
         # block (y, x) reads cells (y|y+1, x|x+1): OR the flat mask with itself shifted by 1 and by w. The
         # shifts also flag a few blocks at row and plane ends whose (clamped) corners are all below the
         # bound; harmless, since every consumer re-checks the corners against its own threshold
-        coords = _nonzero_coords(_or_shifted(_or_shifted(above, 1), w).view(B, C, h * w))
+        near = self.backend.or_shifted(self.backend.or_shifted(above, 1), w)
+        coords = self.backend.nonzero_coords(near.view(B, C, h * w))
         b, u, cell = coords
         keys = (b * C + u) * (h * w) + cell
-        k01 = keys + _take(self.d_right, cell)
-        k10 = keys + _take(self.d_down, cell)
+        k01 = keys + self.backend.take(self.d_right, cell)
+        k10 = keys + self.backend.take(self.d_down, cell)
         k11 = k01 + (k10 - keys)
         flat = acts.view(-1)
-        corners = torch.stack([_take(flat, k) for k in (keys, k01, k10, k11)], 0).float()
+        corners = torch.stack([self.backend.take(flat, k) for k in (keys, k01, k10, k11)], 0).float()
         return coords.to(torch.int16 if max(B, C, h * w) < 2**15 else torch.int32), corners
 
     def scan(self, acts: torch.Tensor, block_bound: torch.Tensor | None, top: dissect_kernels.TopBuffer | None,
@@ -747,29 +680,30 @@ class _SparseUpsampler:
         """
         sw = self.seg[1]
         top_corner = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
-        live = _nonzero_coords(top_corner > _take(thresholds, coords[1].long()))[0]  # a corner above T
-        img, u, cell = _take_cols(coords, live).long()
-        corners = _take_cols(corners, live)  # (4, n)
-        y, x = _take(self.y_of, cell), _take(self.x_of, cell)
+        # a corner above T
+        live = self.backend.nonzero_coords(top_corner > self.backend.take(thresholds, coords[1].long()))[0]
+        img, u, cell = self.backend.take_cols(coords, live).long()
+        corners = self.backend.take_cols(corners, live)  # (4, n)
+        y, x = self.backend.take(self.y_of, cell), self.backend.take(self.x_of, cell)
         # blocks -> tiles (1, 2 or 4 per block)
-        ny, nx = _take(self.count_y, y), _take(self.count_x, x)
+        ny, nx = self.backend.take(self.count_y, y), self.backend.take(self.count_x, x)
         per = ny * nx
         if bool((per == 1).all()):
             blk = None
-            ty, tx = _take(self.first_y, y), _take(self.first_x, x)
+            ty, tx = self.backend.take(self.first_y, y), self.backend.take(self.first_x, x)
             c, uu = corners.double(), u
         else:
             blk = torch.repeat_interleave(torch.arange(live.numel(), device=live.device), per)
             j = torch.arange(blk.numel(), device=live.device) - torch.repeat_interleave(torch.cumsum(per, 0) - per, per)
-            nxb = _take(nx, blk)
-            ty = _take(self.first_y, _take(y, blk)) + j // nxb
-            tx = _take(self.first_x, _take(x, blk)) + j % nxb
-            c, uu = _take_cols(corners, blk).double(), _take(u, blk)
-        t = _take(thresholds.double(), uu)
+            nxb = self.backend.take(nx, blk)
+            ty = self.backend.take(self.first_y, self.backend.take(y, blk)) + j // nxb
+            tx = self.backend.take(self.first_x, self.backend.take(x, blk)) + j % nxb
+            c, uu = self.backend.take_cols(corners, blk).double(), self.backend.take(u, blk)
+        t = self.backend.take(thresholds.double(), uu)
         S, K = self.size
         # corners and weights are (4 | S | K, n): every elementwise op below runs along the long axis n
         if S * K > 4:  # skip tiles whose largest value is clearly below T (vertex bound; margin >> rounding)
-            lyv, lxv = _take_cols(self.ly_ext_t, ty), _take_cols(self.lx_ext_t, tx)  # (2, n)
+            lyv, lxv = self.backend.take_cols(self.ly_ext_t, ty), self.backend.take_cols(self.lx_ext_t, tx)  # (2, n)
             top = (1 - lxv) * c[0] + lxv * c[1]
             bottom = (1 - lxv) * c[2] + lxv * c[3]
             vmax = torch.maximum(torch.maximum((1 - lyv[0]) * top[0] + lyv[0] * bottom[0],
@@ -777,28 +711,28 @@ class _SparseUpsampler:
                                  torch.maximum((1 - lyv[1]) * top[0] + lyv[1] * bottom[0],
                                                (1 - lyv[1]) * top[1] + lyv[1] * bottom[1]))
             scale = torch.maximum(torch.maximum(c[0].abs(), c[1].abs()), torch.maximum(c[2].abs(), c[3].abs()))
-            keep = _nonzero_coords(vmax >= t - 1e-9 * scale)[0]
-            ty, tx, t, uu = (_take(v, keep) for v in (ty, tx, t, uu))
+            keep = self.backend.nonzero_coords(vmax >= t - 1e-9 * scale)[0]
+            ty, tx, t, uu = (self.backend.take(v, keep) for v in (ty, tx, t, uu))
             c = c.index_select(1, keep)
-            blk = keep if blk is None else _take(blk, keep)
+            blk = keep if blk is None else self.backend.take(blk, keep)
         chunk = max(1, max_elements // (S * K))
         for s in range(0, ty.numel(), chunk):
             cs = c[:, s:s + chunk]
-            lx = _take_cols(self.lx_tile_t, tx[s:s + chunk])  # (K, n); padding slots hold NaN
-            ly = _take_cols(self.ly_tile_t, ty[s:s + chunk])  # (S, n)
+            lx = self.backend.take_cols(self.lx_tile_t, tx[s:s + chunk])  # (K, n); padding slots hold NaN
+            ly = self.backend.take_cols(self.ly_tile_t, ty[s:s + chunk])  # (S, n)
             top = (1 - lx) * cs[0] + lx * cs[1]  # (K, n)
             bottom = (1 - lx) * cs[2] + lx * cs[3]
             val = (1 - ly).unsqueeze(1) * top.unsqueeze(0) + ly.unsqueeze(1) * bottom.unsqueeze(0)  # (S, K, n)
-            r, cc, k = _nonzero_coords(val > t[s:s + chunk])
+            r, cc, k = self.backend.nonzero_coords(val > t[s:s + chunk])
             k = k + s
-            rows = _take(self.rows_of, _take(ty, k) * S + r)
-            cols = _take(self.cols_of, _take(tx, k) * K + cc)
-            src = k if blk is None else _take(blk, k)  # the live block of each active pixel
-            yield _take(img, src), _take(uu, k), rows * sw + cols
+            rows = self.backend.take(self.rows_of, self.backend.take(ty, k) * S + r)
+            cols = self.backend.take(self.cols_of, self.backend.take(tx, k) * K + cc)
+            src = k if blk is None else self.backend.take(blk, k)  # the live block of each active pixel
+            yield self.backend.take(img, src), self.backend.take(uu, k), rows * sw + cols
 
 
 def _pack_by_unit(coords: torch.Tensor, values: torch.Tensor, bound: torch.Tensor,
-                  shape: tuple[int, ...]) -> torch.Tensor:
+                  shape: tuple[int, ...], backend: Backend) -> torch.Tensor:
     """(C, m) values above ``bound`` (C,) grouped by unit (−inf padded); coords (3, n): (image, unit, cell)
     of each value in (B, C, h, w), in ascending order (grouped by image, then unit).
 
@@ -808,7 +742,7 @@ def _pack_by_unit(coords: torch.Tensor, values: torch.Tensor, bound: torch.Tenso
     B, C = shape[:2]
     unit = coords[1].long()
     plane = coords[0].long() * C + unit
-    sel = _nonzero_coords(values > _take(bound, unit))[0]
+    sel = backend.nonzero_coords(values > backend.take(bound, unit))[0]
     plane, unit, values = plane.index_select(0, sel), unit.index_select(0, sel), values.index_select(0, sel)
     counts = torch.bincount(plane, minlength=B * C)
     per_image = counts.view(B, C)
@@ -827,7 +761,7 @@ _CacheEntry = tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torc
                     dict[str, torch.Tensor]]
 
 
-def _prune_cache(cache: list[_CacheEntry], bounds: dict[str, torch.Tensor]) -> int:
+def _prune_cache(cache: list[_CacheEntry], bounds: dict[str, torch.Tensor], backend: Backend) -> int:
     """Drop, in place, the cached blocks whose corners are all ≤ the current lower bounds; return the bytes left.
 
     Tables of early batches were built with looser bounds; blocks below a later (higher, still valid)
@@ -837,8 +771,8 @@ def _prune_cache(cache: list[_CacheEntry], bounds: dict[str, torch.Tensor]) -> i
     for tables, maxima, labels, _ in cache:
         for g, (coords, corners) in tables.items():
             top = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
-            keep = _nonzero_coords(top > _take(bounds[g], coords[1].long()))[0]
-            tables[g] = (_take_cols(coords, keep), _take_cols(corners, keep))
+            keep = backend.nonzero_coords(top > backend.take(bounds[g], coords[1].long()))[0]
+            tables[g] = (backend.take_cols(coords, keep), backend.take_cols(corners, keep))
             total += sum(t.numel() * t.element_size() for t in tables[g])
         total += labels.nbytes() + sum(m.numel() * m.element_size() for m in maxima.values())
     return total
@@ -853,7 +787,7 @@ def _tally_layer(table: tuple[torch.Tensor, torch.Tensor], units: int, threshold
     n_cols = inter.shape[1]
     # (B, C) active pixels per image and unit: in one go (fused kernel) or per chunk of active pixels
     counts: Iterable[torch.Tensor]
-    if _fused(inter):
+    if upsampler.backend.uses_fused(inter):
         counts = [dissect_kernels.tally(*table, thresholds, upsampler.w, upsampler.rows, upsampler.cols,
                                         upsampler.seg, labels.pixel, B, inter, upsampler.pool, upsampler.workers)]
     else:
@@ -939,6 +873,7 @@ def dissect(
     indices: Sequence[int] | None = None,
     show_progress: bool | None = None,
     workers: int | None = None,
+    backend: Backend | None = None,
 ) -> DissectionResult:
     """Dissect ``layers`` (dotted names, outputs (N, C, h, w)) of ``model`` over ``dataset``.
 
@@ -957,6 +892,8 @@ def dissect(
     medium layers this beats splitting every operation over the cores, which leaves the per-batch bookkeeping
     serial. The result does not depend on it (integer counts, exact thresholds, ties in top images broken by
     index).
+    ``backend``: how the helpers compute (:class:`~semlens.units.backend.Backend`; default: chosen once from the
+    device, NumPy and the fused kernels on CPU); every back-end gives the same counts.
     The model's train/eval mode, ``requires_grad`` flags and device are restored on return.
     """
     names = list(resolve_layers(model, layers))
@@ -967,6 +904,7 @@ def dissect(
     if batch_size < 1:
         raise DissectionError(f"batch_size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
+    backend = backend or Backend.for_device(dev)
     pick = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     n = len(pick)
     if n == 0:
@@ -992,7 +930,7 @@ def dissect(
     cat_of_col = torch.tensor([cats.index(c[2]) for c in concepts])
     ckpt_dir = Path(checkpoint) if checkpoint is not None else None
 
-    fused = _fused(torch.empty(0, device=dev))
+    fused = backend.uses_fused(torch.empty(0, device=dev))
     threads = torch.get_num_threads() if dev.type == "cpu" else 1
     if workers is None:  # whole batches side by side on a multi-core CPU (see the docstring)
         workers = threads if fused else 1
@@ -1029,7 +967,7 @@ def dissect(
                 pix = [t for c, t in (probe.pixel or {}).items() if c in cats and t.numel()]
                 seg_size = tuple(pix[0].shape[-2:]) if pix else tuple(img_shape[-2:])
         seg = (int(seg_size[0]), int(seg_size[1]))
-        encoder = _LabelEncoder(cats, n_cols, seg, dev)
+        encoder = _LabelEncoder(cats, n_cols, seg, dev, backend)
         fingerprint = {"layers": names, "shapes": {k: list(v) for k, v in shapes.items()}, "quantile": quantile,
                        "categories": cats, "concepts": len(concepts), "seg": list(seg), "image": list(img_shape),
                        "top_n": top_n, "quantile_memory": quantile_memory, "version": 2,
@@ -1067,7 +1005,7 @@ def dissect(
         # workers when their estimators would not fit in quantile_memory together
         def estimators() -> dict[str, _Estimator]:
             return {g: make_quantile_estimator(units[g], n * shapes[m[0]][1] * shapes[m[0]][2], quantile, dev,
-                                               quantile_memory) for g, m in groups.items()}
+                                               quantile_memory, numpy=backend.numpy) for g, m in groups.items()}
 
         first = estimators()
         lanes = min(lanes, max(1, quantile_memory // sum(e.max_bytes for e in first.values())))
@@ -1076,7 +1014,7 @@ def dissect(
         # tallies layer groups side by side (their counters are disjoint)
         inner = 1 if lanes > 1 else (threads if fused else min(len(names), threads))
         pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(inner)) if inner > 1 else None
-        upsamplers = {g: _SparseUpsampler(*shapes[m[0]][1:], seg, dev) for g, m in groups.items()}
+        upsamplers = {g: _SparseUpsampler(*shapes[m[0]][1:], seg, dev, backend) for g, m in groups.items()}
         if fused:
             for up in [*upsamplers.values(), encoder]:
                 up.pool, up.workers = pool, inner
@@ -1138,10 +1076,10 @@ def dissect(
                             values = corners[0]  # every cell above the bound is the first corner of its block
                         else:
                             a = a.contiguous()
-                            coords = _nonzero_coords(_greater(a, bound).view(a.shape[0], a.shape[1], -1))
-                            values = _take(a.view(-1), (coords[0] * a.shape[1] + coords[1]) * a[0, 0].numel()
+                            coords = backend.nonzero_coords(backend.greater(a, bound).view(a.shape[0], a.shape[1], -1))
+                            values = backend.take(a.view(-1), (coords[0] * a.shape[1] + coords[1]) * a[0, 0].numel()
                                            + coords[2])
-                        est.update(_pack_by_unit(coords, values, bound, a.shape), seen=cells)
+                        est.update(_pack_by_unit(coords, values, bound, a.shape, backend), seen=cells)
                     if isinstance(est, ExactTopQuantile):
                         with floor_lock:  # any worker's bound is a lower bound of the final threshold: keep the highest
                             low = est.lower_bound
@@ -1158,7 +1096,7 @@ def dissect(
                         if cached > cache_bytes:  # drop blocks the risen bounds exclude; give up if still too big
                             with floor_lock:
                                 bounds = dict(floors)
-                            cached = _prune_cache(list(cache.values()), bounds)
+                            cached = _prune_cache(list(cache.values()), bounds, backend)
                             if cached > cache_bytes:
                                 cache = None
 
@@ -1178,7 +1116,7 @@ def dissect(
 
         # pass 2: tally (one tally per worker, summed after: integer counts, exact in any order)
         tallies = _Lanes([_TallyPass(units, {name: shapes[name][0] for name in names}, n_cols, len(cats), top_n,
-                                     dev) for _ in range(lanes)])
+                                     dev, backend) for _ in range(lanes)])
 
         def step2(indices: list[int], b: int) -> None:
             tally = tallies.parts[worker_index()]
@@ -1248,12 +1186,45 @@ def dissect(
 
 
 class Dissector:
-    """scikit-learn style wrapper: configuration in the constructor, ``fit`` sets ``result_``."""
+    """Network Dissection as an estimator (scikit-learn style): every option an explicit constructor parameter (the
+    keywords of :func:`dissect`), ``fit(model, dataset)`` returns self, the learned result in ``result_`` (a
+    :class:`DissectionResult`); :meth:`get_params` / :meth:`set_params` as in scikit-learn."""
 
-    def __init__(self, layers: str | Sequence[str], **options: Any) -> None:
-        self.layers = layers
-        self.options = options
+    def __init__(self, layers: str | Sequence[str], *, quantile: float = 0.005, iou_threshold: float = 0.04,
+                 batch_size: int = 32, device: str | torch.device = "auto",
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 categories: Sequence[str] | None = None, checkpoint: str | os.PathLike | None = None,
+                 checkpoint_every: int = 10, seg_size: tuple[int, int] | None = None, top_n: int = 8,
+                 cache_bytes: int = 1 << 28, quantile_memory: int = 1 << 28, max_elements: int = 1 << 24,
+                 show_progress: bool | None = None, workers: int | None = None, backend: Backend | None = None
+                 ) -> None:
+        self.layers, self.quantile, self.iou_threshold, self.batch_size = layers, quantile, iou_threshold, batch_size
+        self.device, self.transform, self.categories, self.checkpoint = device, transform, categories, checkpoint
+        self.checkpoint_every, self.seg_size, self.top_n, self.cache_bytes = checkpoint_every, seg_size, top_n, \
+            cache_bytes
+        self.quantile_memory, self.max_elements, self.show_progress = quantile_memory, max_elements, show_progress
+        self.workers, self.backend = workers, backend
 
-    def fit(self, model: nn.Module, dataset: SegmentationDataset) -> Dissector:
-        self.result_ = dissect(model, dataset, self.layers, **self.options)
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor parameters and their values."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> Dissector:
+        """Change constructor parameters (an unknown name raises ``ValueError`` listing the valid ones)."""
+        valid = self._param_names()
+        unknown = [k for k in params if k not in valid]
+        if unknown:
+            raise ValueError(f"Dissector has no parameter {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
+        for k, v in params.items():
+            setattr(self, k, v)
+        return self
+
+    def fit(self, model: nn.Module, dataset: SegmentationDataset, indices: Sequence[int] | None = None) -> Dissector:
+        """Dissect ``model`` over ``dataset`` (or its images ``indices``); sets ``result_``, returns self."""
+        params = self.get_params()
+        self.result_ = dissect(model, dataset, params.pop("layers"), indices=indices, **params)
         return self

@@ -50,13 +50,13 @@ def quantile_positions(total: int, q: float) -> tuple[int, float]:
     return lo, pos - lo
 
 
-NUMPY_ON_CPU = True  # CPU tensors take NumPy's faster kernels; False: torch only (the path CUDA takes)
 GUESS_MARGIN = (2.0, 8.0)  # likely_bound(): the kept value of rank a·e + b·√e (e = expected final top-k values seen)
 
 
-def _pack_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """(units, m) the entries of ``x`` (units, ...) where ``keep``, row by row, −inf padded (m = most kept)."""
-    if NUMPY_ON_CPU and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):  # several times faster
+def _pack_rows(x: torch.Tensor, keep: torch.Tensor, numpy: bool = True) -> torch.Tensor:
+    """(units, m) the entries of ``x`` (units, ...) where ``keep``, row by row, −inf padded (m = most kept).
+    ``numpy``: CPU tensors take NumPy's kernels (several times faster; False: torch only, the path CUDA takes)."""
+    if numpy and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):  # several times faster
         xn, kn = x.reshape(x.shape[0], -1).numpy(), keep.reshape(x.shape[0], -1).numpy()
         vals = xn[kn]  # row-major: grouped by row
         cnt = np.count_nonzero(kn, axis=1)
@@ -75,7 +75,7 @@ def _pack_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def _prefilter(x: torch.Tensor, k: int) -> torch.Tensor:
+def _prefilter(x: torch.Tensor, k: int, numpy: bool = True) -> torch.Tensor:
     """Drop most entries of ``x`` (units, n ≫ k) that cannot be among each row's k largest (exact).
 
     A strided sample estimates a level a bit below each row's k-th largest; rows where fewer than
@@ -91,7 +91,7 @@ def _prefilter(x: torch.Tensor, k: int) -> torch.Tensor:
     short = keep.sum(1) < k
     if bool(short.any()):
         keep |= short.unsqueeze(1)
-    return _pack_rows(x, keep)
+    return _pack_rows(x, keep, numpy)
 
 
 class ExactTopQuantile:
@@ -107,8 +107,10 @@ class ExactTopQuantile:
     most about ``3 · units · k`` floats.
     """
 
-    def __init__(self, units: int, total: int, q: float, device: torch.device | str = "cpu") -> None:
+    def __init__(self, units: int, total: int, q: float, device: torch.device | str = "cpu", numpy: bool = True
+                 ) -> None:
         self.units, self.total, self.q = units, total, q
+        self.numpy = numpy  # CPU tensors take NumPy's kernels (False: torch only)
         self.lo, self.frac = quantile_positions(total, q)
         self.k = total - self.lo  # ascending indices lo .. total-1
         self._values = torch.empty(units, 0, device=device)
@@ -299,7 +301,7 @@ class ExactTopQuantile:
                 self._compact()
             return
         # values at most the bound cannot enter the top k (a caller's −inf padding is dropped here too)
-        packed = x if prefiltered else _pack_rows(x, x > self._bound.view(-1, *([1] * (x.ndim - 1))))
+        packed = x if prefiltered else _pack_rows(x, x > self._bound.view(-1, *([1] * (x.ndim - 1))), self.numpy)
         if packed.shape[1] == 0:
             return
         self._pending.append(packed)
@@ -314,7 +316,7 @@ class ExactTopQuantile:
         self._pending, self._pending_width = [], 0
         k = min(self.k, cat.shape[1])
         if cat.shape[1] > 8 * k:
-            cat = _prefilter(cat, k)
+            cat = _prefilter(cat, k, self.numpy)
         self._values = cat.topk(k, dim=1, sorted=False).values  # unordered
         self._bound = self._values.amin(1)
         self._covered = self._seen
@@ -408,8 +410,8 @@ class HistogramQuantileSketch:
 
 
 def make_quantile_estimator(units: int, total: int, q: float, device: torch.device | str,
-                            memory_bytes: int) -> ExactTopQuantile | HistogramQuantileSketch:
+                            memory_bytes: int, numpy: bool = True) -> ExactTopQuantile | HistogramQuantileSketch:
     """The exact estimator when ``units · k`` float32 values fit in ``memory_bytes``, else the sketch."""
     if units * ExactTopQuantile.needed(total, q) * 4 * 3 <= memory_bytes:  # x3: kept + pending + topk buffer
-        return ExactTopQuantile(units, total, q, device)
+        return ExactTopQuantile(units, total, q, device, numpy)
     return HistogramQuantileSketch(units, total, q, device)
