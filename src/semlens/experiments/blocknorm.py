@@ -25,9 +25,10 @@ from typing import Any
 import torch
 
 from semlens.report import Report, Section
-from semlens.stats import mean_std
+from semlens.stats import mean_std, paired_gap
 
-__all__ = ["BlockNormConfig", "PUBLISHED", "run_blocknorm", "blocknorm_sections", "train_and_dissect"]
+__all__ = ["BlockNormConfig", "PUBLISHED", "run_blocknorm", "blocknorm_sections", "train_and_dissect",
+           "paired_verdict"]
 
 #: Table 1 of the TUKL summary (Places365): sum of unique detectors over conv layers.
 PUBLISHED = {
@@ -211,6 +212,13 @@ def blocknorm_sections(results: dict[str, Any], title: str = "Block norm vs weig
             "test accuracy", "paper (Places365)"]
     sec.table(results["table"], columns=cols, caption="Table 1 analogue (mean ± std over the seeds that trained: test "
               f"accuracy ≥ {min_acc:g}; seeds stuck at chance are listed, not averaged)")
+    verdicts = results.get("block_norm_verdict", {})
+    if verdicts:
+        sec.text("Verdict from the paired comparison over the seeds where both trained (block norm − weight decay, "
+                 "paired t test, two-sided p < 0.05): " + "; ".join(
+                     f"{m}: {v['verdict']}" + (f" ({v['mean_diff']:+.1f} detectors, {v['wins']} of {v['n']} seeds "
+                                               f"higher, p = {v['p_two_sided']:.2f})" if v.get("n") else "")
+                     for m, v in verdicts.items()) + ".")
     sec.figure(per_layer_figure(results["runs"], models, min_acc), caption="mean unique detectors per conv layer")
     out = [sec]
     if results.get("sweep"):
@@ -218,6 +226,22 @@ def blocknorm_sections(results: dict[str, Any], title: str = "Block norm vs weig
         sw.table(results["sweep"], columns=["p", "q", "groups", "strength", "unique_total", "test_acc"], digits=4)
         out.append(sw)
     return out
+
+
+def paired_verdict(runs: list[dict[str, Any]], model: str, min_acc: float = TRAINED_MIN_ACC, alpha: float = 0.05
+                   ) -> dict[str, Any]:
+    """Block norm vs weight decay on ``model`` from the paired statistics over the seeds where both trained
+    (:func:`semlens.stats.paired_gap` of the unique-detector totals): ``"helps"`` / ``"hurts"`` when the paired t
+    test's two-sided p < ``alpha``, else ``"no clear difference"`` (also with fewer than two pairs)."""
+    by = {reg: {r["seed"]: float(r["unique_total"]) for r in runs if r["model"] == model
+                and r["regularizer"] == reg and r["test_acc"] >= min_acc} for reg in REGULARIZERS}
+    seeds = sorted(set(by["weight_decay"]) & set(by["block_norm"]))
+    if not seeds:
+        return {"verdict": "no clear difference", "n": 0}
+    gap = paired_gap([by["weight_decay"][s] for s in seeds], [by["block_norm"][s] for s in seeds])
+    p = gap["p_two_sided"]
+    verdict = "no clear difference" if not p < alpha else ("helps" if gap["mean_diff"] > 0 else "hurts")
+    return {**gap, "seeds": seeds, "verdict": verdict}
 
 
 def run_blocknorm(out: str | Path, cfg: BlockNormConfig | None = None, sweep: bool | None = None) -> dict[str, Any]:
@@ -242,12 +266,10 @@ def run_blocknorm(out: str | Path, cfg: BlockNormConfig | None = None, sweep: bo
     results: dict[str, Any] = {"config": asdict(cfg), "published": PUBLISHED, "table": table, "runs": runs}
     first = cfg.models[0]
     means = {r["regularizer"]: r["unique_mean"] for r in table if r["model"] == first}
-    helps = means.get("block_norm", 0) > means.get("weight_decay", 0)
-    results["block_norm_helps_with_defaults"] = {m: next((r["unique_mean"] for r in table if r["model"] == m
-                                                          and r["regularizer"] == "block_norm"), 0)
-                                                 > next((r["unique_mean"] for r in table if r["model"] == m
-                                                         and r["regularizer"] == "weight_decay"), 0)
-                                                 for m in cfg.models}
+    helps = means.get("block_norm", 0) > means.get("weight_decay", 0)  # whether to sweep: the means suffice
+    results["block_norm_verdict"] = {m: paired_verdict(runs, m, cfg.min_acc) for m in cfg.models}
+    results["block_norm_helps_with_defaults"] = {m: v["verdict"] == "helps"
+                                                 for m, v in results["block_norm_verdict"].items()}
     if sweep or (sweep is None and not helps):
         variants = [{k: v} for k, values in cfg.sweep.items() for v in values]
         rows = []
