@@ -136,10 +136,11 @@ def versions(project: Path = _PROJECT) -> None:
         store = _project(project).store
         cur = store.current_version()
         rows = store.versions()
-    table = Table("id", "parent", "state", "remarks", "params", "created", "current")
+    table = Table("id", "parent", "state", "remarks", "params", "artefacts", "created", "current")
     for v in rows:
         table.add_row(str(v.id), str(v.parent or ""), v.state, ",".join(map(str, v.remark_ids)), str(v.params),
-                      v.created_at[:19], "*" if cur and v.id == cur.id else "")
+                      " ".join(f"{k}:{h[:8]}" for k, h in sorted(v.artefacts.items())), v.created_at[:19],
+                      "*" if cur and v.id == cur.id else "")
     console.print(table)
 
 

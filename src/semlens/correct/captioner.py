@@ -1,5 +1,5 @@
 """Correcting a video captioner through neurons named by prediction-difference maximization (Dong et al.
-2017, METHODS.md §1.6).
+2017).
 
 A remark "clip S misses topic t" becomes:
 

@@ -208,7 +208,7 @@ CORRECTORS: dict[str, Callable[[dict[str, Any], Path, Path, Path, torch.device],
     "captioner": CaptionerProjectCorrector,
 }
 
-DEFAULT_PARAMS = {"mu": 1e-2, "steps": 50, "lr": 1e-4}  # METHODS.md §1.6
+DEFAULT_PARAMS = {"mu": 1e-2, "steps": 50, "lr": 1e-4}  # Dong et al. 2017 (correction propagation)
 
 
 class CorrectionProject:

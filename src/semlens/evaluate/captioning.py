@@ -2,7 +2,7 @@
 ROUGE-L and CIDEr(-D as shipped), on PTB-tokenized, lower-cased text with punctuation removed.
 
 Java runs twice per call (the Stanford PTB tokenizer, then METEOR); SPICE is never used (it downloads
-models). The paper's published table (METHODS.md §1.9) is kept here to print our rows beside it.
+models). The paper's published table (Dong et al. 2017) is kept here to print our rows beside it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ __all__ = ["score_captions", "ptb_tokenize", "PUBLISHED_DONG", "paper_table", "f
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
-# Dong et al. 2017, YouTubeClips (MSVD) test set, as published (METHODS.md §1.9).
+# Dong et al. 2017, YouTubeClips (MSVD) test set, as published (Dong et al. 2017).
 PUBLISHED_DONG: list[dict[str, object]] = [
     {"model": "LSTM-B (GoogLeNet)", "BLEU-4": 0.416, "METEOR": 0.295},
     {"model": "LSTM-I (GoogLeNet)", "BLEU-4": 0.446, "METEOR": 0.297},

@@ -2,7 +2,9 @@
 
 Every metric takes a batch and returns one score per example, shape ``(N,)`` (float32/float64 on the
 input's device); the comparison runner (:mod:`semlens.evaluate.compare`) averages them with bootstrap
-confidence intervals. Definitions follow METHODS.md §4.6 and §5:
+confidence intervals. Definitions follow Samek et al. 2017 (region perturbation, AOPC), Arras et al. 2022
+(relevance mass / rank accuracy), Montavon et al. 2018 (continuity), Adebayo et al. 2018 (randomisation),
+Chalasani et al. 2020 (sparseness, Gini) and Bhatt et al. 2020 (complexity, entropy):
 
 * **faithfulness** — region perturbation / pixel-flipping curves (:func:`perturbation_curve`), AOPC for
   MoRF, LeRF and random order (:func:`aopc`), selectivity = area under the MoRF curve of ``f``.
@@ -322,7 +324,7 @@ class PerturbationCurve:
     def aopc(self, normalize: bool = False) -> torch.Tensor:
         """AOPC per example ``(N,)``: ``mean_{k=0..L} (f(x^0) - f(x^k))`` (logit units).
 
-        ``normalize=True`` divides by ``f(x^0)`` (METHODS.md A28; meaningful only for positive scores).
+        ``normalize=True`` divides by ``f(x^0)`` (Samek et al. 2017; meaningful only for positive scores).
         """
         drop = self.scores[:, :1] - self.scores
         out = drop.mean(1)
@@ -538,7 +540,7 @@ def continuity(
     low: float = 0.0,
     high: float = 1.0,
 ) -> torch.Tensor:
-    """Explanation continuity (Montavon et al. 2018, METHODS.md §4.6/A29), ``(N,)``, lower is better.
+    """Explanation continuity (Montavon et al. 2018), ``(N,)``, lower is better.
 
     For each example, ``n_perturbations`` nearby inputs ``x'`` are made (``noise``: Gaussian noise of
     ``noise_std`` clipped to ``[low, high]``; ``translate``: shifts by 1, 1, 2, 2, ... pixels alternately along

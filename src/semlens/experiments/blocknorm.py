@@ -1,6 +1,6 @@
 """``semlens reproduce blocknorm``: weight decay vs group block norm, measured by Network Dissection.
 
-Analogue of the TUKL block-norm study (METHODS.md §3.1–3.3): AlexNet-like and AlexNet-B (BatchNorm
+Analogue of the TUKL block-norm study (Varshneya et al. 2021): AlexNet-like and AlexNet-B (BatchNorm
 after every conv) are trained on the built-in concept images with (a) weight decay (the optimizer's
 L2 term) and (b) the group block norm Ω = ‖(‖w̃_1‖_p, …, ‖w̃_G‖_p)‖_q on every conv layer *instead of*
 weight decay (as in the CGL README: ``--wd 0``), over several seeds. The paper trains with SGD (lr 0.01,

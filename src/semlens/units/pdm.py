@@ -1,4 +1,4 @@
-"""Naming neurons by prediction-difference maximization (PDM, Dong et al. 2017; METHODS.md §1.5) and
+"""Naming neurons by prediction-difference maximization (PDM, Dong et al. 2017) and
 scoring how selective the named neurons are for their topic (§1.10).
 
 For every neuron ``j`` of the representation ``v̄`` (N, D) and a map ``f: (M, D) -> (M, K)`` to topic
@@ -268,7 +268,7 @@ def name_neurons(f: TopicMap, vbar: torch.Tensor, topic_names: Sequence[str] | N
 
 
 def contains_topic(s: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
-    """(N, K) bool: video contains topic t when s_t >= threshold or t = argmax s (METHODS.md A6)."""
+    """(N, K) bool: video contains topic t when s_t >= threshold or t = argmax s (Dong et al. 2017)."""
     top = torch.zeros_like(s, dtype=torch.bool)
     top[torch.arange(s.shape[0]), s.argmax(1)] = True
     return (s >= threshold) | top
@@ -282,7 +282,7 @@ def topic_selectivity(names: NeuronTopics, vbar_fit: torch.Tensor, s_fit: torch.
     fitting set (``vbar_fit`` (N, D), topic targets ``s_fit`` (N, K)); a topic's score on a video is the
     mean oriented activation of its neurons; the AUC of that score on the evaluation set is the
     topic's selectivity (0.5 = chance). Also returns the index (μ_in − μ_out)/(μ_in + μ_out) on |v̄|
-    per named neuron (METHODS.md §1.10), and each neuron's ``orientation`` (D,) ±1. Topics without
+    per named neuron (Dong et al. 2017), and each neuron's ``orientation`` (D,) ±1. Topics without
     neurons or without both classes are skipped.
     """
     D, K = names.differences.shape

@@ -1,4 +1,4 @@
-"""Semantic topics from human descriptions (Dong et al. 2017; METHODS.md §1.3).
+"""Semantic topics from human descriptions (Dong et al. 2017).
 
 Each training video's reference captions are joined into one bag-of-words document; scikit-learn's
 LatentDirichletAllocation (batch variational Bayes) is fitted on those documents; the topic target of a
@@ -50,7 +50,7 @@ class TopicModel:
     """LDA topic model over per-video caption documents (scikit-learn style: ``fit`` returns self).
 
     n_topics: K. doc_topic_prior / topic_word_prior: symmetric Dirichlet α and β (``None`` = 1/K for α;
-    β defaults to 0.01 as recommended in METHODS.md §1.3). max_iter: variational EM passes.
+    β defaults to 0.01 a common choice for sparse topic-word distributions). max_iter: variational EM passes.
     """
 
     def __init__(self, n_topics: int = 20, *, doc_topic_prior: float | None = None, topic_word_prior: float = 0.01,

@@ -37,7 +37,7 @@ def run(ctx: DemoContext) -> list[Section]:
 
 
 def _caption_sections(ctx: DemoContext) -> list[Section]:
-    """Captioner variant (Dong et al. 2017, §1.6) on the built-in clips: enhancement, then propagation on
+    """Captioner variant (Dong et al. 2017) on the built-in clips: enhancement, then propagation on
     remarks for half of the clips with a missed topic, measured on the held-out half."""
     from semlens.correct.captioner import evaluate_caption_correction
 
