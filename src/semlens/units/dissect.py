@@ -64,7 +64,7 @@ from semlens.streaming import (
 from semlens.units import dissect_kernels
 from semlens.units.backend import Backend
 from semlens.units.names import UnitNames, save_unit_names
-from semlens.units.quantile import ExactTopQuantile, HistogramQuantileSketch, make_quantile_estimator
+from semlens.units.quantile import QuantileEstimator, make_quantile_estimator
 
 __all__ = [
     "SegmentationBatch",
@@ -404,16 +404,12 @@ class _LabelEncoder:
 # accumulators
 
 
-_Estimator = ExactTopQuantile | HistogramQuantileSketch
+_Estimator = QuantileEstimator
 
 
 def _fold_state(parts: list[_Estimator]) -> dict[str, torch.Tensor]:
     """The state of one estimator that saw what all of ``parts`` saw (exact), leaving them unchanged."""
-    if isinstance(parts[0], ExactTopQuantile):
-        values = torch.cat([p.values for p in parts], 1)
-        k = min(parts[0].k, values.shape[1])
-        return {"values": values if len(parts) == 1 else values.topk(k, dim=1, sorted=False).values}
-    return {"counts": sum(p.state_dict()["counts"] for p in parts)}
+    return type(parts[0]).fold_state(parts)  # type: ignore[attr-defined]
 
 
 class _ThresholdPass:
@@ -436,8 +432,7 @@ class _ThresholdPass:
             e.load_state_dict({k.split("/", 1)[1]: v for k, v in state.items() if k.split("/", 1)[0] == g})
         for lane in self.lanes[1:]:  # the saved state holds every worker's values: the others start empty
             for e in lane.values():
-                e.load_state_dict({k: v[:, :0] if k == "values" else torch.zeros_like(v)
-                                   for k, v in e.state_dict().items()})
+                e.load_state_dict(e.cleared_state())
 
     def fold_lanes(self) -> None:
         """Fold the other workers' estimators into the first worker's (exact); drop them."""
@@ -447,15 +442,8 @@ class _ThresholdPass:
             self.lanes = self.lanes[:1]
 
     def merge_across_processes(self) -> None:
-        if not distributed.is_distributed():
-            return
         for e in self.estimators.values():
-            if isinstance(e, ExactTopQuantile):
-                gathered = all_gather_cat(e.values.contiguous(), dim=1)
-                e.values = e.values[:, :0]
-                e.merge(gathered)
-            else:
-                distributed.all_reduce_sum(e.counts)
+            e.merge_across_processes()
 
 
 class _Lanes:
@@ -1068,8 +1056,7 @@ class _Run:
         the encoded labels)."""
         thr_file = checkpoint_path(self.ckpt_dir / "thresholds.safetensors") if self.ckpt_dir else None
         # the cache needs a running lower bound of each threshold: exact estimators only
-        use_cache = self.cache_bytes > 0 and all(isinstance(e, ExactTopQuantile)
-                                                 for e in self.thr_pass.estimators.values())
+        use_cache = self.cache_bytes > 0 and all(e.exact for e in self.thr_pass.estimators.values())
         self.cache: dict[int, _CacheEntry] | None = {} if use_cache else None
         self.cached = 0
         self.cache_lock = threading.Lock()
@@ -1108,7 +1095,7 @@ class _Run:
         for g, a in acts.items():
             est = estimators[g]
             self._feed(g, est, a, group_max[g], tables, guesses)
-            if isinstance(est, ExactTopQuantile):
+            if est.exact:
                 with self.floor_lock:  # any worker's bound is a lower bound of the final threshold: keep the highest
                     low = est.lower_bound
                     self.floors[g] = torch.maximum(self.floors[g], low) if g in self.floors else low
@@ -1121,7 +1108,7 @@ class _Run:
         block table and the bound it was built with into ``tables`` / ``guesses``."""
         cells = a.shape[0] * a.shape[2] * a.shape[3]  # values per unit in this batch
         caching, up = self.cache is not None, self.upsamplers[g]
-        if self.fused and isinstance(est, ExactTopQuantile):
+        if self.fused and est.exact:
             # one pass: every value above the running bound into the exact top-k buffer, the table above a guess
             floor = self.floors[g].numpy() if self.lanes > 1 and g in self.floors else None  # other workers' bound
             if est.seen == 0:  # the first batch: no guess yet; its table is built once it is fed
@@ -1134,7 +1121,7 @@ class _Run:
                 table = est.feed(lambda buf: up.scan(a, guess, buf, top), cells, floor=floor)
             if table is not None:
                 tables[g] = table
-        elif not isinstance(est, ExactTopQuantile) or not est.full:
+        elif not est.exact or not est.full:
             est.update(a.transpose(0, 1))
             if caching:
                 guesses[g] = est.lower_bound
@@ -1244,7 +1231,7 @@ class _Run:
                 iou=iou, best_concept=best, best_iou=best_iou, top_images=tally.top_idx[name].cpu(),
                 top_values=tally.top_val[name].cpu(),
             )
-        exact = {m: isinstance(self.thr_pass.estimators[g], ExactTopQuantile) for m, g in group_of.items()}
+        exact = {m: self.thr_pass.estimators[g].exact for m, g in group_of.items()}
         return DissectionResult(
             layers=results, concept_numbers=[c[0] for c in concepts], concept_names=[c[1] for c in concepts],
             concept_categories=[c[2] for c in concepts], categories=cats, label_pixels=label_pixels,

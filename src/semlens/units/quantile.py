@@ -22,17 +22,48 @@ and merge exactly across processes, so a sharded run gives the same thresholds a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
 
+from semlens import distributed
+from semlens.streaming import all_gather_cat
 from semlens.units.dissect_kernels import TopBuffer
 
 T = TypeVar("T")
 
-__all__ = ["quantile_positions", "ExactTopQuantile", "HistogramQuantileSketch", "make_quantile_estimator"]
+__all__ = ["quantile_positions", "QuantileEstimator", "ExactTopQuantile", "HistogramQuantileSketch",
+           "make_quantile_estimator"]
+
+
+class QuantileEstimator(Protocol):
+    """What both estimators offer: ``exact`` (the thresholds are exact and a running ``lower_bound`` (units,)
+    exists; ``None`` for a sketch), ``update``, ``result``, ``max_bytes``, checkpoint state, folding the states
+    of several estimators that saw disjoint values (:meth:`fold_state`), an empty state (:meth:`cleared_state`)
+    and the exact merge over ``torchrun`` processes (:meth:`merge_across_processes`)."""
+
+    exact: bool
+    units: int
+
+    @property
+    def max_bytes(self) -> int: ...
+
+    @property
+    def lower_bound(self) -> torch.Tensor | None: ...
+
+    def update(self, x: torch.Tensor) -> None: ...
+
+    def result(self) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def cleared_state(self) -> dict[str, torch.Tensor]: ...
+
+    def merge_across_processes(self) -> None: ...
 
 
 def quantile_positions(total: int, q: float) -> tuple[int, float]:
@@ -106,6 +137,8 @@ class ExactTopQuantile:
     with a sampled level that is verified to leave at least ``k`` values per row (exact). Memory: at
     most about ``3 · units · k`` floats.
     """
+
+    exact = True
 
     def __init__(self, units: int, total: int, q: float, device: torch.device | str = "cpu", numpy: bool = True
                  ) -> None:
@@ -342,6 +375,24 @@ class ExactTopQuantile:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.values = state["values"].to(self._values.device)
 
+    @staticmethod
+    def fold_state(parts: Sequence[ExactTopQuantile]) -> dict[str, torch.Tensor]:
+        """The state of one estimator that saw what all of ``parts`` saw (exact), leaving them unchanged."""
+        values = torch.cat([p.values for p in parts], 1)
+        k = min(parts[0].k, values.shape[1])
+        return {"values": values if len(parts) == 1 else values.topk(k, dim=1, sorted=False).values}
+
+    def cleared_state(self) -> dict[str, torch.Tensor]:
+        """The state of an estimator that saw nothing."""
+        return {"values": self.values[:, :0]}
+
+    def merge_across_processes(self) -> None:
+        """Keep the k largest values of every process (exact); a no-op in one process."""
+        if distributed.is_distributed():
+            gathered = all_gather_cat(self.values.contiguous(), dim=1)
+            self.values = self.values[:, :0]
+            self.merge(gathered)
+
 
 def _float_to_key(x: torch.Tensor) -> torch.Tensor:
     """Map float32 values to int32 keys with the same order (signed comparison)."""
@@ -359,6 +410,9 @@ class HistogramQuantileSketch:
 
     ``mantissa_bits`` m in [0, 23]: bins per unit ``2**(9+m)``; relative error ≤ ``2**−(m+1)``.
     """
+
+    exact = False
+    lower_bound = None  # a sketch keeps no running bound of the threshold
 
     def __init__(self, units: int, total: int, q: float, device: torch.device | str = "cpu",
                  mantissa_bits: int = 6) -> None:
@@ -407,6 +461,19 @@ class HistogramQuantileSketch:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.counts = state["counts"].to(self.counts.device)
+
+    @staticmethod
+    def fold_state(parts: Sequence[HistogramQuantileSketch]) -> dict[str, torch.Tensor]:
+        """The state of one sketch that saw what all of ``parts`` saw (counts add), leaving them unchanged."""
+        return {"counts": sum(p.state_dict()["counts"] for p in parts)}
+
+    def cleared_state(self) -> dict[str, torch.Tensor]:
+        """The state of a sketch that saw nothing."""
+        return {"counts": torch.zeros_like(self.counts)}
+
+    def merge_across_processes(self) -> None:
+        """Sum the counts of every process (exact); a no-op in one process."""
+        distributed.all_reduce_sum(self.counts)
 
 
 def make_quantile_estimator(units: int, total: int, q: float, device: torch.device | str,
