@@ -77,7 +77,9 @@ def make_model(size: int = 64) -> tuple[nn.Module, list[str]]:
 
         model = build_model("alexnet-like", num_classes=10, image_size=size)
         return model.eval(), list(model.conv_layers)
-    except Exception:  # noqa: BLE001 - reference models not available: an AlexNet-shaped stand-in
+    except Exception as err:  # noqa: BLE001 - reference models not available: an AlexNet-shaped stand-in
+        print(f"note: alexnet-like unavailable ({type(err).__name__}: {err}); timing an AlexNet-shaped stand-in "
+              "model instead", flush=True)
         torch.manual_seed(0)
         feats = nn.Sequential(nn.Conv2d(3, 64, 5, 2, 2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(64, 192, 3, padding=1),
                               nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(192, 256, 3, padding=1), nn.ReLU(),

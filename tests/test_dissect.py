@@ -163,6 +163,10 @@ def test_model_state_and_hooks_restored_on_success_and_error():
     flags = [p.requires_grad for p in net.parameters()]
     est = Dissector("0,2", quantile=0.05, device="cpu").fit(net, ds)
     assert set(est.result_.layers) == {"0", "2"}
+    assert est.get_params()["quantile"] == 0.05 and est.get_params()["layers"] == "0,2"
+    assert est.set_params(top_n=3).top_n == 3
+    with pytest.raises(ValueError, match="no parameter 'quantil'; valid: layers, quantile"):
+        est.set_params(quantil=0.1)
     with pytest.raises(DissectionError):
         dissect(net, random_dataset(seg=6), "2", seg_size=(8, 8), device="cpu")
     assert net.training and all(m.training for m in net.modules())
@@ -266,14 +270,13 @@ def test_sparse_upsampler_finds_exactly_the_pixels_above_threshold(size, seg):
         assert sorted(got) == expected
 
 
-def test_torch_only_path_used_on_cuda_gives_identical_results(monkeypatch):
-    import importlib
+def test_torch_only_path_used_on_cuda_gives_identical_results():
+    from semlens.units.backend import Backend
 
     net, ds = tiny_net(), random_dataset(n=9)
     fast = dissect(net, ds, ["0", "2"], quantile=0.05, batch_size=4, device="cpu")
-    monkeypatch.setattr(importlib.import_module("semlens.units.dissect"), "NUMPY_ON_CPU", False)
-    monkeypatch.setattr(importlib.import_module("semlens.units.quantile"), "NUMPY_ON_CPU", False)
-    plain = dissect(net, ds, ["0", "2"], quantile=0.05, batch_size=4, device="cpu")
+    assert Backend.for_device("cuda") == Backend(numpy=False, fused=False)  # what a CUDA device gets
+    plain = dissect(net, ds, ["0", "2"], quantile=0.05, batch_size=4, device="cpu", backend=Backend.for_device("cuda"))
     for name in ("0", "2"):
         assert torch.equal(fast.layers[name].thresholds, plain.layers[name].thresholds)
         assert torch.equal(fast.layers[name].intersection, plain.layers[name].intersection)
@@ -288,7 +291,7 @@ def test_cache_pruned_with_risen_bounds_still_needs_one_forward_and_gives_the_st
     load, calls, prunes = ds.load_batch, [], []
     monkeypatch.setattr(ds, "load_batch", lambda idx: calls.append(1) or load(idx))
     prune = mod._prune_cache
-    monkeypatch.setattr(mod, "_prune_cache", lambda c, b: prunes.append(1) or prune(c, b))
+    monkeypatch.setattr(mod, "_prune_cache", lambda c, b, be: prunes.append(1) or prune(c, b, be))
     cached = dissect(net, ds, ["0", "2"], quantile=0.02, batch_size=2, device="cpu", cache_bytes=100_000,
                      workers=1)  # one worker's bounds (two workers see half the data each: looser bounds)
     assert prunes and len(calls) == 1 + 20  # probe + one forward per batch: the pruned cache fitted
@@ -299,11 +302,12 @@ def test_cache_pruned_with_risen_bounds_still_needs_one_forward_and_gives_the_st
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "tensor path"])
-def test_batches_on_several_workers_give_the_one_worker_result_exactly(fused, monkeypatch):
+def test_batches_on_several_workers_give_the_one_worker_result_exactly(fused):
     """Workers see different batches in any order (own estimators, tallies, cache entries), folded after each
     pass: thresholds, counts, IoUs and top images (ties broken by index: a dead unit ties everywhere) equal
     one worker's, and the intra-op thread count is restored."""
-    monkeypatch.setattr(importlib.import_module("semlens.units.dissect"), "FUSED_ON_CPU", fused)
+    from semlens.units.backend import Backend
+
     torch.manual_seed(3)
     net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 3, stride=2), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -313,7 +317,7 @@ def test_batches_on_several_workers_give_the_one_worker_result_exactly(fused, mo
     ds = random_dataset(n=23)
     threads = torch.get_num_threads()
     runs = {w: dissect(net, ds, ["1", "3"], quantile=0.05, batch_size=2, device="cpu", workers=w, top_n=4,
-                       show_progress=False) for w in (1, 2, 3)}
+                       show_progress=False, backend=Backend(fused=fused)) for w in (1, 2, 3)}
     assert torch.get_num_threads() == threads
     for w in (2, 3):
         for name in ("1", "3"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import importlib
 
 import numpy as np
 import pytest
@@ -12,9 +11,8 @@ import torch
 from _dissect_helpers import LABELS, random_dataset, reference_iou, tiny_net
 from semlens.units import TensorSegmentationDataset, dissect
 from semlens.units import dissect_kernels as K
+from semlens.units.backend import Backend
 from semlens.units.dissect import DissectionError, _LabelEncoder, _SparseUpsampler, bilinear_axis
-
-dissect_mod = importlib.import_module("semlens.units.dissect")
 
 
 @pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
@@ -133,7 +131,7 @@ def test_tally_counts_equal_the_tensor_path(size, seg, pool):
     assert int(count.sum()) > 0
 
 
-def test_label_encoding_equals_the_tensor_path(pool, monkeypatch):
+def test_label_encoding_equals_the_tensor_path(pool):
     g = torch.Generator().manual_seed(3)
     n, seg = 9, 6
     color = torch.randint(0, 4, (n, 2, seg, seg), generator=g)  # the two colour channels often repeat
@@ -145,30 +143,26 @@ def test_label_encoding_equals_the_tensor_path(pool, monkeypatch):
     enc = _LabelEncoder(ds.categories, 8, (seg, seg), torch.device("cpu"))
     enc.pool, enc.workers = pool
     fused = enc.encode(batch, n)
-    monkeypatch.setattr(dissect_mod, "FUSED_ON_CPU", False)
-    plain = enc.encode(batch, n)
+    plain = _LabelEncoder(ds.categories, 8, (seg, seg), torch.device("cpu"), Backend(fused=False)).encode(batch, n)
     assert torch.equal(fused.pixel, plain.pixel)
     assert torch.equal(fused.label_pixels, plain.label_pixels)
     assert int((plain.pixel == 0).sum()) > int((torch.cat([color, obj], 1) == 0).sum())  # duplicates were removed
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_a_concept_number_outside_the_label_table_is_a_clear_error(fused, monkeypatch):
-    monkeypatch.setattr(dissect_mod, "FUSED_ON_CPU", fused)
+def test_a_concept_number_outside_the_label_table_is_a_clear_error(fused):
     ds = random_dataset(n=4)
     ds.pixel["color"][2, 0, 1, 1] = 42
     with pytest.raises(DissectionError, match=r"'color'.*42.*label table"):
-        dissect(tiny_net(), ds, ["0"], quantile=0.1, batch_size=2, device="cpu")
+        dissect(tiny_net(), ds, ["0"], quantile=0.1, batch_size=2, device="cpu", backend=Backend(fused=fused))
 
 
-def test_fused_numpy_and_torch_paths_give_identical_dissections(monkeypatch):
+def test_fused_numpy_and_torch_paths_give_identical_dissections():
     net, ds = tiny_net(), random_dataset(n=11, size=16, seg=10)
     runs = {}
     for name, fused, numpy_on in (("fused", True, True), ("numpy", False, True), ("torch", False, False)):
-        monkeypatch.setattr(dissect_mod, "FUSED_ON_CPU", fused)
-        monkeypatch.setattr(dissect_mod, "NUMPY_ON_CPU", numpy_on)
-        monkeypatch.setattr(importlib.import_module("semlens.units.quantile"), "NUMPY_ON_CPU", numpy_on)
-        runs[name] = dissect(net, ds, ["0", "2"], quantile=0.05, batch_size=4, device="cpu")
+        runs[name] = dissect(net, ds, ["0", "2"], quantile=0.05, batch_size=4, device="cpu",
+                             backend=Backend(numpy=numpy_on, fused=fused))
     for other in ("numpy", "torch"):
         assert torch.equal(runs["fused"].label_pixels, runs[other].label_pixels)
         for layer in ("0", "2"):
@@ -218,7 +212,7 @@ def test_wrong_threshold_guesses_re_run_the_spoiled_batches_and_change_nothing(o
     assert forwards == 13 if order == "shuffled" else 13 < forwards <= 25
 
 
-def test_label_encoding_with_more_channels_than_the_presence_bits_equals_the_tensor_path(monkeypatch):
+def test_label_encoding_with_more_channels_than_the_presence_bits_equals_the_tensor_path():
     """70 pixel channels (beyond the 63 that the fused kernel tracks per number): duplicates between far
     channels are still removed exactly as the tensor path does."""
     g = torch.Generator().manual_seed(8)
@@ -231,8 +225,7 @@ def test_label_encoding_with_more_channels_than_the_presence_bits_equals_the_ten
     batch = ds.load_batch(list(range(n)))
     enc = _LabelEncoder(ds.categories, 5, (seg, seg), torch.device("cpu"))
     fused = enc.encode(batch, n)
-    monkeypatch.setattr(dissect_mod, "FUSED_ON_CPU", False)
-    plain = enc.encode(batch, n)
+    plain = _LabelEncoder(ds.categories, 5, (seg, seg), torch.device("cpu"), Backend(fused=False)).encode(batch, n)
     assert torch.equal(fused.pixel, plain.pixel) and torch.equal(fused.label_pixels, plain.label_pixels)
     assert int((fused.pixel[:, 66] != 0).sum()) == 0 and int((fused.pixel[:, 69] != 0).sum()) == 0
 

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from torch import nn
 
 from semlens.checkpoint import load_state_dict, save_weights
 from semlens.world import write_concepts
@@ -83,3 +84,41 @@ def test_feedback_round_trip(workdir):
     assert r.returncode == 0 and "current version is now 1" in r.stdout
     r = _run(workdir, "versions")
     assert "undone" in r.stdout
+
+
+def test_feedback_reads_stored_artefacts_and_refuses_another_models_names(workdir, tmp_path, monkeypatch):
+    import fbmodel_semlens
+
+    from semlens.correct.project import CorrectionProject
+    from semlens.units.names import UnitNames
+
+    proj = tmp_path / "p"
+    r = _run(proj, "init", "--model", "fbmodel_semlens:make", "--weights", str(workdir / "model.safetensors"),
+             "--data", str(workdir / "data"), "--names", str(workdir / "units.csv"), "--layer", "2")
+    assert r.returncode == 0, r.stderr
+    p = CorrectionProject(proj)
+    base = p.store.current_version()
+    names_path, refs_path = p.artefact_paths(base)
+    assert UnitNames.load(names_path, "2").units.tolist() == [3, 5]
+    # a remark and a correction never recompute the references over the training split
+    monkeypatch.setattr("semlens.correct.classifier.fit_references", lambda *a, **k: 1 / 0)
+    assert _run(proj, "add", "000001", "--missing", "red").returncode == 0
+    assert _run(proj, "apply", "--steps", "2").returncode == 0
+    v2 = p.store.current_version()
+    assert v2.id == 2 and v2.artefacts == base.artefacts == {"names": names_path.stem, "references": refs_path.stem}
+    assert _run(proj, "versions").returncode == 0  # (its table lists these hashes; its width follows the terminal)
+    # a changed artefact file is noticed
+    refs_path.write_bytes(refs_path.read_bytes() + b" ")
+    bad = _run(proj, "add", "000001", "--missing", "red")
+    assert bad.returncode == 2 and "references file of model version 2" in bad.stderr
+    # names stored for another model are refused at init, in one line
+    other = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 9, 3, padding=1))
+    from semlens.artefacts import model_signature
+
+    UnitNames("2", torch.tensor([3]), ("red",), torch.tensor([0.3]), model_signature(other)).save(
+        tmp_path / "other.safetensors")
+    bad = _run(tmp_path / "q", "init", "--model", "fbmodel_semlens:make", "--weights",
+               str(workdir / "model.safetensors"), "--data", str(workdir / "data"), "--names",
+               str(tmp_path / "other.safetensors"), "--layer", "2")
+    assert bad.returncode == 2 and "made for another model" in bad.stderr and bad.stderr.count("\n") <= 2
+    assert fbmodel_semlens.make  # the user model module stays importable

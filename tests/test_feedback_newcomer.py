@@ -64,12 +64,11 @@ def test_init_twice_is_one_line(project):
 def test_paths_are_relative_and_the_project_moves(project, tmp_path):
     d, proj = project
     cfg = json.loads((proj / ".semlens" / "project.json").read_text())
-    assert cfg["data"] == os.path.join("..", "data") and cfg["names"] == os.path.join("..", "units.csv")
+    assert cfg["data"] == os.path.join("..", "data") and "names" not in cfg  # names: a stored artefact inside
     moved = tmp_path / "elsewhere"
     moved.mkdir()
     shutil.copytree(proj, moved / "proj")
-    shutil.copytree(d / "data", moved / "data")
-    shutil.copy(d / "units.csv", moved / "units.csv")
+    shutil.copytree(d / "data", moved / "data")  # the names file is not needed: the project stores them
     res = _run("add", "000001", "--missing", "red", "--device", "cpu", "--project", str(moved / "proj"))
     assert res.exit_code == 0, res.output
 

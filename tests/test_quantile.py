@@ -133,3 +133,24 @@ def test_estimators_fed_with_each_others_floors_fold_to_numpys_quantile():
     folded.load_state_dict(_fold_state(workers))
     ref = np.quantile(torch.cat(batches).transpose(0, 1).reshape(4, -1).double().numpy(), 0.98, axis=1)
     assert np.allclose(folded.result().numpy(), ref.astype(np.float32), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["exact", "sketch"])
+def test_both_estimators_share_one_interface_for_folding_and_merging(kind):
+    from semlens.units.quantile import HistogramQuantileSketch
+
+    make = ExactTopQuantile if kind == "exact" else HistogramQuantileSketch
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 2000, generator=g)
+    whole, a, b = make(3, 2000, 0.02), make(3, 2000, 0.02), make(3, 2000, 0.02)
+    whole.update(x)
+    a.update(x[:, :1200])
+    b.update(x[:, 1200:])
+    folded = make(3, 2000, 0.02)
+    folded.load_state_dict(type(a).fold_state([a, b]))
+    folded.merge_across_processes()  # one process: nothing to merge
+    assert folded.exact == (kind == "exact") and (folded.lower_bound is None) == (kind == "sketch")
+    assert torch.equal(folded.result(), whole.result())
+    a.load_state_dict(a.cleared_state())
+    a.update(x)
+    assert torch.equal(a.result(), whole.result())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from semlens.report import Report, Section, mean_std
+from semlens.report import Report, Section, format_mean_std
 from semlens.report.browser import check_page, find_browser
 
 # `make test` installs chromium (make browser); in CI (CI=true) a missing browser fails instead of skipping
@@ -31,7 +31,7 @@ def _wide_report(path: Path) -> Path:
     ax.plot([0, 1], [0, 1])
     sec.figure(fig, caption="a wide figure")
     sec.text("a_very_long_identifier_without_spaces_" * 12)
-    sec.table([{"metric": "BLEU-4", "LSTM-I": mean_std(0.41, 0.0, 1)}])
+    sec.table([{"metric": "BLEU-4", "LSTM-I": format_mean_std(0.41, 0.0, 1)}])
     return rep.write(path)
 
 
@@ -63,8 +63,8 @@ def test_cells_and_seed_counts():
     assert "<th>relevance mass accuracy ↑</th>" in html
     assert "0.512<br><span class='ci'>[0.480, 0.550]</span>" in html
     assert "<span class='nw'>epsilon-plus-flat</span>" in html and html.startswith("<div class='table-wrap'>")
-    assert mean_std(0.5, 0.0, 1) == "0.500 (one seed)" and mean_std(0.5, 0.25, 3) == "0.500 ± 0.250"
-    assert mean_std(float("nan"), 0.0, 2) == "-" and mean_std(1.0, 0.0, 0) == "-"
+    assert format_mean_std(0.5, 0.0, 1) == "0.500 (one seed)" and format_mean_std(0.5, 0.25, 3) == "0.500 ± 0.250"
+    assert format_mean_std(float("nan"), 0.0, 2) == "-" and format_mean_std(1.0, 0.0, 0) == "-"
 
 
 def test_demo_steps_have_human_names():

@@ -24,6 +24,7 @@ from torch import nn
 from semlens.layers import capture_activations, frozen
 from semlens.models.captioner import AttentiveCaptioner, CaptionerConfig, Vocabulary
 from semlens.runtime import progress, resolve_device
+from semlens.stats import linear_probe
 from semlens.train.caption_trainer import (
     CaptionData,
     CaptionTrainConfig,
@@ -35,7 +36,7 @@ from semlens.units.pdm import LinearTopicMap, NeuronTopics, contains_topic, name
 from semlens.units.topics import TopicModel
 
 __all__ = ["extract_frame_features", "Prepared", "prepare", "prepare_corpus", "train_captioner", "generate",
-           "evaluate_captioner", "analyze_neurons", "linear_probe", "topic_activation_profile"]
+           "evaluate_captioner", "analyze_neurons", "linear_probe", "topic_activation_profile", "correction_artefacts"]
 
 
 @torch.no_grad()
@@ -270,13 +271,32 @@ def analyze_neurons(model: AttentiveCaptioner, prep: Prepared, refit_head: bool 
             "profile": topic_activation_profile(names, vte, data.topics, orientation=sel["orientation"])}
 
 
-def linear_probe(x_train: torch.Tensor, y_train: Sequence[int] | torch.Tensor, x_test: torch.Tensor,
-                 y_test: Sequence[int] | torch.Tensor, C: float = 1.0, seed: int = 0) -> float:
-    """Accuracy of a multinomial logistic regression on standardized frozen features (N, D)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+def correction_artefacts(weights: str | os.PathLike, corpus_dir: str | os.PathLike, *,
+                         topics: str | os.PathLike | None = None, names: str | os.PathLike | None = None,
+                         device: str | torch.device = "cpu") -> Any:
+    """What a captioner correction project is made from (:class:`semlens.correct.project.Artefacts`): the
+    neuron → topic table (read from ``names``, written by ``semlens caption neurons --out X.safetensors``, or
+    named now by :func:`analyze_neurons`) and the topic references over the corpus's training split.
 
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed))
-    clf.fit(np.asarray(x_train, dtype=np.float64), np.asarray(y_train))
-    return float(clf.score(np.asarray(x_test, dtype=np.float64), np.asarray(y_test)))
+    ``topics``: the topic model JSON (default: the one stored in ``names``); a table made with another topic
+    model is refused."""
+    from semlens.correct.captioner import fit_topic_references
+    from semlens.correct.project import Artefacts
+    from semlens.world import CaptionCorpus
+
+    model = AttentiveCaptioner.load(weights, map_location=resolve_device(device)).eval()
+    if topics is not None:
+        tm = TopicModel.load(topics)
+    elif names is not None:
+        tm = NeuronTopics.load_topic_model(names)
+    else:
+        raise ValueError("give the topic model (--topics) or a neuron table (--names) that carries it")
+    corpus = CaptionCorpus(corpus_dir)
+    splits = {s: list(corpus.split(s)) for s in ("train", "test")}
+    ids = splits["train"] + splits["test"]
+    prep = prepare({v: corpus.features(v) for v in ids}, {v: corpus.captions[v] for v in ids}, splits,
+                   vocab=model.vocab, topic_model=tm, max_len=model.config.max_len)
+    table = NeuronTopics.load(names, topic_model=tm, model=model) if names is not None else \
+        analyze_neurons(model, prep)["names"]
+    refs = fit_topic_references(model, table.topic_names, prep.train.feats, prep.train.lengths, prep.train.topics)
+    return Artefacts(table, refs, lambda path: table.save(path, topic_model=tm, model=model))

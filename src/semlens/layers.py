@@ -23,7 +23,14 @@ __all__ = [
     "patch_activations",
     "frozen",
     "count_hooks",
+    "suggest",
 ]
+
+
+def suggest(name: str, choices: Sequence[str], n: int = 3, cutoff: float = 0.5) -> str:
+    """`` Did you mean: a, b?`` for the closest ``choices`` (empty string when none is close)."""
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=cutoff)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
 class UnknownLayerError(KeyError):
@@ -44,8 +51,7 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     modules = dict(model.named_modules())
     if name in modules:
         return modules[name]
-    close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.4)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    hint = suggest(name, [n for n in modules if n], n=5, cutoff=0.4)
     available = [n for n in modules if n][:30]
     raise UnknownLayerError(
         f"unknown layer {name!r} in {type(model).__name__}.{hint} "

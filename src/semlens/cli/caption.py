@@ -132,7 +132,8 @@ def neurons_cmd(
     refit_head: bool | None = typer.Option(None, "--refit-head/--no-refit-head",
                                            help="Fit f on the frozen encoder first (default: only for LSTM-B)."),
     top: int = typer.Option(20),
-    out: Path = typer.Option(None, help="Write neuron names (JSON) here."),
+    out: Path = typer.Option(None, help="Write the neuron table here: X.safetensors (with its topic model, for "
+                             "`semlens feedback init --names`) or X.json (names, differences, selectivity)."),
     device: str = typer.Option("auto"),
 ) -> None:
     """Name every neuron of v̄ by prediction-difference maximization; print neuron -> topic and topic -> neurons."""
@@ -158,7 +159,9 @@ def neurons_cmd(
         sel = ana["selectivity"]
         typer.echo(f"\nselectivity (test AUC, mean over {sel['n_topics_scored']} topics): {sel['mean_auc']:.3f}; "
                    f"named neurons: {sel['n_named']} of {m.rep_dim}")
-        if out is not None:
+        if out is not None and out.suffix == ".safetensors":  # the stored table `semlens feedback init` reads
+            typer.echo(f"wrote {names.save(out, topic_model=tm, model=m)}")
+        elif out is not None:
             sel_json = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in sel.items()}
             typer.echo(f"wrote {save_json(names.to_json() | {'selectivity': sel_json}, out)}")
 

@@ -48,20 +48,34 @@ def init(
     data: Path = typer.Option(..., help="Broden dataset (classifier) or MSVD-style features corpus (captioner)."),
     kind: str = typer.Option("classifier", help="Model kind: classifier or captioner."),
     model: str = typer.Option("", help="classifier: built-in model name or package.module:factory."),
-    names: Path = typer.Option(None, help="classifier: units.csv written by `semlens dissect`."),
+    names: Path = typer.Option(None, help="classifier: unit_names.safetensors (or units.csv) written by `semlens "
+                               "dissect`; captioner: a neuron table written by `semlens caption neurons --out "
+                               "X.safetensors` (default: the neurons are named by PDM now)."),
     layer: str = typer.Option("", help="classifier: the dissected layer whose units are enhanced."),
-    topics: Path = typer.Option(None, help="captioner: topic model JSON (default: WEIGHTS' .topics.json)."),
+    topics: Path = typer.Option(None, help="captioner: topic model JSON (default: the neuron table's, else "
+                                "WEIGHTS' .topics.json)."),
     project: Path = _PROJECT,
 ) -> None:
-    """Create a correction project and register WEIGHTS as its base version."""
-    from semlens.correct.project import CorrectionProject
+    """Create a correction project: store unit names and concept references, register WEIGHTS as the base version."""
+    from semlens.correct.project import CorrectionProject, classifier_artefacts
 
-    if kind == "captioner" and topics is None:
-        topics = weights.with_name(weights.stem + ".topics.json")
-    settings = {"data": str(data), "names": str(names) if names else "", "layer": layer,
-                "topics": str(topics) if topics else ""}
     with user_errors():
-        p = CorrectionProject.init(project, kind=kind, model=model, weights=weights,
+        CorrectionProject.refuse_existing(project)
+        if kind == "captioner":
+            from semlens.captioning import correction_artefacts
+
+            if topics is None and names is None:
+                topics = weights.with_name(weights.stem + ".topics.json")
+            artefacts = correction_artefacts(weights, data, topics=topics, names=names)
+        elif kind == "classifier":
+            if names is None or not layer:
+                raise ValueError("a classifier project needs --names and --layer (and --model unless the weights' "
+                                 "config names it)")
+            artefacts = classifier_artefacts(model, weights, data, names, layer)
+        else:
+            raise ValueError(f"unknown model kind {kind!r}; known: classifier, captioner")
+        settings = {"data": str(data), "layer": layer, "topics": str(topics) if topics else ""}
+        p = CorrectionProject.init(project, kind=kind, model=model, weights=weights, artefacts=artefacts,
                                    **{k: v for k, v in settings.items() if v})
         v = p.store.current_version()
     _print(f"project ready in {project}; base version {v.id}")
@@ -147,10 +161,11 @@ def versions(project: Path = _PROJECT) -> None:
         store = _store(project)
         cur = store.current_version()
         rows = store.versions()
-    table = _table("id", "parent", "state", "remarks", "params", "created", "current")
+    table = _table("id", "parent", "state", "remarks", "params", "artefacts", "created", "current")
     for v in rows:
         table.add_row(str(v.id), str(v.parent or ""), v.state, ",".join(map(str, v.remark_ids)), str(v.params),
-                      v.created_at[:19], "*" if cur and v.id == cur.id else "")
+                      " ".join(f"{k}:{h[:8]}" for k, h in sorted(v.artefacts.items())), v.created_at[:19],
+                      "*" if cur and v.id == cur.id else "")
     _print(table)
 
 

@@ -1,60 +1,93 @@
 """``semlens reproduce <experiment>``: re-run a published experiment on built-in data.
 
-Each experiment module in :mod:`semlens.experiments` that defines ``register_reproduce(app)`` adds
-its own command to this sub-app (e.g. ``blocknorm`` in :mod:`semlens.experiments.blocknorm`); to add
-an experiment, write such a function in a new module; nothing here needs editing. The modules (which
-import torch and more) are imported only when ``semlens reproduce ...`` itself runs, so the other
-commands and ``semlens --help`` start fast.
+Each command parses its options and calls the experiment's ``run_*`` function in :mod:`semlens.experiments`
+(imported when the command runs); to add an experiment, write its ``run_*`` function there and a command here.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from typing import Any
+import json
+from pathlib import Path
 
 import typer
-from typer.core import TyperGroup
 
-
-def _discover(app: typer.Typer) -> None:
-    import semlens.experiments as pkg
-
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-        if info.ispkg or info.name.startswith("_") or info.name == "demo":
-            continue
-        module = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        hook = getattr(module, "register_reproduce", None)
-        if callable(hook):
-            hook(app)
-
-
-class _LazyExperiments(TyperGroup):
-    """A command group whose experiment commands are discovered on first use."""
-
-    _loaded = False
-
-    def _load(self) -> None:
-        if self._loaded:
-            return
-        self._loaded = True
-        found = typer.Typer()
-        _discover(found)
-        if found.registered_commands:
-            for name, cmd in typer.main.get_group(found).commands.items():
-                self.add_command(cmd, name)
-
-    def list_commands(self, ctx: Any) -> list[str]:
-        self._load()
-        return super().list_commands(ctx)
-
-    def get_command(self, ctx: Any, cmd_name: str) -> Any:
-        self._load()
-        return super().get_command(ctx, cmd_name)
-
+from semlens.cli._common import user_errors
 
 reproduce_app = typer.Typer(name="reproduce", help="Reproduce published experiments on built-in data.",
-                            no_args_is_help=True, cls=_LazyExperiments)
+                            no_args_is_help=True)
+
+
+@reproduce_app.command("blocknorm")
+def blocknorm(
+    out: Path = typer.Option(..., help="Output directory (results.json, report.html, runs/)."),
+    seeds: int = typer.Option(3, help="Seeds per model and regularizer."),
+    epochs: int = typer.Option(None, help="Training epochs (default 10; 2 with --fast)."),
+    fast: bool = typer.Option(False, help="Tiny version: 1 seed, 800 training images, 2 epochs."),
+    sweep: bool = typer.Option(None, "--sweep/--no-sweep", help="Sweep p, q, G and strength (default: only "
+                               "when block norm does not beat weight decay with the defaults)."),
+    n_train: int = typer.Option(None, help="Training images (default 8000; 800 with --fast)."),
+    device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
+) -> None:
+    """Weight decay vs group block norm on AlexNet-like / AlexNet-B: unique detectors and accuracy."""
+    from dataclasses import replace
+
+    from semlens.experiments.blocknorm import BlockNormConfig, run_blocknorm
+
+    with user_errors():
+        cfg = BlockNormConfig.fast(device=device) if fast else BlockNormConfig(seeds=seeds, device=device)
+        if fast and seeds != 3:
+            cfg = replace(cfg, seeds=seeds)
+        if epochs is not None:
+            cfg = replace(cfg, epochs=epochs)
+        if n_train is not None:
+            cfg = replace(cfg, n_train=n_train)
+        results = run_blocknorm(out, cfg, sweep=sweep)
+    for row in results["table"]:
+        unique = row["unique detectors (sum over conv layers)"]
+        typer.echo(f"{row['model']:13s} {row['regularizer']:13s} unique {unique:>14s}"
+                   f"  acc {row['test accuracy']}  paper {row['paper (Places365)']}")
+    typer.echo(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'report.html'}")
+
+
+@reproduce_app.command("correction")
+def correction(
+    out: Path = typer.Option(Path("runs/correction"), help="Output directory."),
+    fast: bool = typer.Option(False, help="Smaller data and fewer epochs."),
+    rare_class: str = typer.Option("red square", help="Class made rare in training."),
+    concept: str = typer.Option("red", help="The concept the remarks name."),
+    device: str = typer.Option("auto"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Correct a classifier trained with a rare class through its dissection-named units."""
+    from semlens.experiments.correction import ImageCorrectionConfig, correction_sections, run_image_correction
+    from semlens.report import Report
+
+    opts = {"rare_class": rare_class, "concept": concept, "device": device, "seed": seed}
+    cfg = ImageCorrectionConfig.fast(**opts) if fast else ImageCorrectionConfig(**opts)
+    with user_errors():
+        res = run_image_correction(out, cfg)
+    rep = Report(title="semlens: correction through named units")
+    for s in correction_sections(res, f"Correcting a classifier trained with '{rare_class}' rare"):
+        rep.add(s)
+    rep.write(out / "report.html")
+    typer.echo(json.dumps({k: v for k, v in res.items() if k != "config"}, indent=2))
+
+
+@reproduce_app.command("dong")
+def dong(
+    out: Path = typer.Option(..., help="Output directory: results.json, report.html, models, topics."),
+    seeds: int = typer.Option(3, help="Number of seeds (0..seeds-1) per model."),
+    fast: bool = typer.Option(False, "--fast", help="Small clips set and model, few epochs (minutes on CPU)."),
+    device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
+) -> None:
+    """Dong et al. 2017: LSTM-B vs LSTM-I on the built-in clips (captioning, selectivity, transfer)."""
+    from semlens.experiments.dong import run_dong
+
+    if seeds < 1:
+        raise typer.BadParameter("--seeds must be >= 1")
+    with user_errors():
+        run_dong(out, seeds=seeds, fast=fast, device=device, log=typer.echo)
+    typer.echo(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'report.html'}")
 
 
 def register(app: typer.Typer) -> None:

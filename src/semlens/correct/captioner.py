@@ -1,5 +1,5 @@
 """Correcting a video captioner through neurons named by prediction-difference maximization (Dong et al.
-2017, METHODS.md §1.6).
+2017).
 
 A remark "clip S misses topic t" becomes:
 
@@ -22,13 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from semlens.artefacts import model_signature
 from semlens.correct.engine import PropagationResult, enhance, propagate, reference_activations
-from semlens.correct.store import suggest
-from semlens.layers import frozen
+from semlens.correct.references import ConceptReferences
+from semlens.layers import frozen, suggest
 from semlens.models.captioner import AttentiveCaptioner, tokenize
 from semlens.units.pdm import NeuronTopics, contains_topic
 
-__all__ = ["CaptionCorrector", "caption_mentions", "evaluate_caption_correction"]
+__all__ = ["CaptionCorrector", "caption_mentions", "evaluate_caption_correction", "fit_topic_references"]
 
 Topic = int | str
 
@@ -48,8 +49,13 @@ class CaptionCorrector:
     :meth:`propagate` modifies ``model`` in place.
     """
 
-    def __init__(self, model: AttentiveCaptioner, names: NeuronTopics, references: torch.Tensor,
+    def __init__(self, model: AttentiveCaptioner, names: NeuronTopics, references: torch.Tensor | ConceptReferences,
                  *, max_neurons: int | None = None) -> None:
+        if isinstance(references, ConceptReferences):
+            if references.names != list(names.topic_names):
+                raise ValueError("the references were made for other topics than the neuron names "
+                                 f"({len(references.names)} vs {names.n_topics} topics)")
+            references = references.mean
         D = model.rep_dim
         if names.topic.shape != (D,):
             raise ValueError(f"neuron names cover {tuple(names.topic.shape)} neurons but the model's v has D={D}")
@@ -62,22 +68,11 @@ class CaptionCorrector:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    @torch.no_grad()
     def fit(cls, model: AttentiveCaptioner, names: NeuronTopics, feats: torch.Tensor, lengths: torch.Tensor,
             s: torch.Tensor, threshold: float = 0.1, *, batch_size: int = 256, max_neurons: int | None = None
             ) -> CaptionCorrector:
-        """References from training videos: feats (N, T, F), lengths (N,), topic targets s (N, K).
-
-        Per topic t: mean over videos containing t of the time-mean of v over valid frames. Topics that no
-        video contains get a NaN row (an error if a remark names them)."""
-        if s.dim() != 2 or s.shape[0] != feats.shape[0] or s.shape[1] != names.n_topics:
-            raise ValueError(f"s must be (N={feats.shape[0]}, K={names.n_topics}); got {tuple(s.shape)}")
-        vbar = _mean_states(model, feats, lengths, batch_size)  # (N, D)
-        has = contains_topic(s.float(), threshold).to(vbar.device)  # (N, K)
-        refs = torch.full((names.n_topics, vbar.shape[1]), float("nan"))
-        for t in range(names.n_topics):  # K topics (not units or samples)
-            if bool(has[:, t].any()):
-                refs[t] = reference_activations(vbar, has[:, t]).cpu()
+        """A corrector whose references come from training videos (see :func:`fit_topic_references`)."""
+        refs = fit_topic_references(model, names.topic_names, feats, lengths, s, threshold, batch_size=batch_size)
         return cls(model, names, refs, max_neurons=max_neurons)
 
     # ------------------------------------------------------------------ topics and neurons
@@ -173,6 +168,26 @@ class CaptionCorrector:
         return propagate(self.model, torch.arange(feats.shape[0], device=dev), targets, representation=represent,
                          params=list(self.model.encoder.parameters()), mu=mu, steps=steps, lr=lr,
                          batch_size=batch_size, stop=stop)
+
+
+@torch.no_grad()
+def fit_topic_references(model: AttentiveCaptioner, topic_names: Sequence[str], feats: torch.Tensor,
+                         lengths: torch.Tensor, s: torch.Tensor, threshold: float = 0.1, *, batch_size: int = 256
+                         ) -> ConceptReferences:
+    """References from training videos: feats (N, T, F), lengths (N,), topic targets s (N, K).
+
+    Per topic t: mean over videos containing t (:func:`contains_topic`) of the time-mean of v over valid
+    frames; (K, D), topics that no video contains get a NaN row (an error if a remark names them)."""
+    K = len(topic_names)
+    if s.dim() != 2 or s.shape[0] != feats.shape[0] or s.shape[1] != K:
+        raise ValueError(f"s must be (N={feats.shape[0]}, K={K}); got {tuple(s.shape)}")
+    vbar = _mean_states(model, feats, lengths, batch_size)  # (N, D)
+    has = contains_topic(s.float(), threshold).to(vbar.device)  # (N, K)
+    refs = torch.full((K, vbar.shape[1]), float("nan"))
+    for t in range(K):  # K topics (not units or samples)
+        if bool(has[:, t].any()):
+            refs[t] = reference_activations(vbar, has[:, t]).cpu()
+    return ConceptReferences(refs, has.sum(0).long().cpu(), list(topic_names), "v", model_signature(model))
 
 
 @torch.no_grad()

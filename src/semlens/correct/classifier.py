@@ -13,77 +13,19 @@ A remark "image S misses concept C" becomes:
 
 from __future__ import annotations
 
-import csv
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from semlens.artefacts import model_signature
 from semlens.correct.engine import PropagationResult, enhance, propagate
-from semlens.correct.store import suggest
+from semlens.correct.references import ConceptReferences
 from semlens.layers import HookHandles, capture_activations, frozen, get_module, patch_activations
+from semlens.units.names import UnitNames
 
-__all__ = ["UnitNames", "ConceptReferences", "ClassifierCorrector", "parameters_up_to"]
-
-
-@dataclass(frozen=True)
-class UnitNames:
-    """Unit → concept labels of one layer, read from dissection's ``units.csv``.
-
-    units: (U,) unit indices; concepts: their best concept names; ious: (U,) float IoU.
-    """
-
-    layer: str
-    units: torch.Tensor
-    concepts: tuple[str, ...]
-    ious: torch.Tensor
-
-    @classmethod
-    def from_csv(cls, path: str | os.PathLike, layer: str) -> UnitNames:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"unit names file not found: {path}")
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"layer", "unit", "concept", "iou"} - set(reader.fieldnames or [])
-            if missing:
-                raise ValueError(f"{path} lacks column(s) {sorted(missing)}")
-            rows = [r for r in reader if r["layer"] == layer]
-        if not rows:
-            raise KeyError(f"{path} names no unit of layer {layer!r}")
-        return cls(layer, torch.tensor([int(r["unit"]) for r in rows]), tuple(r["concept"] for r in rows),
-                   torch.tensor([float(r["iou"]) for r in rows]))
-
-    def units_for(self, concept: str, min_iou: float = 0.04) -> torch.Tensor:
-        """Indices of the units labelled ``concept`` with IoU > ``min_iou``, strongest first."""
-        hit = torch.tensor([c == concept for c in self.concepts], dtype=torch.bool) & (self.ious > min_iou)
-        if not bool(hit.any()):
-            carried = sorted({c for c, i in zip(self.concepts, self.ious.tolist(), strict=True) if i > min_iou})
-            raise KeyError(f"no unit of layer {self.layer!r} is a detector (IoU > {min_iou}) of {concept!r}."
-                           f"{suggest(concept, carried)} Concepts with detectors: {', '.join(carried) or 'none'}")
-        order = torch.argsort(self.ious[hit], descending=True)
-        return self.units[hit][order]
-
-
-@dataclass(frozen=True)
-class ConceptReferences:
-    """mean: (L, C) mean spatially-averaged activation of each unit on images containing concept l;
-    count: (L,) number of such images; names: concept name per global concept number."""
-
-    mean: torch.Tensor
-    count: torch.Tensor
-    names: list[str]
-
-    def reference(self, concept: str) -> torch.Tensor:
-        if concept not in self.names:
-            raise KeyError(f"unknown concept {concept!r}.{suggest(concept, [n for n in self.names if n != '-'])}")
-        number = self.names.index(concept)
-        if int(self.count[number]) == 0:
-            raise ValueError(f"no reference image contains {concept!r}; its reference activation is undefined")
-        return self.mean[number]
+__all__ = ["UnitNames", "ConceptReferences", "ClassifierCorrector", "fit_references", "parameters_up_to"]
 
 
 def parameters_up_to(model: nn.Module, layer: str, example: torch.Tensor) -> list[nn.Parameter]:
@@ -121,53 +63,64 @@ def parameters_up_to(model: nn.Module, layer: str, example: torch.Tensor) -> lis
     return params
 
 
+@torch.no_grad()
+def fit_references(model: nn.Module, layer: str, dataset: Any, indices: Sequence[int], batch_size: int = 64,
+                   device: str | torch.device = "cpu") -> ConceptReferences:
+    """One pass over Broden-format ``dataset`` images ``indices``: per concept, the mean spatially averaged
+    activation of every unit of ``layer`` (output (N, C, h, w)) over the images containing that concept."""
+    device = torch.device(device)
+    n_concepts = len(dataset.labels)
+    sums: torch.Tensor | None = None
+    count = torch.zeros(n_concepts, dtype=torch.float64)
+    with frozen(model), capture_activations(model, layer) as acts:
+        for _, batch in dataset.iter_batches(batch_size, indices):
+            model(batch.images.to(device))
+            feat = acts[layer]
+            if feat.dim() != 4:
+                raise ValueError(f"layer {layer!r} outputs shape {tuple(feat.shape)}, not a (N, C, h, w) map")
+            mean = feat.mean(dim=(2, 3)).double().cpu()  # (B, C)
+            present = torch.zeros(mean.shape[0], n_concepts, dtype=torch.float64)
+            for cat in batch.pixel:
+                maps = batch.pixel[cat].flatten(1)
+                present.scatter_(1, maps, 1.0)
+                present.scatter_(1, batch.image_level[cat], 1.0)
+            present[:, 0] = 0.0
+            sums = present.T @ mean if sums is None else sums + present.T @ mean
+            count += present.sum(0)
+    if sums is None:
+        raise ValueError("no images to compute reference activations from")
+    mean = (sums / count.clamp_min(1).unsqueeze(1)).float()
+    return ConceptReferences(mean, count.long(), [name for _, name, _ in dataset.labels], layer,
+                             model_signature(model))
+
+
 class ClassifierCorrector:
     """Enhance and propagate corrections on an image classifier, in terms of dissection unit names.
 
     model: a classifier ``(N, 3, H, W) -> (N, classes)``; layer: the dissected layer (output ``(N, C, h, w)``);
-    names: its :class:`UnitNames`. The model is modified in place by :meth:`propagate`.
+    names: its :class:`UnitNames`; references: its stored :class:`ConceptReferences` (or ``None`` and
+    :meth:`fit_references` later). The model is modified in place by :meth:`propagate`.
     """
 
-    def __init__(self, model: nn.Module, layer: str, names: UnitNames, *, min_iou: float = 0.04,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: nn.Module, layer: str, names: UnitNames, references: ConceptReferences | None = None,
+                 *, min_iou: float = 0.04, device: str | torch.device = "cpu") -> None:
         if names.layer != layer:
             raise ValueError(f"unit names are for layer {names.layer!r}, not {layer!r}")
+        if references is not None and references.layer and references.layer != layer:
+            raise ValueError(f"concept references are for layer {references.layer!r}, not {layer!r}")
         get_module(model, layer)
         self.model, self.layer, self.names, self.min_iou = model, layer, names, min_iou
         self.device = torch.device(device)
-        self.references: ConceptReferences | None = None
+        self.references = references
 
-    @torch.no_grad()
-    def fit_references(self, dataset, indices: Sequence[int], batch_size: int = 64) -> ConceptReferences:
-        """One pass over Broden-format ``dataset`` images ``indices``: per concept, the mean spatially
-        averaged activation of every unit over the images containing that concept."""
-        n_concepts = len(dataset.labels)
-        sums: torch.Tensor | None = None
-        count = torch.zeros(n_concepts, dtype=torch.float64)
-        with frozen(self.model), capture_activations(self.model, self.layer) as acts:
-            for _, batch in dataset.iter_batches(batch_size, indices):
-                self.model(batch.images.to(self.device))
-                feat = acts[self.layer]
-                if feat.dim() != 4:
-                    raise ValueError(f"layer {self.layer!r} outputs shape {tuple(feat.shape)}, not a (N, C, h, w) map")
-                mean = feat.mean(dim=(2, 3)).double().cpu()  # (B, C)
-                present = torch.zeros(mean.shape[0], n_concepts, dtype=torch.float64)
-                for cat in batch.pixel:
-                    maps = batch.pixel[cat].flatten(1)
-                    present.scatter_(1, maps, 1.0)
-                    present.scatter_(1, batch.image_level[cat], 1.0)
-                present[:, 0] = 0.0
-                sums = present.T @ mean if sums is None else sums + present.T @ mean
-                count += present.sum(0)
-        if sums is None:
-            raise ValueError("no images to compute reference activations from")
-        mean = (sums / count.clamp_min(1).unsqueeze(1)).float()
-        self.references = ConceptReferences(mean, count.long(), [name for _, name, _ in dataset.labels])
+    def fit_references(self, dataset: Any, indices: Sequence[int], batch_size: int = 64) -> ConceptReferences:
+        """Compute (and keep) the references over ``dataset`` images ``indices`` (see :func:`fit_references`)."""
+        self.references = fit_references(self.model, self.layer, dataset, indices, batch_size, self.device)
         return self.references
 
     def _ready(self) -> ConceptReferences:
         if self.references is None:
-            raise RuntimeError("call fit_references(...) first")
+            raise RuntimeError("no concept references: pass references= or call fit_references(...) first")
         return self.references
 
     def units(self, concept: str) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Correction through named units (Dong et al. 2017, METHODS.md §1.6), for any model.
+"""Correction through named units (Dong et al. 2017), for any model.
 
 1. :func:`reference_activations` — mean activation of each unit on training samples that contain a
    topic/concept (time-averaged first when features are sequences).

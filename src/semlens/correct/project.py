@@ -1,12 +1,20 @@
-"""A correction project: a model, its unit names, its data and its feedback store, in one directory.
+"""A correction project: a model, its stored artefacts, its data and its feedback store, in one directory.
 
-``.semlens/project.json`` records what the model is and where its data and unit names are; the
-feedback store (:mod:`semlens.correct.store`) beside it holds remarks and versions. Model kinds plug
-in through :data:`CORRECTORS`: a factory ``(config, model_weights_path, device) -> Corrector``.
+``.semlens/project.json`` records what the model is and where its data is; the feedback store
+(:mod:`semlens.correct.store`) beside it holds remarks and versions, and ``.semlens/artefacts/`` the unit
+names and concept references the corrections go through, each file named by its content hash. Every model
+version records the hashes of the artefacts it was made with (and is described by), so a command opens
+exactly those files: nothing is recomputed over the training split or the corpus to answer a remark.
+
+Model kinds plug in through :data:`CORRECTORS`: a class built as
+``Kind(config, weights, names_path, references_path, device)``; the artefacts themselves are produced by
+the naming jobs (:func:`semlens.correct.classifier.correction_artefacts` for a classifier,
+:func:`semlens.captioning.correction_artefacts` for a captioner) and handed to :meth:`CorrectionProject.init`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -16,11 +24,25 @@ from typing import Any, Protocol
 
 import torch
 
+from semlens.artefacts import ArtefactError, content_hash
 from semlens.checkpoint import read_config, save_weights
+from semlens.correct.references import ConceptReferences
 from semlens.correct.store import FeedbackStore, FeedbackStoreError, Remark, suggest
 from semlens.models import load, weights_config
 
-__all__ = ["Corrector", "CorrectionProject", "CORRECTORS", "ClassifierProjectCorrector", "CaptionerProjectCorrector"]
+__all__ = ["Corrector", "CorrectionProject", "CORRECTORS", "ClassifierProjectCorrector", "CaptionerProjectCorrector",
+           "Artefacts", "classifier_artefacts"]
+
+
+@dataclass(frozen=True)
+class Artefacts:
+    """What a correction project is made from besides the weights: ``names`` (:class:`~semlens.units.names.UnitNames`
+    or a :class:`~semlens.units.pdm.NeuronTopics` table, written with ``save_names``) and ``references``."""
+
+    names: Any
+    references: ConceptReferences
+    save_names: Callable[[Path], Path]
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # recorded in project.json
 
 
 class Corrector(Protocol):
@@ -42,45 +64,65 @@ class Corrector(Protocol):
 
 @dataclass
 class ClassifierProjectCorrector:
-    """Image classifier + Broden-format data + dissection ``units.csv`` (see :mod:`semlens.correct.classifier`)."""
+    """Image classifier + Broden-format data + stored unit names and references (:mod:`semlens.correct.classifier`).
+
+    Only the images of the samples named are read (``images/<id><image_suffix>``); the dataset's index is
+    parsed only for data laid out otherwise, or to suggest a sample id after an unknown one."""
 
     config: dict[str, Any]
     weights: Path
+    names_path: Path
+    references_path: Path
     device: torch.device
     remark_kind: str = "missing_concept"
 
     def __post_init__(self) -> None:
-        from semlens.correct.classifier import ClassifierCorrector, UnitNames
-        from semlens.world import BrodenDataset
+        from semlens.correct.classifier import ClassifierCorrector
+        from semlens.units.names import UnitNames
 
         cfg = self.config
-        self.model = load(cfg["model"] or None, self.weights, device=self.device, **cfg.get("model_kwargs", {}))
-        self.dataset = BrodenDataset(cfg["data"])
-        self.names = UnitNames.from_csv(cfg["names"], cfg["layer"])
-        self.engine = ClassifierCorrector(self.model, cfg["layer"], self.names, min_iou=cfg.get("min_iou", 0.04),
+        self.model = _classifier(cfg["model"], cfg.get("model_kwargs", {}), self.weights, self.device)
+        self.names = UnitNames.load(self.names_path, cfg["layer"], model=self.model)
+        refs = ConceptReferences.load(self.references_path, model=self.model, layer=cfg["layer"])
+        self.engine = ClassifierCorrector(self.model, cfg["layer"], self.names, refs, min_iou=cfg.get("min_iou", 0.04),
                                           device=self.device)
-        self.engine.fit_references(self.dataset, self.dataset.split_indices(cfg.get("reference_split", "train")))
-        self._ids = {Path(name).stem: i for i, name in enumerate(self.dataset.images)}
+        self._dataset: Any = None
+
+    @property
+    def dataset(self) -> Any:
+        """The Broden-format dataset (its index parsed on first use)."""
+        if self._dataset is None:
+            from semlens.world import BrodenDataset
+
+            self._dataset = BrodenDataset(self.config["data"])
+        return self._dataset
 
     def sample_ids(self) -> list[str]:
-        return list(self._ids)
+        return [Path(name).stem for name in self.dataset.images]
 
-    def _index(self, sample_id: str) -> int:
-        if sample_id not in self._ids:
-            raise KeyError(f"unknown sample id {sample_id!r}.{suggest(sample_id, list(self._ids))}")
-        return self._ids[sample_id]
+    def _images(self, sample_ids: Sequence[str]) -> torch.Tensor:
+        """(B, 3, H, W) images of the samples (an unknown id raises, naming the closest ids)."""
+        from semlens.world import read_images
+
+        suffix, root = self.config.get("image_suffix"), Path(self.config["data"])
+        if suffix is not None and all((root / "images" / f"{s}{suffix}").is_file() for s in sample_ids):
+            return read_images(root, [f"{s}{suffix}" for s in sample_ids], self.config.get("image_size"))
+        ids = {Path(name).stem: i for i, name in enumerate(self.dataset.images)}
+        for s in sample_ids:
+            if s not in ids:
+                raise KeyError(f"unknown sample id {s!r}.{suggest(s, list(ids))}")
+        return self.dataset.load_batch([ids[s] for s in sample_ids]).images
 
     def check(self, sample_id: str, target: str) -> None:
-        self._index(sample_id)
+        self._images([sample_id])
         self.engine.units(target)
 
     def _class_name(self, k: int) -> str:
-        names = self.dataset.class_names
+        names = self.config["class_names"] if "class_names" in self.config else self.dataset.class_names
         return names[k] if names else str(k)
 
     def describe(self, sample_id: str, enhanced: Sequence[str] = ()) -> str:
-        x = self.dataset.load_batch([self._index(sample_id)]).images
-        probs = self.engine.predict(x, enhanced).softmax(-1)[0]
+        probs = self.engine.predict(self._images([sample_id]), enhanced).softmax(-1)[0]
         top = torch.topk(probs, k=min(3, probs.numel()))
         return ", ".join(f"{self._class_name(int(i))} {float(p):.2f}" for p, i in zip(top.values, top.indices,
                                                                                        strict=True))
@@ -93,51 +135,50 @@ class ClassifierProjectCorrector:
         for r in remarks:
             by_sample.setdefault(r.sample_id, []).append(r.target)
         ids = sorted(by_sample)
-        x = self.dataset.load_batch([self._index(s) for s in ids]).images
-        res = self.engine.propagate(x, [by_sample[s] for s in ids], mu=params["mu"], steps=params["steps"],
-                                    lr=params["lr"])
+        res = self.engine.propagate(self._images(ids), [by_sample[s] for s in ids], mu=params["mu"],
+                                    steps=params["steps"], lr=params["lr"])
         return {"data_loss_first": res.data_loss[0], "data_loss_last": res.data_loss[-1], "steps": res.steps}
 
 
 @dataclass
 class CaptionerProjectCorrector:
-    """Attentive captioner + MSVD-style features corpus; neurons named by PDM on the training split
-    (see :mod:`semlens.correct.captioner`). Topics are named as in the topic model (e.g. ``"dog/runs"``)."""
+    """Attentive captioner + MSVD-style features corpus + the stored neuron → topic table (PDM) and topic
+    references (see :mod:`semlens.correct.captioner`). Topics are named as in the topic model (e.g. ``"dog/runs"``).
+    The corpus is read only to look up the features of a clip."""
 
     config: dict[str, Any]
     weights: Path
+    names_path: Path
+    references_path: Path
     device: torch.device
     remark_kind: str = "missing_topic"
 
     def __post_init__(self) -> None:
-        from semlens.captioning import analyze_neurons, prepare
         from semlens.correct.captioner import CaptionCorrector
-        from semlens.units.topics import TopicModel
-        from semlens.world import CaptionCorpus
+        from semlens.units.pdm import NeuronTopics
 
-        cfg = self.config
         self.model = load("captioner", self.weights, device=self.device)
-        self.corpus = CaptionCorpus(cfg["data"])
-        topics = TopicModel.load(cfg["topics"])
-        splits = {s: list(self.corpus.split(s)) for s in ("train", "test")}
-        ids = splits["train"] + splits["test"]
-        prep = prepare({v: self.corpus.features(v) for v in ids}, {v: self.corpus.captions[v] for v in ids}, splits,
-                       vocab=self.model.vocab, topic_model=topics, max_len=self.model.config.max_len)
-        names = analyze_neurons(self.model, prep)["names"]
-        self.engine = CaptionCorrector.fit(self.model, names, prep.train.feats, prep.train.lengths,
-                                           prep.train.topics, max_neurons=cfg.get("max_neurons"))
+        names = NeuronTopics.load(self.names_path, model=self.model)
+        refs = ConceptReferences.load(self.references_path, model=self.model, names=names.topic_names)
+        self.engine = CaptionCorrector(self.model, names, refs, max_neurons=self.config.get("max_neurons"))
 
     def sample_ids(self) -> list[str]:
-        return list(self.corpus.video_ids)
+        from semlens.world import CaptionCorpus
+
+        return list(CaptionCorpus(self.config["data"]).video_ids)
 
     def _feats(self, sample_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded features (B, T, F) and lengths (B,) of the clips ``features/<id>.npy`` (an unknown id raises,
+        naming the closest ids)."""
         from semlens.models.captioner import pad_features
+        from semlens.world import read_features
 
-        known = set(self.corpus.video_ids)
+        root = Path(self.config["data"])
         for s in sample_ids:
-            if s not in known:
-                raise KeyError(f"unknown sample id {s!r}.{suggest(s, list(known))}")
-        return pad_features([torch.as_tensor(self.corpus.features(s), dtype=torch.float32) for s in sample_ids])
+            if not (root / "features" / f"{s}.npy").is_file():
+                known = self.sample_ids()
+                raise KeyError(f"unknown sample id {s!r}.{suggest(s, known)}")
+        return pad_features([read_features(root, s, self.model.config.feature_dim) for s in sample_ids])
 
     def check(self, sample_id: str, target: str) -> None:
         self._feats([sample_id])
@@ -161,13 +202,13 @@ class CaptionerProjectCorrector:
         return {"data_loss_first": res.data_loss[0], "data_loss_last": res.data_loss[-1], "steps": res.steps}
 
 
-CORRECTORS: dict[str, Callable[[dict[str, Any], Path, torch.device], Corrector]] = {
+CORRECTORS: dict[str, Callable[[dict[str, Any], Path, Path, Path, torch.device], Corrector]] = {
     "classifier": ClassifierProjectCorrector,
     "captioner": CaptionerProjectCorrector,
 }
 
-DEFAULT_PARAMS = {"mu": 1e-2, "steps": 50, "lr": 1e-4}  # METHODS.md §1.6
-_PATH_KEYS = ("data", "names", "topics")
+DEFAULT_PARAMS = {"mu": 1e-2, "steps": 50, "lr": 1e-4}  # Dong et al. 2017 (correction propagation)
+_PATH_KEYS = ("data", "topics")  # stored relative to the project directory
 
 
 class CorrectionProject:
@@ -191,23 +232,30 @@ class CorrectionProject:
                 self.config[key] = str(self.dir / self.config[key])
         self.store = FeedbackStore(self.dir)
 
-    @classmethod
-    def init(cls, project_dir: str | os.PathLike, *, kind: str, model: str, weights: str | os.PathLike,
-             **settings: Any) -> CorrectionProject:
-        """Create the project: write ``project.json`` and register ``weights`` as the base version."""
-        if kind not in CORRECTORS:
-            raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(CORRECTORS)}")
+    @staticmethod
+    def refuse_existing(project_dir: str | os.PathLike) -> Path:
+        """The path of ``project.json`` for a new project in ``project_dir``; an error when it exists already."""
         path = Path(project_dir) / ".semlens" / "project.json"
         if path.exists():
             raise FileExistsError(f"{project_dir} is a correction project already ({path} exists); use "
                                   "`semlens feedback add` there, or choose another --project")
-        cfg = {"kind": kind, "model": model, **settings}
+        return path
+
+    @classmethod
+    def init(cls, project_dir: str | os.PathLike, *, kind: str, model: str, weights: str | os.PathLike,
+             artefacts: Artefacts, **settings: Any) -> CorrectionProject:
+        """Create the project: store ``artefacts``, write ``project.json`` and register ``weights`` as the base
+        version (its lineage records the artefacts' content hashes)."""
+        if kind not in CORRECTORS:
+            raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(CORRECTORS)}")
+        path = cls.refuse_existing(project_dir)
+        cfg = {"kind": kind, "model": model, **artefacts.settings, **settings}
         if "model_kwargs" not in cfg:
             cfg["model_kwargs"] = read_config(weights).get("model_kwargs", {}) if str(weights).endswith(
                 ".safetensors") else {}
         if kind == "classifier" and not model:
             cfg["model"] = weights_config(weights).get("model", "")  # the one the weights' config names
-        required = {"classifier": ("model", "data", "names", "layer"), "captioner": ("data", "topics")}[kind]
+        required = {"classifier": ("model", "data", "layer"), "captioner": ("data",)}[kind]
         missing = [k for k in required if not cfg.get(k)]
         if missing:
             raise ValueError(f"a {kind} project needs {', '.join('--' + k for k in missing)}")
@@ -216,32 +264,92 @@ class CorrectionProject:
                 if not Path(cfg[key]).exists():
                     raise FileNotFoundError(f"--{key} {cfg[key]} not found")
                 cfg[key] = os.path.relpath(Path(cfg[key]).resolve(), Path(project_dir).resolve())
+        store_dir = path.parent / "artefacts"
+        hashes = {"names": _store(store_dir, artefacts.save_names),
+                  "references": _store(store_dir, artefacts.references.save)}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
         os.replace(tmp, path)
         project = cls(project_dir)
-        project.store.register_base(weights, params={"source": str(Path(weights).resolve())})
+        project.store.register_base(weights, params={"source": str(Path(weights).resolve())}, artefacts=hashes)
         return project
 
+    def artefact_paths(self, version: Any) -> tuple[Path, Path]:
+        """The names and references files recorded for ``version`` (their content checked against the hashes)."""
+        if not version.artefacts:
+            raise FeedbackStoreError(f"model version {version.id} records no unit names or references (a project "
+                                     "made by an older semlens); make a new project with `semlens feedback init`")
+        paths = []
+        for key in ("names", "references"):
+            digest = version.artefacts[key]
+            p = self.dir / ".semlens" / "artefacts" / f"{digest}.safetensors"
+            if not p.is_file() or content_hash(p) != digest:
+                raise ArtefactError(f"the {key} file of model version {version.id} ({p}) is missing or was changed")
+            paths.append(p)
+        return paths[0], paths[1]
+
     def corrector(self, device: str | torch.device = "cpu", version: int | None = None) -> Corrector:
-        """The corrector of the current (or given) version's weights."""
+        """The corrector of the current (or given) version: its weights and its stored artefacts."""
         v = self.store.version(version) if version is not None else self.store.current_version()
         if v is None or v.weights is None:
             raise FeedbackStoreError("the project has no model version")
-        return CORRECTORS[self.config["kind"]](self.config, v.weights, torch.device(device))
+        return CORRECTORS[self.config["kind"]](self.config, v.weights, *self.artefact_paths(v), torch.device(device))
 
     def apply(self, device: str | torch.device = "cpu", **params: Any) -> Any:
-        """Apply all open remarks: correction propagation from the current version -> new version."""
+        """Apply all open remarks: correction propagation from the current version -> new version, made through
+        (and recording) the current version's artefacts."""
         full = {**DEFAULT_PARAMS, **self.config.get("defaults", {}), **{k: v for k, v in params.items()
                                                                          if v is not None}}
         stats: dict[str, Any] = {}
+        current = self.store.current_version()
+        if current is None:
+            raise FeedbackStoreError("the project has no model version")
+        names_path, refs_path = self.artefact_paths(current)
 
         def compute(parent: Path, remarks: list[Remark], out: Path) -> None:
             torch.manual_seed(0)
-            corr = CORRECTORS[self.config["kind"]](self.config, parent, torch.device(device))
+            corr = CORRECTORS[self.config["kind"]](self.config, parent, names_path, refs_path, torch.device(device))
             stats.update(corr.correct(remarks, full))
             save_weights(corr.model, out, config=read_config(parent) if parent.suffix == ".safetensors" else {})
 
-        version = self.store.apply(compute, params=full)
+        version = self.store.apply(compute, params=full, artefacts=current.artefacts)
         return version, stats
+
+
+def _classifier(spec: str, kwargs: dict[str, Any], weights: str | os.PathLike, device: torch.device
+                ) -> torch.nn.Module:
+    """The classifier through the one model loader (``spec`` empty: the model the weights' config names)."""
+    return load(spec or None, weights, device=device, **kwargs)
+
+
+def classifier_artefacts(model: str, weights: str | os.PathLike, data: str | os.PathLike, names: str | os.PathLike,
+                         layer: str, *, split: str = "train", batch_size: int = 64,
+                         device: str | torch.device = "cpu") -> Artefacts:
+    """Unit names of ``layer`` (a names file or dissection's ``units.csv``, checked against the model) and
+    the concept references over the ``split`` images of the Broden-format ``data``: one pass, done once."""
+    from semlens.artefacts import model_signature
+    from semlens.correct.classifier import fit_references
+    from semlens.units.names import UnitNames
+    from semlens.world import BrodenDataset
+
+    kwargs = read_config(weights).get("model_kwargs", {}) if str(weights).endswith(".safetensors") else {}
+    net = _classifier(model, kwargs, weights, torch.device(device))
+    unit_names = dataclasses.replace(UnitNames.load(names, layer, model=net), model=model_signature(net))
+    ds = BrodenDataset(data)
+    refs = fit_references(net, layer, ds, ds.split_indices(split), batch_size, device)
+    settings: dict[str, Any] = {"image_size": list(ds.image_size), "class_names": ds.class_names}
+    suffixes = {Path(name).suffix for name in ds.images}
+    if len(suffixes) == 1 and all("/" not in name for name in ds.images):  # images/<sample id><suffix>
+        settings["image_suffix"] = suffixes.pop()
+    return Artefacts(unit_names, refs, unit_names.save, settings)
+
+
+def _store(directory: Path, save: Callable[[Path], object]) -> str:
+    """Save an artefact into ``directory`` under its content hash; returns the hash."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f"incoming-{os.getpid()}.safetensors"
+    save(tmp)
+    digest = content_hash(tmp)
+    os.replace(tmp, directory / f"{digest}.safetensors")
+    return digest

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import difflib
 import hashlib
 import json
 import os
@@ -28,10 +27,11 @@ import shutil
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from semlens.layers import suggest
 from semlens.outputs import file_mode
 
 __all__ = [
@@ -44,7 +44,7 @@ __all__ = [
     "suggest",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: versions.artefacts (content hashes of the names and references a version used)
 REMARK_KINDS = ("missing_topic", "missing_concept")
 _STATUSES = ("open", "applied", "withdrawn")
 
@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS versions (
     job TEXT UNIQUE,
     params TEXT NOT NULL DEFAULT '{}',
     note TEXT NOT NULL DEFAULT '',
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    artefacts TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS remarks (
     id INTEGER PRIMARY KEY,
@@ -112,6 +113,7 @@ class ModelVersion:
     note: str
     created_at: str
     remark_ids: tuple[int, ...]
+    artefacts: dict[str, str] = field(default_factory=dict)  # artefact name -> sha256 of the file used
 
 
 def _now() -> str:
@@ -124,12 +126,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def suggest(name: str, choices: Sequence[str]) -> str:
-    """`` Did you mean: a, b?`` for the closest ``choices`` (empty string when none is close)."""
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
-    return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
 class FeedbackStore:
@@ -216,6 +212,9 @@ class FeedbackStore:
                     )
                 if found < 1:
                     raise FeedbackStoreError(f"{self.db_path} has no semlens schema version; not a feedback store")
+                if found == 1:  # schema 1 -> 2: versions gain the artefact hashes they were made with
+                    con.execute("ALTER TABLE versions ADD COLUMN artefacts TEXT NOT NULL DEFAULT '{}'")
+                    con.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
             elif tables:
                 raise FeedbackStoreError(f"{self.db_path} holds other tables ({', '.join(sorted(tables))}); "
                                          "not a semlens feedback store")
@@ -310,18 +309,21 @@ class FeedbackStore:
             id=row["id"], parent=row["parent"], state=row["state"],
             weights=(self.root / row["weights"]) if row["weights"] else None, sha256=row["sha256"],
             params=json.loads(row["params"]), note=row["note"], created_at=row["created_at"], remark_ids=rids,
+            artefacts=json.loads(row["artefacts"]),
         )
 
     def register_base(self, weights: str | os.PathLike, note: str = "base model",
-                      params: dict[str, Any] | None = None) -> ModelVersion:
-        """Copy ``weights`` into the store as a root version and make it current."""
+                      params: dict[str, Any] | None = None, artefacts: dict[str, str] | None = None) -> ModelVersion:
+        """Copy ``weights`` into the store as a root version and make it current. ``artefacts``: name -> content
+        hash of the stored artefacts (unit names, references) that describe this version."""
         src = Path(weights)
         if not src.is_file():
             raise FeedbackStoreError(f"weights file not found: {src}")
         with self._write() as con:
             cur = con.execute(
-                "INSERT INTO versions (parent, state, params, note, created_at) VALUES (NULL, 'pending', ?, ?, ?)",
-                (json.dumps(params or {}, sort_keys=True), note, _now()),
+                "INSERT INTO versions (parent, state, params, note, created_at, artefacts)"
+                " VALUES (NULL, 'pending', ?, ?, ?, ?)",
+                (json.dumps(params or {}, sort_keys=True), note, _now(), json.dumps(artefacts or {}, sort_keys=True)),
             )
             vid = int(cur.lastrowid)
         rel = self._install_weights(vid, lambda tmp: shutil.copyfile(src, tmp), src.suffix)
@@ -345,9 +347,11 @@ class FeedbackStore:
         return rel
 
     def apply(self, compute: Callable[[Path, list[Remark], Path], None], *, params: dict[str, Any] | None = None,
-              note: str = "", remark_ids: Sequence[int] | None = None) -> ModelVersion:
+              note: str = "", remark_ids: Sequence[int] | None = None, artefacts: dict[str, str] | None = None
+              ) -> ModelVersion:
         """Apply open remarks: ``compute(parent_weights, remarks, out_path)`` must write new weights to
-        ``out_path`` deterministically. Returns the new (current) version.
+        ``out_path`` deterministically. Returns the new (current) version. ``artefacts``: name -> content hash
+        of the artefacts the correction used (recorded in the new version's lineage).
 
         ``remark_ids`` restricts the remarks used (default: all open remarks). A pending version left by
         a killed ``apply`` with the same parent, remarks and params is resumed instead of duplicated.
@@ -367,17 +371,19 @@ class FeedbackStore:
                 remarks = [r for r in remarks if r.id in wanted]
             if not remarks:
                 raise FeedbackStoreError("no open remarks to apply")
-            job = hashlib.sha256(json.dumps(
-                {"parent": parent, "remarks": [r.uid for r in remarks], "params": params}, sort_keys=True
-            ).encode()).hexdigest()
+            spec: dict[str, Any] = {"parent": parent, "remarks": [r.uid for r in remarks], "params": params}
+            if artefacts:
+                spec["artefacts"] = artefacts
+            job = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
             row = con.execute("SELECT id, state FROM versions WHERE job=?", (job,)).fetchone()
             if row is not None and row["state"] == "ready":
                 raise FeedbackStoreError(f"these remarks were already applied as version {row['id']}")
             if row is None:
                 cur = con.execute(
-                    "INSERT INTO versions (parent, state, job, params, note, created_at)"
-                    " VALUES (?, 'pending', ?, ?, ?, ?)",
-                    (parent, job, json.dumps(params, sort_keys=True), note, _now()),
+                    "INSERT INTO versions (parent, state, job, params, note, created_at, artefacts)"
+                    " VALUES (?, 'pending', ?, ?, ?, ?, ?)",
+                    (parent, job, json.dumps(params, sort_keys=True), note, _now(),
+                     json.dumps(artefacts or {}, sort_keys=True)),
                 )
                 vid = int(cur.lastrowid)
             else:

@@ -2,7 +2,7 @@
 ROUGE-L and CIDEr(-D as shipped), on PTB-tokenized, lower-cased text with punctuation removed.
 
 Java runs twice per call (the Stanford PTB tokenizer, then METEOR); SPICE is never used (it downloads
-models). The paper's published table (METHODS.md §1.9) is kept here to print our rows beside it.
+models). The paper's published table (Dong et al. 2017) is kept here to print our rows beside it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ __all__ = ["score_captions", "ptb_tokenize", "PUBLISHED_DONG", "paper_table", "f
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
-# Dong et al. 2017, YouTubeClips (MSVD) test set, as published (METHODS.md §1.9).
+# Dong et al. 2017, YouTubeClips (MSVD) test set, as published (Dong et al. 2017).
 PUBLISHED_DONG: list[dict[str, object]] = [
     {"model": "LSTM-B (GoogLeNet)", "BLEU-4": 0.416, "METEOR": 0.295},
     {"model": "LSTM-I (GoogLeNet)", "BLEU-4": 0.446, "METEOR": 0.297},
@@ -137,9 +137,9 @@ def paper_table(ours: Mapping[str, Mapping[str, object]], metrics: Sequence[str]
         if v is None:
             return "–"
         if isinstance(v, Mapping):
-            from semlens.report import mean_std
+            from semlens.report import format_mean_std
 
-            return mean_std(float(v["mean"]), float(v["std"]), int(v.get("n", 2)))
+            return format_mean_std(float(v["mean"]), float(v["std"]), int(v.get("n", 2)))
         return f"{float(v):.3f}"  # type: ignore[arg-type]
 
     rows = [{"model": name, "data": "ours", **{m: cell(vals.get(m)) for m in metrics}} for name, vals in ours.items()]

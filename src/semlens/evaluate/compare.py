@@ -38,6 +38,7 @@ from semlens.evaluate.explanations import (
 )
 from semlens.layers import frozen
 from semlens.runtime import progress
+from semlens.stats import bootstrap_means
 
 __all__ = ["CompareConfig", "Comparison", "compare_methods", "resolve_explainers", "bootstrap_means",
            "LOCALISATION_METRICS", "DEFAULT_METRICS", "RANDOM_METHOD"]
@@ -139,27 +140,6 @@ def _attribute_fn(attribute: Callable[..., torch.Tensor], name: str, bounds: tup
 
     explain.__name__ = f"explain_{name}"
     return explain
-
-
-def bootstrap_means(values: torch.Tensor, n_boot: int = 1000, seed: int = 0,
-                    level: float = 0.95) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Paired bootstrap of per-example scores ``values: (M, N)`` (NaN = missing, ignored).
-
-    Returns ``(mean (M,), lo (M,), hi (M,), boot (M, n_boot))``: the plain means, the percentile interval
-    at ``level`` and the resampled means (the same resampled example indices for every row).
-    """
-    values = values.to(torch.float64)
-    m, n = values.shape
-    valid = ~torch.isnan(values)
-    filled = torch.where(valid, values, torch.zeros_like(values))
-    mean = filled.sum(1) / valid.sum(1)
-    idx = torch.randint(0, n, (n_boot, n), generator=torch.Generator().manual_seed(seed))
-    ones = torch.ones(n_boot, n, dtype=torch.float64)
-    counts = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, ones)  # resample multiplicities
-    boot = (counts @ filled.T) / (counts @ valid.T.to(torch.float64))  # (n_boot, M)
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    lo, hi = torch.nanquantile(boot, q, dim=0)
-    return mean, lo, hi, boot.T
 
 
 def _average_rank(scores: list[float], higher_is_better: bool) -> list[float]:
@@ -293,22 +273,19 @@ class Comparison:
         if fig is not None:
             paths["png"] = out / "perturbation_curves.png"
             fig.savefig(paths["png"], dpi=110, bbox_inches="tight")
-            import matplotlib.pyplot as plt
+            from semlens.report import close_figure
 
-            plt.close(fig)
+            close_figure(fig)
         return paths
 
     def figure(self) -> Any:
         """Mean MoRF and LeRF curves of the target logit per method (random order dashed); None without curves."""
         if not self.curves or self.fraction is None:
             return None
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from semlens.report import subplots
 
         orders = [o for o in ("morf", "lerf") if any(o in c for c in self.curves.values())]
-        fig, axes = plt.subplots(1, len(orders), figsize=(5.2 * len(orders), 3.8), squeeze=False)
+        fig, axes = subplots(1, len(orders), figsize=(5.2 * len(orders), 3.8), squeeze=False)
         frac = self.fraction.numpy()
         for ax, order in zip(axes[0], orders, strict=True):
             for method in self.methods:

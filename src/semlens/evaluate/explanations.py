@@ -2,7 +2,9 @@
 
 Every metric takes a batch and returns one score per example, shape ``(N,)`` (float32/float64 on the
 input's device); the comparison runner (:mod:`semlens.evaluate.compare`) averages them with bootstrap
-confidence intervals. Definitions follow METHODS.md §4.6 and §5:
+confidence intervals. Definitions follow Samek et al. 2017 (region perturbation, AOPC), Arras et al. 2022
+(relevance mass / rank accuracy), Montavon et al. 2018 (continuity), Adebayo et al. 2018 (randomisation),
+Chalasani et al. 2020 (sparseness, Gini) and Bhatt et al. 2020 (complexity, entropy):
 
 * **faithfulness** — region perturbation / pixel-flipping curves (:func:`perturbation_curve`), AOPC for
   MoRF, LeRF and random order (:func:`aopc`), selectivity = area under the MoRF curve of ``f``.
@@ -32,6 +34,7 @@ from torch import nn
 
 from semlens.layers import frozen, get_module
 from semlens.runtime import progress
+from semlens.stats import spearman
 
 __all__ = [
     "MetricInputError",
@@ -321,7 +324,7 @@ class PerturbationCurve:
     def aopc(self, normalize: bool = False) -> torch.Tensor:
         """AOPC per example ``(N,)``: ``mean_{k=0..L} (f(x^0) - f(x^k))`` (logit units).
 
-        ``normalize=True`` divides by ``f(x^0)`` (METHODS.md A28; meaningful only for positive scores).
+        ``normalize=True`` divides by ``f(x^0)`` (Samek et al. 2017; meaningful only for positive scores).
         """
         drop = self.scores[:, :1] - self.scores
         out = drop.mean(1)
@@ -537,7 +540,7 @@ def continuity(
     low: float = 0.0,
     high: float = 1.0,
 ) -> torch.Tensor:
-    """Explanation continuity (Montavon et al. 2018, METHODS.md §4.6/A29), ``(N,)``, lower is better.
+    """Explanation continuity (Montavon et al. 2018), ``(N,)``, lower is better.
 
     For each example, ``n_perturbations`` nearby inputs ``x'`` are made (``noise``: Gaussian noise of
     ``noise_std`` clipped to ``[low, high]``; ``translate``: shifts by 1, 1, 2, 2, ... pixels alternately along
@@ -585,37 +588,6 @@ def continuity(
 
 
 # ----------------------------------------------------------------------------------------- randomisation
-
-
-def _average_ranks(v: torch.Tensor) -> torch.Tensor:
-    """1-based ranks along dim 1 with ties given their average rank (as ``scipy.stats.rankdata``)."""
-    n, m = v.shape
-    sorted_v, order = v.sort(dim=1, stable=True)
-    pos = torch.arange(m, device=v.device).expand(n, m)
-    starts = torch.ones(n, m, dtype=torch.bool, device=v.device)
-    starts[:, 1:] = sorted_v[:, 1:] != sorted_v[:, :-1]
-    ends = torch.ones_like(starts)
-    ends[:, :-1] = starts[:, 1:]
-    first = torch.where(starts, pos, 0).cummax(1).values
-    last = torch.where(ends, pos, m).flip(1).cummin(1).values.flip(1)
-    avg = (first + last).to(torch.float64) / 2 + 1
-    ranks = torch.empty_like(avg)
-    ranks.scatter_(1, order, avg)
-    return ranks
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation per row of ``a, b: (N, ...)`` -> ``(N,)`` float64 (average ranks for ties).
-
-    Rows where either side is constant have no defined correlation and score 0.
-    """
-    if a.shape != b.shape:
-        raise MetricInputError(f"cannot correlate shapes {tuple(a.shape)} and {tuple(b.shape)}")
-    ra, rb = _average_ranks(a.flatten(1)), _average_ranks(b.flatten(1))
-    ra = ra - ra.mean(1, keepdim=True)
-    rb = rb - rb.mean(1, keepdim=True)
-    den = (ra.square().sum(1) * rb.square().sum(1)).sqrt()
-    return torch.where(den > 0, (ra * rb).sum(1) / den.clamp_min(1e-300), torch.zeros_like(den))
 
 
 def parameter_layers(model: nn.Module) -> list[str]:

@@ -1,6 +1,6 @@
 """``semlens reproduce blocknorm``: weight decay vs group block norm, measured by Network Dissection.
 
-Analogue of the TUKL block-norm study (METHODS.md §3.1–3.3): AlexNet-like and AlexNet-B (BatchNorm
+Analogue of the TUKL block-norm study (Varshneya et al. 2021): AlexNet-like and AlexNet-B (BatchNorm
 after every conv) are trained on the built-in concept images with (a) weight decay (the optimizer's
 L2 term) and (b) the group block norm Ω = ‖(‖w̃_1‖_p, …, ‖w̃_G‖_p)‖_q on every conv layer *instead of*
 weight decay (as in the CGL README: ``--wd 0``), over several seeds. The paper trains with SGD (lr 0.01,
@@ -18,16 +18,17 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from semlens.report import Report, Section, mean_std
+from semlens.report import Report, Section, format_mean_std
+from semlens.stats import mean_std, paired_gap
 
 __all__ = ["BlockNormConfig", "PUBLISHED", "run_blocknorm", "blocknorm_sections", "train_and_dissect",
-           "register_reproduce"]
+           "paired_verdict"]
 
 #: Table 1 of the TUKL summary (Places365): sum of unique detectors over conv layers.
 PUBLISHED = {
@@ -129,10 +130,6 @@ def _make_data(cfg: BlockNormConfig, out: Path) -> dict[str, Any]:
             "broden": BrodenDataset(broden_dir), "class_names": train.class_names}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def _cached(path: Path, fn: Any, key: str) -> dict[str, Any]:
     """Load a finished run from ``path`` when it was made with the same settings ``key``; else run ``fn``."""
     if path.is_file():
@@ -174,13 +171,13 @@ def summarize(runs: list[dict[str, Any]], models: tuple[str, ...],
                              "unique_mean": float("nan"), "unique_std": float("nan"), "acc_mean": float("nan"),
                              "acc_std": float("nan")})
                 continue
-            u_mean, u_std = _mean_std([float(r["unique_total"]) for r in mine])
-            a_mean, a_std = _mean_std([float(r["test_acc"]) for r in mine])
+            u, a = mean_std([float(r["unique_total"]) for r in mine]), mean_std([float(r["test_acc"]) for r in mine])
+            u_mean, u_std, a_mean, a_std = u["mean"], u["std"], a["mean"], a["std"]
             rows.append({
                 "model": model, "regularizer": reg, "seeds": len(mine),
                 "not trained (seeds)": ", ".join(map(str, failed)) or "-",
-                "unique detectors (sum over conv layers)": mean_std(u_mean, u_std, len(mine), 1),
-                "test accuracy": mean_std(a_mean, a_std, len(mine)),
+                "unique detectors (sum over conv layers)": format_mean_std(u_mean, u_std, len(mine), 1),
+                "test accuracy": format_mean_std(a_mean, a_std, len(mine)),
                 "paper (Places365)": f"{pub.get('paper_model', '-')}: {pub.get(reg, '-')}",
                 "unique_mean": u_mean, "unique_std": u_std, "acc_mean": a_mean, "acc_std": a_std,
             })
@@ -189,12 +186,9 @@ def summarize(runs: list[dict[str, Any]], models: tuple[str, ...],
 
 def per_layer_figure(runs: list[dict[str, Any]], models: tuple[str, ...], min_acc: float = TRAINED_MIN_ACC) -> Any:
     """Mean unique detectors per conv layer, one panel per model, weight decay vs block norm."""
-    import matplotlib
+    from semlens.report import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.0), squeeze=False)
+    fig, axes = subplots(1, len(models), figsize=(4.2 * len(models), 3.0), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         for k, reg in enumerate(REGULARIZERS):
             mine = [r for r in runs if r["model"] == model and r["regularizer"] == reg
@@ -229,6 +223,13 @@ def blocknorm_sections(results: dict[str, Any], title: str = "Block norm vs weig
     sec.table(results["table"], columns=cols, caption="Table 1 analogue (mean ± std over the seeds that trained: test "
               f"accuracy ≥ {min_acc:g}, chance is {1 / 12:.3f}; seeds stuck at chance are listed, not averaged "
               "or compared)")
+    verdicts = results.get("block_norm_verdict", {})
+    if verdicts:
+        sec.text("Verdict from the paired comparison over the seeds where both trained (block norm − weight decay, "
+                 "paired t test, two-sided p < 0.05): " + "; ".join(
+                     f"{m}: {v['verdict']}" + (f" ({v['mean_diff']:+.1f} detectors, {v['wins']} of {v['n']} seeds "
+                                               f"higher, p = {v['p_two_sided']:.2f})" if v.get("n") else "")
+                     for m, v in verdicts.items()) + ".")
     sec.figure(per_layer_figure(results["runs"], models, min_acc), caption="mean unique detectors per conv layer")
     out = [sec]
     if results.get("sweep"):
@@ -236,6 +237,22 @@ def blocknorm_sections(results: dict[str, Any], title: str = "Block norm vs weig
         sw.table(results["sweep"], columns=["p", "q", "groups", "strength", "unique_total", "test_acc"], digits=4)
         out.append(sw)
     return out
+
+
+def paired_verdict(runs: list[dict[str, Any]], model: str, min_acc: float = TRAINED_MIN_ACC, alpha: float = 0.05
+                   ) -> dict[str, Any]:
+    """Block norm vs weight decay on ``model`` from the paired statistics over the seeds where both trained
+    (:func:`semlens.stats.paired_gap` of the unique-detector totals): ``"helps"`` / ``"hurts"`` when the paired t
+    test's two-sided p < ``alpha``, else ``"no clear difference"`` (also with fewer than two pairs)."""
+    by = {reg: {r["seed"]: float(r["unique_total"]) for r in runs if r["model"] == model
+                and r["regularizer"] == reg and r["test_acc"] >= min_acc} for reg in REGULARIZERS}
+    seeds = sorted(set(by["weight_decay"]) & set(by["block_norm"]))
+    if not seeds:
+        return {"verdict": "no clear difference", "n": 0}
+    gap = paired_gap([by["weight_decay"][s] for s in seeds], [by["block_norm"][s] for s in seeds])
+    p = gap["p_two_sided"]
+    verdict = "no clear difference" if not p < alpha else ("helps" if gap["mean_diff"] > 0 else "hurts")
+    return {**gap, "seeds": seeds, "verdict": verdict}
 
 
 def run_blocknorm(out: str | Path, cfg: BlockNormConfig | None = None, sweep: bool | None = None) -> dict[str, Any]:
@@ -261,12 +278,10 @@ def run_blocknorm(out: str | Path, cfg: BlockNormConfig | None = None, sweep: bo
     first = cfg.models[0]
     trained = [r for r in table if r["seeds"] > 0]  # models stuck at chance are left out of comparisons
     means = {r["regularizer"]: r["unique_mean"] for r in trained if r["model"] == first}
-    helps = means.get("block_norm", 0) > means.get("weight_decay", 0)
-    results["block_norm_helps_with_defaults"] = {m: next((r["unique_mean"] for r in trained if r["model"] == m
-                                                          and r["regularizer"] == "block_norm"), 0)
-                                                 > next((r["unique_mean"] for r in trained if r["model"] == m
-                                                         and r["regularizer"] == "weight_decay"), 0)
-                                                 for m in cfg.models}
+    helps = means.get("block_norm", 0) > means.get("weight_decay", 0)  # whether to sweep: the means suffice
+    results["block_norm_verdict"] = {m: paired_verdict(runs, m, cfg.min_acc) for m in cfg.models}
+    results["block_norm_helps_with_defaults"] = {m: v["verdict"] == "helps"
+                                                 for m, v in results["block_norm_verdict"].items()}
     if sweep or (sweep is None and not helps):
         variants = [{k: v} for k, values in cfg.sweep.items() for v in values]
         rows = []
@@ -287,37 +302,3 @@ def run_blocknorm(out: str | Path, cfg: BlockNormConfig | None = None, sweep: bo
         report.add(section)
     report.write(out / "report.html")
     return results
-
-
-def register_reproduce(app: Any) -> None:
-    """Add the ``blocknorm`` command to the ``semlens reproduce`` sub-app."""
-    import typer
-
-    @app.command()
-    def blocknorm(
-        out: Path = typer.Option(..., help="Output directory (results.json, report.html, runs/)."),
-        seeds: int = typer.Option(3, help="Seeds per model and regularizer."),
-        epochs: int = typer.Option(None, help="Training epochs (default 10; 2 with --fast)."),
-        fast: bool = typer.Option(False, help="Tiny version: 1 seed, 800 training images, 2 epochs."),
-        sweep: bool = typer.Option(None, "--sweep/--no-sweep", help="Sweep p, q, G and strength (default: only "
-                                   "when block norm does not beat weight decay with the defaults)."),
-        n_train: int = typer.Option(None, help="Training images (default 8000; 800 with --fast)."),
-        device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
-    ) -> None:
-        """Weight decay vs group block norm on AlexNet-like / AlexNet-B: unique detectors and accuracy."""
-        from semlens.cli._common import user_errors
-
-        with user_errors():
-            cfg = BlockNormConfig.fast(device=device) if fast else BlockNormConfig(seeds=seeds, device=device)
-            if fast and seeds != 3:
-                cfg = replace(cfg, seeds=seeds)
-            if epochs is not None:
-                cfg = replace(cfg, epochs=epochs)
-            if n_train is not None:
-                cfg = replace(cfg, n_train=n_train)
-            results = run_blocknorm(out, cfg, sweep=sweep)
-        for row in results["table"]:
-            unique = row["unique detectors (sum over conv layers)"]
-            typer.echo(f"{row['model']:13s} {row['regularizer']:13s} unique {unique:>14s}"
-                       f"  acc {row['test accuracy']}  paper {row['paper (Places365)']}")
-        typer.echo(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'report.html'}")

@@ -196,30 +196,3 @@ def run_image_correction(out: str | Path, cfg: ImageCorrectionConfig | None = No
     summary["total_seconds"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def register_reproduce(app: Any) -> None:
-    import typer
-
-    @app.command("correction")
-    def correction(
-        out: Path = typer.Option(Path("runs/correction"), help="Output directory."),
-        fast: bool = typer.Option(False, help="Smaller data and fewer epochs."),
-        rare_class: str = typer.Option("red square", help="Class made rare in training."),
-        concept: str = typer.Option("red", help="The concept the remarks name."),
-        device: str = typer.Option("auto"),
-        seed: int = typer.Option(0),
-    ) -> None:
-        """Correct a classifier trained with a rare class through its dissection-named units."""
-        from semlens.cli._common import user_errors
-        from semlens.report import Report
-
-        opts = {"rare_class": rare_class, "concept": concept, "device": device, "seed": seed}
-        cfg = ImageCorrectionConfig.fast(**opts) if fast else ImageCorrectionConfig(**opts)
-        with user_errors():
-            res = run_image_correction(out, cfg)
-        rep = Report(title="semlens: correction through named units")
-        for s in correction_sections(res, f"Correcting a classifier trained with '{rare_class}' rare"):
-            rep.add(s)
-        rep.write(out / "report.html")
-        typer.echo(json.dumps({k: v for k, v in res.items() if k != "config"}, indent=2))

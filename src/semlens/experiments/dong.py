@@ -11,7 +11,6 @@ sweep, and mean and std over seeds per metric and model) and DIR/report.html.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -26,17 +25,17 @@ from semlens.captioning import (
     analyze_neurons,
     extract_frame_features,
     generate,
-    linear_probe,
     prepare,
     train_captioner,
 )
 from semlens.evaluate.captioning import paper_table, score_captions
 from semlens.models.captioner import save_json
-from semlens.report import Report, Section, mean_std
+from semlens.report import Report, Section, format_mean_std
 from semlens.runtime import resolve_device, seed_everything
+from semlens.stats import auc, linear_probe, mean_std, paired_gap
 
 __all__ = ["DongSettings", "compare_models", "paired_gap", "sweep_lambda", "choose_lambda", "sections", "run_dong",
-           "frame_cnn", "prepare_clips", "register_reproduce"]
+           "frame_cnn", "prepare_clips"]
 
 MODELS = ("LSTM-B", "LSTM-I")
 
@@ -162,7 +161,6 @@ def frame_cnn_accuracy(cnn: torch.nn.Module, device: torch.device, n: int = 600,
     """How well the frame CNN encodes the concept world, on held-out concept images: test accuracy on the
     12 classes, or (``multilabel``) the mean over concepts of the ROC AUC of its outputs for concept presence
     (concepts present in none or all of the images skipped)."""
-    from semlens.units.pdm import auc
     from semlens.world import generate_concepts
     from semlens.world.concepts import concept_presence
 
@@ -173,32 +171,6 @@ def frame_cnn_accuracy(cnn: torch.nn.Module, device: torch.device, n: int = 600,
         a = auc(out, concept_presence(ci).bool())
         return float(a[~torch.isnan(a)].mean())
     return float((out.argmax(1) == torch.as_tensor(ci.labels)).float().mean())
-
-
-def _stats(values: Sequence[float]) -> dict[str, float]:
-    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
-    if arr.size == 0:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "n": int(arr.size)}
-
-
-def paired_gap(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """Paired comparison of per-seed values ``b`` − ``a`` (same seeds, same order): mean and std of the
-    differences, the paired t statistic with its two-sided p-value (NaN for < 2 seeds or zero spread), and
-    the number of seeds where ``b`` > ``a``."""
-    if len(a) != len(b) or not a:
-        raise ValueError(f"need equally many (>= 1) values per model; got {len(a)} and {len(b)}")
-    from scipy import stats
-
-    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
-    n = d.size
-    sd = float(d.std(ddof=1)) if n > 1 else float("nan")
-    t = p = float("nan")
-    if n > 1 and sd > 0:
-        t = float(d.mean() / (sd / math.sqrt(n)))
-        p = float(2 * stats.t.sf(abs(t), df=n - 1))
-    return {"mean_diff": float(d.mean()), "std_diff": sd, "n": n, "t": t, "p_two_sided": p,
-            "wins": int((d > 0).sum())}
 
 
 Trained = dict[tuple[float, int], tuple[Any, list[dict[str, Any]], float]]
@@ -284,7 +256,7 @@ def compare_models(prep: Prepared, settings: DongSettings, seeds: Sequence[int],
                 + f" (epoch {rec['selected_epoch'] + 1} of {rec['epochs_run']}, {rec['train_seconds']:.0f}s); "
                 f"e.g. '{art['captions'][prep.test.video_ids[0]]}'")
     keys = [k for k in runs[MODELS[1]][0] if k not in ("seed", "lam", "history")]
-    summary = {m: {k: _stats([r[k] for r in runs[m] if k in r]) for k in keys if k in runs[m][0]} for m in MODELS}
+    summary = {m: {k: mean_std([r[k] for r in runs[m] if k in r]) for k in keys if k in runs[m][0]} for m in MODELS}
     paired = {k: paired_gap([r[k] for r in runs[MODELS[0]]], [r[k] for r in runs[MODELS[1]]])
               for k in ("selectivity_auc", "BLEU-4", "METEOR", "CIDEr", "action_accuracy") if k in runs[MODELS[0]][0]}
     return {"runs": runs, "summary": summary, "paired": paired, "last": last, "lam": lam_i}
@@ -334,16 +306,13 @@ def choose_lambda(rows: Sequence[Mapping[str, Any]], meteor_tolerance: float = 0
 
 
 def _figures(prep: Prepared, last: Mapping[str, Any], video_has: np.ndarray) -> list[tuple[Any, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from semlens.report import subplots
 
     figs = []
     names = prep.topics.topic_names()
     K = len(names)
     # (1) mean activation of each topic's neurons, videos with vs without the topic, LSTM-B | LSTM-I
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), sharey=True)
+    fig, axes = subplots(1, 2, figsize=(11, 3.2), sharey=True)
     for ax, m in zip(axes, MODELS, strict=True):
         prof = last[m]["analysis"]["profile"]
         x = np.arange(K)
@@ -361,7 +330,7 @@ def _figures(prep: Prepared, last: Mapping[str, Any], video_has: np.ndarray) -> 
     j = int(nt.strength.argmax())
     t = int(nt.topic[j])
     seq, lengths = ana["v_test"][:, :, j].numpy(), prep.test.lengths.numpy()
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, ax = subplots(figsize=(6, 3))
     for label, sel, color in (("relevant (R)", video_has[:, t], "C0"), ("irrelevant (I)", ~video_has[:, t], "C3")):
         idx = np.flatnonzero(sel)[:6]
         for n_drawn, k in enumerate(idx):
@@ -374,7 +343,7 @@ def _figures(prep: Prepared, last: Mapping[str, Any], video_has: np.ndarray) -> 
     figs.append((fig, f"Activation of LSTM-I neuron {j}, named '{names[t]}' by PDM, per frame on test clips whose "
                       "captions contain the topic (R) and clips that do not (I)."))
     # (3) selectivity AUC per topic
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, ax = subplots(figsize=(6, 3))
     for off, m in zip((-0.2, 0.2), MODELS, strict=True):
         aucs = [np.nan if a is None else a for a in last[m]["analysis"]["selectivity"]["auc_per_topic"]]
         ax.bar(np.arange(K) + off, aucs, 0.4, label=m)
@@ -395,7 +364,7 @@ def _cell(summary: Mapping[str, Any], key: str) -> str:
     if key not in summary:
         return "-"
     v = summary[key]
-    return mean_std(v["mean"], v["std"], v.get("n", 2))
+    return format_mean_std(v["mean"], v["std"], v.get("n", 2))
 
 
 def sections(prep: Prepared, result: Mapping[str, Any], settings: DongSettings, seeds: Sequence[int],
@@ -532,24 +501,3 @@ def prepare_clips(clips: Any, feats: torch.Tensor, n_topics: int, seed: int = 0,
     caps = {v: list(clips.captions[k]) for k, v in enumerate(ids)}
     splits = {s: [ids[i] for i in clips.splits[s]] for s in ("train", "val", "test") if s in clips.splits}
     return prepare(feat, caps, splits, n_topics=n_topics, seed=seed)
-
-
-def register_reproduce(app: Any) -> None:
-    """Add ``semlens reproduce dong`` to the ``reproduce`` sub-app (discovered by semlens.cli.reproduce)."""
-    import typer
-
-    from semlens.cli._common import user_errors
-
-    @app.command("dong")
-    def dong(
-        out: Path = typer.Option(..., help="Output directory: results.json, report.html, models, topics."),
-        seeds: int = typer.Option(3, help="Number of seeds (0..seeds-1) per model."),
-        fast: bool = typer.Option(False, "--fast", help="Small clips set and model, few epochs (minutes on CPU)."),
-        device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
-    ) -> None:
-        """Dong et al. 2017: LSTM-B vs LSTM-I on the built-in clips (captioning, selectivity, transfer)."""
-        if seeds < 1:
-            raise typer.BadParameter("--seeds must be >= 1")
-        with user_errors():
-            run_dong(out, seeds=seeds, fast=fast, device=device, log=typer.echo)
-        typer.echo(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'report.html'}")

@@ -6,14 +6,27 @@ repeated calls; :class:`Composite` and the rule classes build custom rule assign
 
 from semlens.explain.attributor import Attributor, attribute, output_weighting
 from semlens.explain.canonizers import MergeBatchNorm, fold_batchnorm
-from semlens.explain.composites import PRESETS, Composite, list_methods, preset
+from semlens.explain.composites import DEFAULT_METHOD, PRESETS, Composite, list_methods, method_parameters, preset
 from semlens.explain.graph_check import InputShapeError, ModelGraph, UnsupportedModelError, probe_model
 from semlens.explain.heatmap import heatmap_rgb, save_heatmap
-from semlens.explain.rules import AlphaBeta, Epsilon, Flat, Gamma, LayerOp, Rule, WSquare, ZBox, ZPlus, stabilize
+from semlens.explain.rules import (
+    AlphaBeta,
+    Epsilon,
+    Flat,
+    Gamma,
+    LayerOp,
+    ModifiedRule,
+    Rule,
+    WSquare,
+    ZBox,
+    ZPlus,
+    stabilize,
+)
 
 __all__ = [
-    "attribute", "Attributor", "list_methods", "output_weighting", "Composite", "preset", "PRESETS",
-    "Rule", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat", "WSquare", "LayerOp", "stabilize",
+    "attribute", "Attributor", "list_methods", "output_weighting", "Composite", "preset", "PRESETS", "DEFAULT_METHOD",
+    "method_parameters", "Rule", "ModifiedRule", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat", "WSquare",
+    "LayerOp", "stabilize",
     "MergeBatchNorm", "fold_batchnorm", "UnsupportedModelError", "InputShapeError", "ModelGraph", "probe_model",
     "heatmap_rgb", "save_heatmap",
 ]

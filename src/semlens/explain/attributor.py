@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from semlens.explain.canonizers import MergeBatchNorm
-from semlens.explain.composites import GRADIENT_METHODS, PRESETS, Composite, list_methods, preset
+from semlens.explain.composites import DEFAULT_METHOD, PRESETS, Composite, check_parameters, preset
 from semlens.explain.graph_check import ModelGraph, UnsupportedModelError, probe_model, reads_input
 from semlens.explain.rules import LayerOp, Rule, ZBox
 from semlens.layers import HookHandles, frozen, get_module
@@ -212,24 +212,32 @@ class Attributor:
         method: a name from :func:`list_methods` (ignored when ``composite`` is given).
         composite: a :class:`Composite` with explicit rule assignments (LRP).
         canonize: fold BatchNorm into the preceding Linear/Conv (LRP only; default True).
-        params: preset parameters (``epsilon``, ``gamma``, ``low``, ``high``, ``zero_params``).
+        low, high: default z^B input bounds of every call (a call's own ``low``/``high`` take precedence).
+        params: the method's parameters (:func:`~semlens.explain.composites.method_parameters`, e.g. ``epsilon``,
+            ``gamma``, ``zero_params``); an unknown keyword raises ``ValueError`` listing the valid ones.
+
+    Every edit of the model (frozen state, folded BatchNorms, rule bindings) is entered on one exit stack, closed on
+    exit (exceptions included); nothing is left on the model's modules.
     """
 
-    def __init__(self, model: nn.Module, method: str = "epsilon-plus-flat", *, composite: Composite | None = None,
-                 canonize: bool = True, **params: Any) -> None:
-        if composite is None and method not in GRADIENT_METHODS and method not in PRESETS:
-            raise ValueError(f"unknown method {method!r}; available: {', '.join(list_methods())}")
+    def __init__(self, model: nn.Module, method: str = DEFAULT_METHOD, *, composite: Composite | None = None,
+                 canonize: bool = True, low: Any = None, high: Any = None, **params: Any) -> None:
+        if composite is None:
+            check_parameters(method, params)  # unknown method or keyword -> ValueError
+        elif params:
+            raise ValueError(f"parameters {', '.join(map(repr, params))} apply to named methods, not to an explicit "
+                             "composite (set them on its rules)")
         self.model = model
         self.method = "composite" if composite is not None else method
         self.lrp = composite is not None or method in PRESETS
         self.composite = composite if composite is not None else (preset(method, **params) if self.lrp else None)
         self.canonize = canonize
+        self.low, self.high = low, high
         self.graph: ModelGraph | None = None
         self.rules: dict[str, Rule] = {}
         self._signature: tuple | None = None
-        self._bindings: list[_Binding] = []
-        self._canonizer = MergeBatchNorm()
         self._stack: contextlib.ExitStack | None = None
+        self._edits: contextlib.ExitStack | None = None
         self._call: _Call | None = None
 
     def __enter__(self) -> Attributor:
@@ -238,20 +246,16 @@ class Attributor:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        try:
-            self._teardown()
-        finally:
-            if self._stack is not None:
-                self._stack.close()
-                self._stack = None
+        stack, self._stack, self._edits, self._signature = self._stack, None, None, None
+        if stack is not None:
+            stack.close()  # rule bindings, then folded BatchNorms, then the frozen state: last in, first out
 
     def _teardown(self) -> None:
-        try:
-            while self._bindings:
-                self._bindings.pop().remove()
-        finally:
-            self._canonizer.restore()
-            self._signature = None
+        """Undo the edits of the current input signature (the frozen state stays until exit)."""
+        if self._edits is not None:
+            self._edits.close()
+        self._edits = None
+        self._signature = None
 
     def _setup(self, x: torch.Tensor) -> None:
         signature = (tuple(x.shape[1:]), x.dtype, x.device)
@@ -271,9 +275,13 @@ class Attributor:
             culprits += [f"{n} (BatchNorm): cannot be folded: {why}" for n, why in graph.bn_unfoldable.items()]
         if culprits:
             raise UnsupportedModelError(culprits)
+        assert self._stack is not None
+        self._edits = edits = self._stack.enter_context(contextlib.ExitStack())
         try:
             if self.canonize:
-                self._canonizer.apply(self.model, graph.bn_pairs)
+                canonizer = MergeBatchNorm()
+                edits.callback(canonizer.restore)
+                canonizer.apply(self.model, graph.bn_pairs)
             self.rules = self.composite.assign(self.model, graph.first_layers)
             if self.composite.first_map and not graph.first_layers:
                 warnings.warn(f"{self.composite.name}: no Linear/Conv layer reads the model input directly (the model "
@@ -288,8 +296,8 @@ class Attributor:
             if twice:
                 raise ValueError(f"input-domain rule on a layer called more than once per forward: {', '.join(twice)}")
             for name, rule in self.rules.items():
-                self._bindings.append(_Binding(self, name, get_module(self.model, name), rule,
-                                               relu_follows=name in graph.relu_only))
+                binding = _Binding(self, name, get_module(self.model, name), rule, relu_follows=name in graph.relu_only)
+                edits.callback(binding.remove)
         except BaseException:
             self._teardown()
             raise
@@ -309,6 +317,8 @@ class Attributor:
         """
         if self._stack is None:
             raise RuntimeError("use the Attributor as a context manager: `with Attributor(model, ...) as attr:`")
+        low = self.low if low is None else low
+        high = self.high if high is None else high
         x = _check_input(x)
         device, dtype = self._model_device()
         if device is not None and (x.device != device or x.dtype != dtype):
@@ -408,7 +418,7 @@ class Attributor:
         return hook
 
 
-def attribute(model: nn.Module, x: torch.Tensor, target: Target, method: str = "gradient", *,
+def attribute(model: nn.Module, x: torch.Tensor, target: Target, method: str = DEFAULT_METHOD, *,
               layer: str | None = None, units: Units | None = None, low: Any = None, high: Any = None,
               composite: Composite | None = None, canonize: bool = True, batch_size: int | None = None,
               **params: Any) -> torch.Tensor:
@@ -420,7 +430,8 @@ def attribute(model: nn.Module, x: torch.Tensor, target: Target, method: str = "
         target: class index (int), one index per sample (``(N,)``), or an ``(N, n_outputs)`` output weighting.
             The explained quantity is ``sum(weighting * logits)``: for a class index the LRP relevance at the output is
             the logit itself (Zennit starts from 1 instead, so its heatmaps are ours divided by the logit).
-        method: see :func:`list_methods` — ``gradient``, ``sensitivity``, ``gradient-x-input``, ``epsilon-plus-flat``,
+        method: see :func:`list_methods` (default ``epsilon-plus-flat``) — ``gradient``, ``sensitivity``,
+            ``gradient-x-input``, ``epsilon-plus-flat``,
             ``epsilon-plus``, ``epsilon-gamma-box``, ``epsilon-alpha2-beta1``, ``epsilon-alpha2-beta1-flat``,
             ``lrp-0``, ``lrp-epsilon``, ``lrp-gamma``, ``lrp-zplus``, ``lrp-alpha1-beta0``, ``lrp-alpha2-beta1``.
         layer: read relevance at this layer's output instead of the input.
@@ -430,10 +441,11 @@ def attribute(model: nn.Module, x: torch.Tensor, target: Target, method: str = "
         composite: explicit rule assignment (overrides ``method``).
         canonize: fold BatchNorm layers for LRP (default True).
         batch_size: process the batch in chunks of this size.
-        params: preset parameters: ``epsilon``, ``gamma``, ``zero_params``.
+        params: the method's parameters (``epsilon``, ``gamma``, ``zero_params``, as its preset declares them); an
+            unknown keyword raises ``ValueError`` listing the valid ones.
 
     Returns:
         relevance with ``x``'s shape (or the layer output's shape), same dtype/device as the model, detached.
     """
-    with Attributor(model, method, composite=composite, canonize=canonize, low=low, high=high, **params) as attr:
+    with Attributor(model, method, composite=composite, canonize=canonize, **params) as attr:
         return attr(x, target, layer=layer, units=units, low=low, high=high, batch_size=batch_size)

@@ -15,6 +15,7 @@ plain gradient), dropout and flatten are identities, BatchNorm is folded by the 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,8 @@ from torch import nn
 
 from semlens.explain.rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, ZBox, ZPlus
 
-__all__ = ["Composite", "PRESETS", "GRADIENT_METHODS", "list_methods", "preset"]
+__all__ = ["Composite", "PRESETS", "GRADIENT_METHODS", "DEFAULT_METHOD", "list_methods", "preset", "method_parameters",
+           "check_parameters"]
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 DENSE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
@@ -86,47 +88,61 @@ class Composite:
         return Composite(self.layer_map, self.first_map, {**self.name_map, **name_map}, self.name)
 
 
-def _epsilon_plus(epsilon: float = 1e-6, zero_params: Any = None, **_: Any) -> Composite:
+ZeroParams = str | Sequence[str] | None
+
+
+def _epsilon_plus(epsilon: float = 1e-6, zero_params: ZeroParams = None) -> Composite:
     return Composite([(CONV_TYPES, ZPlus(zero_params)), (DENSE_TYPES, Epsilon(epsilon, zero_params))],
                      name="epsilon-plus")
 
 
-def _epsilon_plus_flat(epsilon: float = 1e-6, zero_params: Any = None, **_: Any) -> Composite:
+def _epsilon_plus_flat(epsilon: float = 1e-6, zero_params: ZeroParams = None) -> Composite:
     c = _epsilon_plus(epsilon, zero_params)
     return Composite(c.layer_map, [(LINEAR_TYPES, Flat(zero_params))], name="epsilon-plus-flat")
 
 
-def _epsilon_alpha2_beta1(epsilon: float = 1e-6, zero_params: Any = None, **_: Any) -> Composite:
+def _epsilon_alpha2_beta1(epsilon: float = 1e-6, zero_params: ZeroParams = None) -> Composite:
     return Composite([(CONV_TYPES, AlphaBeta(2.0, 1.0, zero_params)), (DENSE_TYPES, Epsilon(epsilon, zero_params))],
                      name="epsilon-alpha2-beta1")
 
 
-def _epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, zero_params: Any = None, **_: Any) -> Composite:
+def _epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, zero_params: ZeroParams = None) -> Composite:
     c = _epsilon_alpha2_beta1(epsilon, zero_params)
     return Composite(c.layer_map, [(LINEAR_TYPES, Flat(zero_params))], name="epsilon-alpha2-beta1-flat")
 
 
 def _epsilon_gamma_box(epsilon: float = 1e-6, gamma: float = 0.25, low: Any = None, high: Any = None,
-                       zero_params: Any = None, **_: Any) -> Composite:
+                       zero_params: ZeroParams = None) -> Composite:
     return Composite([(CONV_TYPES, Gamma(gamma, zero_params)), (DENSE_TYPES, Epsilon(epsilon, zero_params))],
                      [(CONV_TYPES, ZBox(low, high, zero_params))], name="epsilon-gamma-box")
 
 
-def _uniform(rule_factory: Callable[..., Rule], name: str) -> Callable[..., Composite]:
-    def build(**kw: Any) -> Composite:
-        return Composite([(LINEAR_TYPES, rule_factory(**kw))], name=name)
-
-    return build
+def _lrp_0() -> Composite:
+    return Composite([(LINEAR_TYPES, Epsilon(0.0))], name="lrp-0")
 
 
-def _only(keys: Sequence[str], fn: Callable[..., Rule]) -> Callable[..., Rule]:
-    def call(**kw: Any) -> Rule:
-        return fn(**{k: v for k, v in kw.items() if k in keys and v is not None})
-
-    return call
+def _lrp_epsilon(epsilon: float = 1e-6, zero_params: ZeroParams = None) -> Composite:
+    return Composite([(LINEAR_TYPES, Epsilon(epsilon, zero_params))], name="lrp-epsilon")
 
 
-#: method name -> (factory(**params) -> Composite, one-line description)
+def _lrp_gamma(gamma: float = 0.25, zero_params: ZeroParams = None) -> Composite:
+    return Composite([(LINEAR_TYPES, Gamma(gamma, zero_params))], name="lrp-gamma")
+
+
+def _lrp_zplus(zero_params: ZeroParams = None) -> Composite:
+    return Composite([(LINEAR_TYPES, ZPlus(zero_params))], name="lrp-zplus")
+
+
+def _lrp_alpha1_beta0() -> Composite:
+    return Composite([(LINEAR_TYPES, AlphaBeta(1.0, 0.0))], name="lrp-alpha1-beta0")
+
+
+def _lrp_alpha2_beta1() -> Composite:
+    return Composite([(LINEAR_TYPES, AlphaBeta(2.0, 1.0))], name="lrp-alpha2-beta1")
+
+
+#: method name -> (factory(**params) -> Composite, one-line description); a factory's keyword parameters are the
+#: method's parameters (an unknown keyword is an error, see :func:`preset`)
 PRESETS: dict[str, tuple[Callable[..., Composite], str]] = {
     "epsilon-plus-flat": (_epsilon_plus_flat, "flat on the layer(s) reading the input, z+ on convs, epsilon (1e-6) "
                                               "on dense layers (Zennit EpsilonPlusFlat)"),
@@ -138,17 +154,16 @@ PRESETS: dict[str, tuple[Callable[..., Composite], str]] = {
     "epsilon-alpha2-beta1-flat": (_epsilon_alpha2_beta1_flat, "flat on the layer(s) reading the input, alpha2-beta1 "
                                                               "on convs, epsilon on dense (Zennit "
                                                               "EpsilonAlpha2Beta1Flat)"),
-    "lrp-0": (_uniform(lambda **kw: Epsilon(0.0), "lrp-0"), "LRP-0 on every layer (= gradient x input on ReLU nets)"),
-    "lrp-epsilon": (_uniform(_only(("epsilon", "zero_params"), Epsilon), "lrp-epsilon"),
-                    "LRP-epsilon (default 1e-6; pass epsilon=...) on every linear/conv layer"),
-    "lrp-gamma": (_uniform(_only(("gamma", "zero_params"), Gamma), "lrp-gamma"),
-                  "LRP-gamma (default 0.25) on every linear/conv layer"),
-    "lrp-zplus": (_uniform(_only(("zero_params",), ZPlus), "lrp-zplus"), "LRP-z+ (alpha1-beta0) on every layer"),
-    "lrp-alpha1-beta0": (_uniform(lambda **kw: AlphaBeta(1.0, 0.0), "lrp-alpha1-beta0"),
-                         "LRP-alpha1-beta0 on every linear/conv layer"),
-    "lrp-alpha2-beta1": (_uniform(lambda **kw: AlphaBeta(2.0, 1.0), "lrp-alpha2-beta1"),
-                         "LRP-alpha2-beta1 on every linear/conv layer"),
+    "lrp-0": (_lrp_0, "LRP-0 on every layer (= gradient x input on ReLU nets)"),
+    "lrp-epsilon": (_lrp_epsilon, "LRP-epsilon (default 1e-6; pass epsilon=...) on every linear/conv layer"),
+    "lrp-gamma": (_lrp_gamma, "LRP-gamma (default 0.25) on every linear/conv layer"),
+    "lrp-zplus": (_lrp_zplus, "LRP-z+ (alpha1-beta0) on every layer"),
+    "lrp-alpha1-beta0": (_lrp_alpha1_beta0, "LRP-alpha1-beta0 on every linear/conv layer"),
+    "lrp-alpha2-beta1": (_lrp_alpha2_beta1, "LRP-alpha2-beta1 on every linear/conv layer"),
 }
+
+#: the method used when none is named (``attribute``, ``Attributor``, ``semlens explain``)
+DEFAULT_METHOD = "epsilon-plus-flat"
 
 GRADIENT_METHODS: dict[str, str] = {
     "gradient": "d output / d input (sensitivity with sign)",
@@ -162,13 +177,33 @@ def list_methods() -> dict[str, str]:
     return {**GRADIENT_METHODS, **{k: v[1] for k, v in PRESETS.items()}}
 
 
+def method_parameters(name: str) -> list[str]:
+    """The keyword parameters a method accepts (none for the gradient methods)."""
+    if name in GRADIENT_METHODS:
+        return []
+    if name not in PRESETS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
+    return list(inspect.signature(PRESETS[name][0]).parameters)
+
+
+def check_parameters(name: str, params: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming every keyword of ``params`` that method ``name`` does not take (and the valid
+    ones)."""
+    valid = method_parameters(name)
+    unknown = [k for k in params if k not in valid]
+    if unknown:
+        raise ValueError(f"method {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                         f"valid: {', '.join(valid) or 'none'}")
+
+
 def preset(name: str, **params: Any) -> Composite:
-    """The composite of a named LRP method; ``params`` (``epsilon``, ``gamma``, ``low``, ``high``, ``zero_params``)
-    override the defaults."""
+    """The composite of a named LRP method; ``params`` override its defaults (``None`` = the default). The valid
+    parameters are the factory's keywords (:func:`method_parameters`); any other keyword raises ``ValueError``."""
     if name not in PRESETS:
         raise ValueError(f"unknown LRP method {name!r}; available: {', '.join(list_methods())}")
+    check_parameters(name, params)
     low, high = params.get("low"), params.get("high")
     for key, val in (("low", low), ("high", high)):
         if isinstance(val, torch.Tensor) and not torch.isfinite(val).all():
             raise ValueError(f"{key} bound contains NaN/Inf")
-    return PRESETS[name][0](**params)
+    return PRESETS[name][0](**{k: v for k, v in params.items() if v is not None})

@@ -23,7 +23,7 @@ relevance, so these rules give Zennit's heatmaps times the explained output valu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ __all__ = [
     "Flat",
     "WSquare",
     "LayerOp",
+    "ModifiedRule",
     "stabilize",
 ]
 
@@ -223,7 +224,7 @@ class Epsilon(Rule):
     def is_plain_gradient(self) -> bool:
         return self.epsilon == 0 and not self.zero_params
 
-    def forward(self, op, a, p):
+    def forward(self, op: LayerOp, a: torch.Tensor, p: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         w = op.weight.detach()
         b = op.bias.detach() if op.bias is not None else None
         z = op.forward(a, w, b)
@@ -235,7 +236,7 @@ class Epsilon(Rule):
             k = _safe_ratio(z, den) if self.epsilon == 0 else z / stabilize(den, self.epsilon)
         return z, (k, a, w)
 
-    def backward(self, op, state, g):
+    def backward(self, op: LayerOp, state: Any, g: torch.Tensor) -> torch.Tensor:
         k, shape, w = state
         return op.input_grad(g * k, w, shape)
 
@@ -261,7 +262,7 @@ class Gamma(Rule):
         self.gamma = float(gamma)
         self.stabilizer = float(stabilizer)
 
-    def params(self, op):
+    def params(self, op: LayerOp) -> dict[str, Any]:
         w, b, g = self._w(op), self._b(op), self.gamma
         p = {
             "w": op.weight.detach(), "b": None if op.bias is None else op.bias.detach(),
@@ -282,7 +283,7 @@ class Gamma(Rule):
         p["brest"] = None if op.bias is None or b is not None else op.bias.detach()
         return p
 
-    def forward(self, op, a, p):
+    def forward(self, op: LayerOp, a: torch.Tensor, p: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         eps = self.stabilizer
         nonneg = _nonnegative(a)
         if nonneg and op.relu_follows:
@@ -314,7 +315,7 @@ class Gamma(Rule):
         kn = torch.where(z < 0, z / stabilize(zn, eps), torch.zeros_like(z))
         return z, ("signed", a > 0, a, kp, kn, p)
 
-    def backward(self, op, state, g):
+    def backward(self, op: LayerOp, state: Any, g: torch.Tensor) -> torch.Tensor:
         if state[0] == "plus":
             _, a, k, p = state
             return op.input_grad(k.mul_(g), p["wp"], a)
@@ -351,7 +352,7 @@ class AlphaBeta(Rule):
         self.beta = float(beta)
         self.stabilizer = float(stabilizer)
 
-    def params(self, op):
+    def params(self, op: LayerOp) -> dict[str, Any]:
         w, b = self._w(op), self._b(op)
         p: dict[str, Any] = {"w": op.weight.detach(), "b": None if op.bias is None else op.bias.detach(),
                              "wp": w.clamp(min=0), "wn": w.clamp(max=0), "bp": _pos(b), "bn": _neg(b)}
@@ -371,7 +372,7 @@ class AlphaBeta(Rule):
         p["brest"] = None if op.bias is None or b is not None else op.bias.detach()
         return p
 
-    def forward(self, op, a, p):
+    def forward(self, op: LayerOp, a: torch.Tensor, p: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         eps = self.stabilizer
         if _nonnegative(a):
             # non-negative inputs: z+ >= 0 and z- <= 0, so stab(z+) = z+ + eps and stab(z-) = z- - eps (where z- = 0
@@ -404,7 +405,7 @@ class AlphaBeta(Rule):
         kn = -self.beta * z / stabilize(zn, eps)
         return z, ("signed", a > 0, a, kp, kn, p)
 
-    def backward(self, op, state, g):
+    def backward(self, op: LayerOp, state: Any, g: torch.Tensor) -> torch.Tensor:
         kind, *rest = state
         if kind == "cat":
             shape, kk, dim, p = rest
@@ -424,6 +425,48 @@ class AlphaBeta(Rule):
         gpos = op.input_grad(hp, p["wp"], shape) + op.input_grad(hn, p["wn"], shape)
         gneg = op.input_grad(hp, p["wn"], shape) + op.input_grad(hn, p["wp"], shape)
         return torch.where(positive, gpos, gneg)
+
+
+class ModifiedRule(Rule):
+    """A rule declared as data: how it modifies the weights, the bias and the stabiliser of the denominator.
+
+    ``R_i = a_i Σ_j w'_ij R_j / stab(z'_j, ε)`` with ``w' = weight(w)``, ``b' = bias(b)`` and
+    ``z' = layer(a; w', b')`` (the generic form of Zennit's ``BasicHook`` with an identity input modifier):
+    ``ModifiedRule()`` is LRP-ε, ``ModifiedRule(weight=lambda w: w + 0.25 * w.clamp(min=0), bias=...)`` is the
+    positive-output part of LRP-γ. The modified parameters are built once per weight version; the layer runs twice
+    per forward (true and modified output), so the hand-tuned built-in rules stay the faster choice for their cases.
+
+    Args:
+        weight, bias: functions of the layer's (detached) weight / bias returning tensors of the same shapes
+            (``None``: unchanged). ``zero_params`` drops the bias before ``bias`` sees it.
+        stabilizer: ε added with the sign of ``z'`` (``sign(0) = +1``).
+    """
+
+    def __init__(self, weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 bias: Callable[[torch.Tensor], torch.Tensor] | None = None, stabilizer: float = 1e-6,
+                 zero_params: str | Sequence[str] | None = None) -> None:
+        super().__init__(zero_params)
+        if not stabilizer >= 0:
+            raise ValueError(f"stabilizer must be >= 0, got {stabilizer}")
+        self.weight, self.bias, self.stabilizer = weight, bias, float(stabilizer)
+
+    def params(self, op: LayerOp) -> dict[str, Any]:
+        w, b = self._w(op), self._b(op)
+        wm = w if self.weight is None else self.weight(w)
+        bm = b if (b is None or self.bias is None) else self.bias(b)
+        if wm.shape != w.shape or (bm is not None and b is not None and bm.shape != b.shape):
+            raise ValueError(f"{self!r} on layer {op.name!r}: the modified parameters must keep their shapes")
+        return {"w": op.weight.detach(), "b": None if op.bias is None else op.bias.detach(), "wm": wm, "bm": bm}
+
+    def forward(self, op: LayerOp, a: torch.Tensor, p: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        z = op.forward(a, p["w"], p["b"])
+        den = op.forward(a, p["wm"], p["bm"])
+        k = _safe_ratio(z, den) if self.stabilizer == 0 else z / stabilize(den, self.stabilizer)
+        return z, (a, k, p["wm"])
+
+    def backward(self, op: LayerOp, state: Any, g: torch.Tensor) -> torch.Tensor:
+        a, k, wm = state
+        return op.input_grad(g * k, wm, a)
 
 
 class ZPlus(AlphaBeta):
@@ -460,12 +503,13 @@ class ZBox(_InputRule):
         self.high = high
         self.stabilizer = float(stabilizer)
 
-    def params(self, op):
+    def params(self, op: LayerOp) -> dict[str, Any]:
         w, b = self._w(op), self._b(op)
         return {"w": op.weight.detach(), "b": None if op.bias is None else op.bias.detach(), "wm": w,
                 "wp": w.clamp(min=0), "wn": w.clamp(max=0), "bm": b, "bp": _pos(b), "bn": _neg(b)}
 
-    def forward(self, op, a, p, low: torch.Tensor | None = None, high: torch.Tensor | None = None):
+    def forward(self, op: LayerOp, a: torch.Tensor, p: dict[str, Any], low: torch.Tensor | None = None,
+                high: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         z = op.forward(a, p["w"], p["b"])
         low = a.new_tensor(self.low) if low is None else low
         high = a.new_tensor(self.high) if high is None else high
@@ -476,7 +520,7 @@ class ZBox(_InputRule):
         den = first - op.forward(low, p["wp"], p["bp"]) - op.forward(high, p["wn"], p["bn"])
         return z, (a, low, high, z / stabilize(den, self.stabilizer), p)
 
-    def relevance(self, op, state, g):
+    def relevance(self, op: LayerOp, state: Any, g: torch.Tensor) -> torch.Tensor:
         a, low, high, k, p = state
         s = g * k
         return (a * op.input_grad(s, p["wm"], a) - low * op.input_grad(s, p["wp"], a)
@@ -493,23 +537,24 @@ class WSquare(_InputRule):
         super().__init__(zero_params)
         self.stabilizer = float(stabilizer)
 
-    def _modified(self, op):
+    def _modified(self, op: LayerOp) -> tuple[torch.Tensor, torch.Tensor | None]:
         w = self._w(op) ** 2
         b = self._b(op)
         return w, None if b is None else b ** 2
 
-    def params(self, op):
+    def params(self, op: LayerOp) -> dict[str, Any]:
         w, b = self._modified(op)
         return {"w": op.weight.detach(), "b": None if op.bias is None else op.bias.detach(), "wm": w, "bm": b}
 
-    def forward(self, op, a, p, low=None, high=None):
+    def forward(self, op: LayerOp, a: torch.Tensor, p: dict[str, Any], low: torch.Tensor | None = None,
+                high: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         z = op.forward(a, p["w"], p["b"])
         key = ("den", tuple(a.shape[1:]))
         if key not in p:  # input-independent: one sample, cached with the modified weights
             p[key] = stabilize(op.forward(torch.ones_like(a[:1]), p["wm"], p["bm"]), self.stabilizer)
         return z, (a, z / p[key], p)
 
-    def relevance(self, op, state, g):
+    def relevance(self, op: LayerOp, state: Any, g: torch.Tensor) -> torch.Tensor:
         shape, k, p = state
         return op.input_grad(g * k, p["wm"], shape)
 
@@ -520,5 +565,5 @@ class Flat(WSquare):
     ``R_i = Σ_j 1[i ∈ RF(j)] R_j / stab(|RF(j)|)`` (zero padding does not count).
     """
 
-    def _modified(self, op):
+    def _modified(self, op: LayerOp) -> tuple[torch.Tensor, torch.Tensor | None]:
         return torch.ones_like(op.weight.detach()), None

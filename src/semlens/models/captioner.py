@@ -54,7 +54,7 @@ class VocabularyMismatchError(CheckpointError):
 class Vocabulary:
     """Word <-> id map with the specials ``<pad>=0, <bos>=1, <eos>=2, <unk>=3``.
 
-    Built from training captions keeping words seen at least ``min_count`` times (METHODS.md §1.2
+    Built from training captions keeping words seen at least ``min_count`` times (Dong et al. 2017
     recommends 3 on MSVD). Words are sorted by decreasing count, then alphabetically (deterministic).
     """
 

@@ -4,6 +4,14 @@ Each capability of semlens contributes :class:`Section` objects; :class:`Report`
 ``report.html`` file with no external assets.
 """
 
-from semlens.report.document import Report, Section, figure_to_data_uri, mean_std, table_html
+from semlens.report.document import (
+    Report,
+    Section,
+    close_figure,
+    figure_to_data_uri,
+    format_mean_std,
+    subplots,
+    table_html,
+)
 
-__all__ = ["Report", "Section", "figure_to_data_uri", "table_html", "mean_std"]
+__all__ = ["Report", "Section", "close_figure", "figure_to_data_uri", "subplots", "table_html", "format_mean_std"]

@@ -8,6 +8,7 @@ import html
 import io
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,17 +16,32 @@ from typing import Any
 
 import jinja2
 
-__all__ = ["Report", "Section", "figure_to_data_uri", "table_html", "mean_std"]
+__all__ = ["Report", "Section", "close_figure", "figure_to_data_uri", "subplots", "table_html", "format_mean_std"]
+
+
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] | None = None, **kwargs: Any
+             ) -> tuple[Any, Any]:
+    """A matplotlib ``(Figure, axes)`` like ``pyplot.subplots``, made without pyplot: no backend is chosen and
+    no global figure registry is touched (PNG output renders with Agg when saved)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def figure_to_data_uri(fig: Any, dpi: int = 110) -> str:
-    """Render a matplotlib figure to a ``data:image/png;base64,...`` URI and close it."""
-    import matplotlib.pyplot as plt
-
+    """Render a matplotlib figure to a ``data:image/png;base64,...`` URI (a pyplot figure is closed)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    close_figure(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def close_figure(fig: Any) -> None:
+    """Release a figure made by pyplot (figures from :func:`subplots` need nothing); pyplot is not imported."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is not None:
+        plt.close(fig)
 
 
 def _fmt(value: Any, digits: int) -> str:
@@ -67,7 +83,7 @@ def table_html(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None 
     return f"<div class='table-wrap'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
-def mean_std(mean: float, std: float, n: int, digits: int = 3) -> str:
+def format_mean_std(mean: float, std: float, n: int, digits: int = 3) -> str:
     """``"0.512 ± 0.031"`` over ``n`` seeds; one seed has no spread: ``"0.512 (one seed)"``; none: ``"-"``."""
     if n < 1 or mean != mean:  # no runs, or NaN
         return "-"

@@ -32,7 +32,7 @@ class CaptionData:
 
     features: list of (T_k, F) float tensors, one per video; captions: list of caption lists;
     topics: (N, K) topic targets (or ``None``); vocab encodes captions (words beyond ``max_len`` cut).
-    Every (video, caption) pair is one training sample (METHODS.md §1.4).
+    Every (video, caption) pair is one training sample (Dong et al. 2017).
     """
 
     def __init__(self, features: Sequence[torch.Tensor], captions: Sequence[Sequence[str]], vocab: Vocabulary,

@@ -1,4 +1,4 @@
-"""The interpretive (topic) loss of Dong et al. 2017 (METHODS.md §1.4).
+"""The interpretive (topic) loss of Dong et al. 2017 (Dong et al. 2017).
 
     L = mean_k ( λ ‖f(v̄_k) − s_k‖²  −  Σ_t log p(y_t | y_<t, x_k) )
 

@@ -1,4 +1,4 @@
-"""Regularizers that make convolutional filters interpretable (Concept Group Learning, METHODS.md §3.1–3.2).
+"""Regularizers that make convolutional filters interpretable (Concept Group Learning, Varshneya et al. 2021).
 
 Every term follows the trainer's extra-term protocol: an attribute ``layers`` (dotted names whose
 outputs the term needs, captured with gradients during the forward; empty for weight penalties)

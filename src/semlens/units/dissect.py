@@ -44,11 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
 from semlens import distributed
+from semlens.artefacts import model_signature
 from semlens.layers import frozen, resolve_layers
 from semlens.runtime import resolve_device
 from semlens.streaming import (
@@ -62,7 +62,10 @@ from semlens.streaming import (
     worker_index,
 )
 from semlens.units import dissect_kernels
-from semlens.units.quantile import ExactTopQuantile, HistogramQuantileSketch, make_quantile_estimator
+from semlens.units.backend import Backend
+from semlens.units.names import UnitNames, save_unit_names
+from semlens.units.quantile import QuantileEstimator, make_quantile_estimator
+from semlens.units.upsample import _SparseUpsampler, bilinear_axis  # noqa: F401 - bilinear_axis: public here too
 
 __all__ = [
     "SegmentationBatch",
@@ -197,6 +200,7 @@ class DissectionResult:
     iou_threshold: float
     seg_size: tuple[int, int]
     exact_thresholds: dict[str, bool]
+    model: str = ""  # model_signature of the dissected model ("" = unknown)
 
     def detectors(self, layer: str) -> torch.Tensor:
         """(C,) bool: units whose best IoU exceeds the threshold."""
@@ -236,11 +240,19 @@ class DissectionResult:
                          "zero_threshold_units": int((d.thresholds <= 0).sum())})
         return rows
 
+    def unit_names(self, layer: str) -> UnitNames:
+        """The stored-artefact form of ``layer``'s labels: every unit's best concept and IoU (float64)."""
+        d = self.layers[layer]
+        return UnitNames(layer, torch.arange(d.units), tuple(self.concept_names[c] for c in d.best_concept.tolist()),
+                         d.best_iou.clone(), self.model)
+
     def save(self, out: str | os.PathLike) -> dict[str, Path]:
-        """Write ``units.csv``, ``layers.csv`` and ``dissection.json`` to ``out``; return their paths."""
+        """Write ``units.csv``, ``layers.csv``, ``dissection.json`` and the names file ``unit_names.safetensors``
+        (read by ``semlens feedback init``) to ``out``; return their paths."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"units": out / "units.csv", "layers": out / "layers.csv", "json": out / "dissection.json"}
+        paths["names"] = save_unit_names(out / "unit_names.safetensors", [self.unit_names(n) for n in self.layers])
         _write_csv(paths["units"], self.unit_rows(), ["layer", "unit", "concept", "category", "iou", "threshold"])
         _write_csv(paths["layers"], self.layer_rows())
         summary = {
@@ -288,13 +300,6 @@ def _dedupe(labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _bincount(t: torch.Tensor, minlength: int) -> torch.Tensor:
-    """``torch.bincount`` of a 1-D integer tensor; NumPy's (several times faster) on CPU. Raises on negatives."""
-    if NUMPY_ON_CPU and t.device.type == "cpu":
-        return torch.from_numpy(np.bincount(t.numpy(), minlength=minlength))
-    return torch.bincount(t, minlength=minlength)
-
-
 def _compact_dtype(n_numbers: int) -> torch.dtype:
     """Smallest integer dtype holding concept numbers 0 .. n_numbers − 1."""
     if n_numbers <= 256:
@@ -310,8 +315,10 @@ class _LabelEncoder:
     their histograms share a concept, i.e. only when a duplicate is possible in this batch.
     """
 
-    def __init__(self, categories: list[str], n_numbers: int, seg: tuple[int, int], device: torch.device):
+    def __init__(self, categories: list[str], n_numbers: int, seg: tuple[int, int], device: torch.device,
+                 backend: Backend | None = None):
         self.categories, self.n_numbers, self.seg, self.device = categories, n_numbers, seg, device
+        self.backend = backend or Backend.for_device(device)
         self.dtype = _compact_dtype(n_numbers)
         self.pool: concurrent.futures.Executor | None = None  # threads the fused kernel may use
         self.workers = 1
@@ -319,7 +326,7 @@ class _LabelEncoder:
     def _hist(self, t: torch.Tensor, where: str) -> torch.Tensor:
         """(n_numbers,) int64 histogram of the 1-D integer tensor ``t``; bad numbers raise DissectionError."""
         try:
-            hist = _bincount(t, self.n_numbers)  # raises on negative numbers
+            hist = self.backend.bincount(t, self.n_numbers)  # raises on negative numbers
         except (RuntimeError, ValueError):
             hist = None
         if hist is None or hist.numel() > self.n_numbers:
@@ -358,7 +365,7 @@ class _LabelEncoder:
             ann.append(a.to(self.device).reshape(b).bool())
         image = _dedupe(torch.cat(img, 1)) if img else torch.zeros(b, 0, dtype=torch.long, device=self.device)
         image_hist = torch.bincount(image.reshape(-1), minlength=self.n_numbers)
-        if _fused(image):
+        if self.backend.uses_fused(image):
             try:
                 pixel, hist = dissect_kernels.encode_pixels(maps, image, self.n_numbers, self.dtype, self.pool,
                                                             self.workers)
@@ -383,7 +390,7 @@ class _LabelEncoder:
                 dup = covered if dup is None else dup | covered
             if dup is not None:
                 chans[k] = ch.masked_fill(dup, 0)
-                hists[k] = _bincount(chans[k], self.n_numbers)
+                hists[k] = self.backend.bincount(chans[k], self.n_numbers)
         if chans:
             pixel = torch.stack([c.to(self.dtype) for c in chans], 1)
         else:
@@ -398,16 +405,12 @@ class _LabelEncoder:
 # accumulators
 
 
-_Estimator = ExactTopQuantile | HistogramQuantileSketch
+_Estimator = QuantileEstimator
 
 
 def _fold_state(parts: list[_Estimator]) -> dict[str, torch.Tensor]:
     """The state of one estimator that saw what all of ``parts`` saw (exact), leaving them unchanged."""
-    if isinstance(parts[0], ExactTopQuantile):
-        values = torch.cat([p.values for p in parts], 1)
-        k = min(parts[0].k, values.shape[1])
-        return {"values": values if len(parts) == 1 else values.topk(k, dim=1, sorted=False).values}
-    return {"counts": sum(p.state_dict()["counts"] for p in parts)}
+    return type(parts[0]).fold_state(parts)  # type: ignore[attr-defined]
 
 
 class _ThresholdPass:
@@ -430,8 +433,7 @@ class _ThresholdPass:
             e.load_state_dict({k.split("/", 1)[1]: v for k, v in state.items() if k.split("/", 1)[0] == g})
         for lane in self.lanes[1:]:  # the saved state holds every worker's values: the others start empty
             for e in lane.values():
-                e.load_state_dict({k: v[:, :0] if k == "values" else torch.zeros_like(v)
-                                   for k, v in e.state_dict().items()})
+                e.load_state_dict(e.cleared_state())
 
     def fold_lanes(self) -> None:
         """Fold the other workers' estimators into the first worker's (exact); drop them."""
@@ -441,15 +443,8 @@ class _ThresholdPass:
             self.lanes = self.lanes[:1]
 
     def merge_across_processes(self) -> None:
-        if not distributed.is_distributed():
-            return
         for e in self.estimators.values():
-            if isinstance(e, ExactTopQuantile):
-                gathered = all_gather_cat(e.values.contiguous(), dim=1)
-                e.values = e.values[:, :0]
-                e.merge(gathered)
-            else:
-                distributed.all_reduce_sum(e.counts)
+            e.merge_across_processes()
 
 
 class _Lanes:
@@ -481,7 +476,8 @@ class _TallyPass:
     """Pass-2 counts: intersections and activated pixels per group of layers, top images per layer."""
 
     def __init__(self, groups: dict[str, int], layers: dict[str, int], n_cols: int, n_cats: int, top_n: int,
-                 device: torch.device):
+                 device: torch.device, backend: Backend | None = None):
+        self.backend = backend or Backend.for_device(device)
         z = {"dtype": torch.int64, "device": device}
         self.inter = {g: torch.zeros(c, n_cols, **z) for g, c in groups.items()}
         self.act = {g: torch.zeros(c, n_cats, **z) for g, c in groups.items()}
@@ -507,7 +503,7 @@ class _TallyPass:
 
     def add_top(self, name: str, maxima: torch.Tensor, indices: torch.Tensor) -> None:
         """maxima: (B, C) spatial maxima; indices: (B,) dataset indices."""
-        if _fused(self.top_val[name]):  # one insertion kernel instead of a dozen small tensor ops per batch
+        if self.backend.uses_fused(self.top_val[name]):  # one insertion kernel, not a dozen small tensor ops
             dissect_kernels.insert_top(self.top_val[name], self.top_idx[name], maxima, indices)
             return
         self._merge_top(name, maxima.t().float(), indices.view(1, -1).expand(maxima.shape[1], -1))
@@ -546,248 +542,10 @@ class _TallyPass:
             self._merge_top(n, vals, idx)
 
 
-def bilinear_axis(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Source indices ``i0, i1`` (n_out,) int64 and weights ``lam`` (n_out,) float64 of 1-D bilinear
-    resampling with ``align_corners=False`` (as ``F.interpolate``): ``out[i] = (1−lam)·in[i0] + lam·in[i1]``."""
-    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
-    i0 = src.floor().long().clamp(max=n_in - 1)
-    i1 = torch.where(i0 < n_in - 1, i0 + 1, i0)
-    return i0, i1, src - i0
-
-
-NUMPY_ON_CPU = True  # CPU tensors take NumPy's faster kernels in the helpers below; False: torch only
-FUSED_ON_CPU = True  # CPU block tables and tallies use the fused kernels of dissect_kernels when numba is present
-
-
-def _fused(t: torch.Tensor) -> bool:
-    return FUSED_ON_CPU and NUMPY_ON_CPU and dissect_kernels.AVAILABLE and t.device.type == "cpu"
-
-
-def _greater(a: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) bool ``a > bound`` per channel (bound: (C,)); NumPy's kernel on CPU (about 2x faster)."""
-    if NUMPY_ON_CPU and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and a.is_contiguous():
-        return torch.from_numpy(np.greater(a.numpy(), bound.to(a.dtype).numpy().reshape(1, -1, 1, 1)))
-    return a > bound.view(1, -1, 1, 1)
-
-
-def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t.index_select(0, idx)``; NumPy's gather on CPU (several times faster for large sparse gathers)."""
-    if NUMPY_ON_CPU and t.device.type == "cpu" and idx.device.type == "cpu" and t.dtype in _NUMPY_DTYPES:
-        return torch.from_numpy(t.numpy()[idx.numpy()])
-    return t.index_select(0, idx)
-
-
-_NUMPY_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool)
-
-
-def _take_cols(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t.index_select(1, idx)`` for a 2-D ``t``, contiguous; NumPy's gather on CPU."""
-    if NUMPY_ON_CPU and t.device.type == "cpu" and idx.device.type == "cpu" and t.dtype in _NUMPY_DTYPES:
-        return torch.from_numpy(np.ascontiguousarray(t.numpy()[:, idx.numpy()]))
-    return t.index_select(1, idx)
-
-
-def _or_shifted(mask: torch.Tensor, shift: int) -> torch.Tensor:
-    """(n,) bool ``mask[i] | mask[i + shift]`` (the last ``shift`` entries unchanged); NumPy on CPU."""
-    if shift >= mask.numel():
-        return mask
-    if NUMPY_ON_CPU and mask.device.type == "cpu":
-        m = mask.numpy()
-        out = m.copy()
-        np.logical_or(m[:-shift], m[shift:], out=out[:-shift])
-        return torch.from_numpy(out)
-    out = mask.clone()
-    out[:-shift] |= mask[shift:]
-    return out
-
-
-def _nonzero_coords(mask: torch.Tensor) -> torch.Tensor:
-    """(ndim, n) int64 coordinates of the True entries of a bool tensor, in ascending (row-major) order.
-
-    NumPy on CPU (several times faster than ``torch.nonzero`` there).
-    """
-    if NUMPY_ON_CPU and mask.device.type == "cpu" and mask.ndim == 1:
-        return torch.from_numpy(np.flatnonzero(mask.numpy())).unsqueeze(0)
-    if NUMPY_ON_CPU and mask.device.type == "cpu" and mask.ndim == 3:
-        m = mask.numpy()
-        a, b, n = m.shape
-        flat = np.flatnonzero(m)
-        # entries per (i, j) plane from the sorted flat indices: no division over the n entries
-        counts = np.diff(np.searchsorted(flat, np.arange(a * b + 1) * n))
-        planes = np.arange(a * b)
-        coords = np.stack([np.repeat(planes // b, counts), np.repeat(planes % b, counts),
-                           flat - np.repeat(planes * n, counts)])
-        return torch.from_numpy(coords)
-    return mask.nonzero().t()
-
-
-def _tiles(i0: torch.Tensor, n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cut the output indices of each source index into tiles of at most S = ceil(n_out / n_in).
-
-    Returns table (n_tiles, S) output indices (−1 padded), first (n_in,) first tile of each source
-    index and count (n_in,) its number of tiles (0 when no output reads it first).
-    """
-    n_out = i0.numel()
-    size = max(1, -(-n_out // n_in))
-    counts = torch.bincount(i0, minlength=n_in)
-    tiles_per = -(-counts // size)  # ceil
-    first = torch.cumsum(tiles_per, 0) - tiles_per
-    order = torch.argsort(i0, stable=True)  # output indices grouped by source index, ascending
-    rank = torch.arange(n_out) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    tile = first[i0[order]] + rank // size
-    table = torch.full((int(tiles_per.sum()), size), -1, dtype=torch.long)
-    table[tile, rank % size] = order
-    return table, first, tiles_per
-
-
-class _SparseUpsampler:
-    """Bilinear upsampling (h, w) -> (sh, sw) evaluated only where it can exceed a threshold.
-
-    Output pixel (i, j) is a convex combination of the source cells (i0(i) | i1(i), j0(j) | j1(j)),
-    with i1 ∈ {i0, i0 + 1}. Grouping output pixels by (i0, j0) partitions them into blocks; block
-    (y, x) can only hold a value above ``T`` when one of its corner cells (y|y+1, x|x+1) is above
-    ``T``. So only blocks next to an active cell (about ``quantile`` of all cells) are evaluated, in
-    float64 exactly as ``(1−ly)·((1−lx)·a00 + lx·a01) + ly·((1−lx)·a10 + lx·a11)``, each output pixel at
-    most once: O(active cells × scale²) work instead of O(units × sh × sw). Blocks are cut into tiles
-    of ⌈scale⌉ × ⌈scale⌉ pixels (edge blocks are larger), and a tile is skipped when the bilinear
-    form's maximum over the tile (at one of its four extreme (ly, lx) vertices) is clearly below ``T``.
-
-    A *block table* is ``(coords, corners)``: coords (3, n) int16/int32 rows (image, unit, cell y·w + x) of
-    the blocks in the (B, C, h, w) activations, corners (4, n) float32 values of cells (y, x), (y, x1),
-    (y1, x), (y1, x1). Blocks selected with a bound ``≤ T`` contain every block needed for ``T``, so a
-    table built during the threshold pass (with the quantile's running lower bound) replaces the
-    activations.
-    """
-
-    def __init__(self, h: int, w: int, seg: tuple[int, int], device: torch.device) -> None:
-        self.h, self.w, self.seg = h, w, seg
-        iy0, _, ly = bilinear_axis(h, seg[0])
-        ix0, _, lx = bilinear_axis(w, seg[1])
-        self.rows, self.cols = dissect_kernels.Axes(iy0, ly, h), dissect_kernels.Axes(ix0, lx, w)  # fused kernels
-        self.pool: concurrent.futures.Executor | None = None  # threads the fused kernels may use
-        self.workers = 1
-        self.last_blocks = 0  # blocks of the last fused scan (sizes the next one)
-        ty, self.first_y, self.count_y = (t.to(device) for t in _tiles(iy0, h))
-        tx, self.first_x, self.count_x = (t.to(device) for t in _tiles(ix0, w))
-        self.size = ty.shape[1], tx.shape[1]
-        self.rows_of, self.cols_of = ty.reshape(-1), tx.reshape(-1)  # (tiles · S,) output rows / cols, −1 padded
-        # per tile: weights of its output rows/cols; NaN in padding slots: their values compare False
-        # with any threshold, so no validity mask is needed
-        ly, lx = ly.to(device), lx.to(device)
-        self.ly_tile = torch.where(ty >= 0, ly[ty.clamp_min(0)], float("nan"))
-        self.lx_tile = torch.where(tx >= 0, lx[tx.clamp_min(0)], float("nan"))
-        # extreme weights of each tile (the bilinear form's maximum over a tile sits at one of them)
-        self.ly_ext = torch.stack([self.ly_tile.nan_to_num(2.0).amin(1), self.ly_tile.nan_to_num(-1.0).amax(1)], 1)
-        self.lx_ext = torch.stack([self.lx_tile.nan_to_num(2.0).amin(1), self.lx_tile.nan_to_num(-1.0).amax(1)], 1)
-        # transposed copies: gathering columns gives (S, n) blocks whose long axis is contiguous
-        self.ly_tile_t, self.lx_tile_t = self.ly_tile.t().contiguous(), self.lx_tile.t().contiguous()
-        self.ly_ext_t, self.lx_ext_t = self.ly_ext.t().contiguous(), self.lx_ext.t().contiguous()
-        # per cell (y·w + x): row, column, and flat offsets to its right and lower neighbours (clamped)
-        cell = torch.arange(h * w, device=device)
-        self.y_of, self.x_of = cell // w, cell % w
-        self.d_right = (self.x_of < w - 1).long()
-        self.d_down = (self.y_of < h - 1).long() * w
-
-    def block_table(self, acts: torch.Tensor, bound: torch.Tensor, maxima: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks with a corner cell above ``bound`` (C,): coords (3, n) int16 (int32 when a size exceeds
-        32767) rows (image, unit, cell y·w + x), in ascending order, and corners (4, n) float32.
-
-        acts: (B, C, h, w); maxima: (B, C) its spatial maxima when known. Dense work: one comparison, two boolean
-        ORs and one nonzero over the cells (the fused kernel: one pass over the planes that reach the bound).
-        """
-        if _fused(acts):
-            table = self.scan(acts, bound, None, maxima)
-            assert table is not None
-            return table
-        acts = acts.contiguous()
-        B, C, h, w = acts.shape
-        above = _greater(acts, bound).view(-1)
-        # block (y, x) reads cells (y|y+1, x|x+1): OR the flat mask with itself shifted by 1 and by w. The
-        # shifts also flag a few blocks at row and plane ends whose (clamped) corners are all below the
-        # bound; harmless, since every consumer re-checks the corners against its own threshold
-        coords = _nonzero_coords(_or_shifted(_or_shifted(above, 1), w).view(B, C, h * w))
-        b, u, cell = coords
-        keys = (b * C + u) * (h * w) + cell
-        k01 = keys + _take(self.d_right, cell)
-        k10 = keys + _take(self.d_down, cell)
-        k11 = k01 + (k10 - keys)
-        flat = acts.view(-1)
-        corners = torch.stack([_take(flat, k) for k in (keys, k01, k10, k11)], 0).float()
-        return coords.to(torch.int16 if max(B, C, h * w) < 2**15 else torch.int32), corners
-
-    def scan(self, acts: torch.Tensor, block_bound: torch.Tensor | None, top: dissect_kernels.TopBuffer | None,
-             maxima: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Fused CPU pass (:func:`semlens.units.dissect_kernels.scan`): the block table above ``block_bound``
-        (None: no table), and every cell above ``top.bound`` appended to the exact top-k buffer ``top``.
-        ``maxima``: (B, C) spatial maxima of ``acts`` when known."""
-        table = dissect_kernels.scan(acts, block_bound, top, self.pool, self.workers, hint=self.last_blocks,
-                                     maxima=maxima)
-        if table is not None:
-            self.last_blocks = table[0].shape[1]
-        return table
-
-    def active_pixels(self, coords: torch.Tensor, corners: torch.Tensor, thresholds: torch.Tensor,
-                      max_elements: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield chunks of active pixels as (image, unit, pixel index) int64 triples, each pixel once.
-
-        coords, corners: a block table (see the class docstring); thresholds: (units,). A pixel is
-        active when its upsampled value (float64) > its unit's threshold.
-        """
-        sw = self.seg[1]
-        top_corner = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
-        live = _nonzero_coords(top_corner > _take(thresholds, coords[1].long()))[0]  # a corner above T
-        img, u, cell = _take_cols(coords, live).long()
-        corners = _take_cols(corners, live)  # (4, n)
-        y, x = _take(self.y_of, cell), _take(self.x_of, cell)
-        # blocks -> tiles (1, 2 or 4 per block)
-        ny, nx = _take(self.count_y, y), _take(self.count_x, x)
-        per = ny * nx
-        if bool((per == 1).all()):
-            blk = None
-            ty, tx = _take(self.first_y, y), _take(self.first_x, x)
-            c, uu = corners.double(), u
-        else:
-            blk = torch.repeat_interleave(torch.arange(live.numel(), device=live.device), per)
-            j = torch.arange(blk.numel(), device=live.device) - torch.repeat_interleave(torch.cumsum(per, 0) - per, per)
-            nxb = _take(nx, blk)
-            ty = _take(self.first_y, _take(y, blk)) + j // nxb
-            tx = _take(self.first_x, _take(x, blk)) + j % nxb
-            c, uu = _take_cols(corners, blk).double(), _take(u, blk)
-        t = _take(thresholds.double(), uu)
-        S, K = self.size
-        # corners and weights are (4 | S | K, n): every elementwise op below runs along the long axis n
-        if S * K > 4:  # skip tiles whose largest value is clearly below T (vertex bound; margin >> rounding)
-            lyv, lxv = _take_cols(self.ly_ext_t, ty), _take_cols(self.lx_ext_t, tx)  # (2, n)
-            top = (1 - lxv) * c[0] + lxv * c[1]
-            bottom = (1 - lxv) * c[2] + lxv * c[3]
-            vmax = torch.maximum(torch.maximum((1 - lyv[0]) * top[0] + lyv[0] * bottom[0],
-                                               (1 - lyv[0]) * top[1] + lyv[0] * bottom[1]),
-                                 torch.maximum((1 - lyv[1]) * top[0] + lyv[1] * bottom[0],
-                                               (1 - lyv[1]) * top[1] + lyv[1] * bottom[1]))
-            scale = torch.maximum(torch.maximum(c[0].abs(), c[1].abs()), torch.maximum(c[2].abs(), c[3].abs()))
-            keep = _nonzero_coords(vmax >= t - 1e-9 * scale)[0]
-            ty, tx, t, uu = (_take(v, keep) for v in (ty, tx, t, uu))
-            c = c.index_select(1, keep)
-            blk = keep if blk is None else _take(blk, keep)
-        chunk = max(1, max_elements // (S * K))
-        for s in range(0, ty.numel(), chunk):
-            cs = c[:, s:s + chunk]
-            lx = _take_cols(self.lx_tile_t, tx[s:s + chunk])  # (K, n); padding slots hold NaN
-            ly = _take_cols(self.ly_tile_t, ty[s:s + chunk])  # (S, n)
-            top = (1 - lx) * cs[0] + lx * cs[1]  # (K, n)
-            bottom = (1 - lx) * cs[2] + lx * cs[3]
-            val = (1 - ly).unsqueeze(1) * top.unsqueeze(0) + ly.unsqueeze(1) * bottom.unsqueeze(0)  # (S, K, n)
-            r, cc, k = _nonzero_coords(val > t[s:s + chunk])
-            k = k + s
-            rows = _take(self.rows_of, _take(ty, k) * S + r)
-            cols = _take(self.cols_of, _take(tx, k) * K + cc)
-            src = k if blk is None else _take(blk, k)  # the live block of each active pixel
-            yield _take(img, src), _take(uu, k), rows * sw + cols
 
 
 def _pack_by_unit(coords: torch.Tensor, values: torch.Tensor, bound: torch.Tensor,
-                  shape: tuple[int, ...]) -> torch.Tensor:
+                  shape: tuple[int, ...], backend: Backend) -> torch.Tensor:
     """(C, m) values above ``bound`` (C,) grouped by unit (−inf padded); coords (3, n): (image, unit, cell)
     of each value in (B, C, h, w), in ascending order (grouped by image, then unit).
 
@@ -797,7 +555,7 @@ def _pack_by_unit(coords: torch.Tensor, values: torch.Tensor, bound: torch.Tenso
     B, C = shape[:2]
     unit = coords[1].long()
     plane = coords[0].long() * C + unit
-    sel = _nonzero_coords(values > _take(bound, unit))[0]
+    sel = backend.nonzero_coords(values > backend.take(bound, unit))[0]
     plane, unit, values = plane.index_select(0, sel), unit.index_select(0, sel), values.index_select(0, sel)
     counts = torch.bincount(plane, minlength=B * C)
     per_image = counts.view(B, C)
@@ -816,7 +574,7 @@ _CacheEntry = tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torc
                     dict[str, torch.Tensor]]
 
 
-def _prune_cache(cache: list[_CacheEntry], bounds: dict[str, torch.Tensor]) -> int:
+def _prune_cache(cache: list[_CacheEntry], bounds: dict[str, torch.Tensor], backend: Backend) -> int:
     """Drop, in place, the cached blocks whose corners are all ≤ the current lower bounds; return the bytes left.
 
     Tables of early batches were built with looser bounds; blocks below a later (higher, still valid)
@@ -826,8 +584,8 @@ def _prune_cache(cache: list[_CacheEntry], bounds: dict[str, torch.Tensor]) -> i
     for tables, maxima, labels, _ in cache:
         for g, (coords, corners) in tables.items():
             top = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
-            keep = _nonzero_coords(top > _take(bounds[g], coords[1].long()))[0]
-            tables[g] = (_take_cols(coords, keep), _take_cols(corners, keep))
+            keep = backend.nonzero_coords(top > backend.take(bounds[g], coords[1].long()))[0]
+            tables[g] = (backend.take_cols(coords, keep), backend.take_cols(corners, keep))
             total += sum(t.numel() * t.element_size() for t in tables[g])
         total += labels.nbytes() + sum(m.numel() * m.element_size() for m in maxima.values())
     return total
@@ -842,7 +600,7 @@ def _tally_layer(table: tuple[torch.Tensor, torch.Tensor], units: int, threshold
     n_cols = inter.shape[1]
     # (B, C) active pixels per image and unit: in one go (fused kernel) or per chunk of active pixels
     counts: Iterable[torch.Tensor]
-    if _fused(inter):
+    if upsampler.backend.uses_fused(inter):
         counts = [dissect_kernels.tally(*table, thresholds, upsampler.w, upsampler.rows, upsampler.cols,
                                         upsampler.seg, labels.pixel, B, inter, upsampler.pool, upsampler.workers)]
     else:
@@ -928,6 +686,7 @@ def dissect(
     indices: Sequence[int] | None = None,
     show_progress: bool | None = None,
     workers: int | None = None,
+    backend: Backend | None = None,
 ) -> DissectionResult:
     """Dissect ``layers`` (dotted names, outputs (N, C, h, w)) of ``model`` over ``dataset``.
 
@@ -946,26 +705,26 @@ def dissect(
     medium layers this beats splitting every operation over the cores, which leaves the per-batch bookkeeping
     serial. The result does not depend on it (integer counts, exact thresholds, ties in top images broken by
     index).
+    ``backend``: how the helpers compute (:class:`~semlens.units.backend.Backend`; default: chosen once from the
+    device, NumPy and the fused kernels on CPU); every back-end gives the same counts.
     The model's train/eval mode, ``requires_grad`` flags and device are restored on return.
     """
-    names = list(resolve_layers(model, layers))
-    if not 0.0 < quantile < 1.0:
-        raise DissectionError(f"quantile must be in (0, 1), got {quantile}")
-    if iou_threshold < 0:
-        raise DissectionError(f"iou_threshold must be >= 0, got {iou_threshold}")
-    if batch_size < 1:
-        raise DissectionError(f"batch_size must be >= 1, got {batch_size}")
-    dev = resolve_device(device)
-    pick = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
-    n = len(pick)
-    if n == 0:
-        raise DissectionError("the dataset (or the chosen indices) is empty")
-    if not all(0 <= i < len(dataset) for i in pick):
-        raise DissectionError(f"indices must lie in [0, {len(dataset)}) for this dataset")
-    try:
-        takes_categories = "categories" in inspect.signature(dataset.load_batch).parameters
-    except (TypeError, ValueError):
-        takes_categories = False
+    run = _Run(model, dataset, layers, quantile=quantile, iou_threshold=iou_threshold, batch_size=batch_size,
+               device=device, transform=transform, categories=categories, checkpoint=checkpoint,
+               checkpoint_every=checkpoint_every, seg_size=seg_size, top_n=top_n, cache_bytes=cache_bytes,
+               quantile_memory=quantile_memory, max_elements=max_elements, indices=indices,
+               show_progress=show_progress, workers=workers, backend=backend)
+    with frozen(model), _on_device(model, run.dev), torch.no_grad(), contextlib.ExitStack() as stack:
+        run.prepare(stack)
+        thresholds = run.threshold_pass()
+        tally = run.tally_pass(thresholds)
+    return run.result(thresholds, tally)
+
+
+def _chosen_concepts(dataset: SegmentationDataset, categories: Sequence[str] | None
+                     ) -> tuple[list[str], list[tuple[int, str, str]], int]:
+    """The categories used, the concepts (number, name, category) in them, and the number of concept columns
+    (counts are kept per global concept number; the chosen concepts are read out at the end)."""
     available = list(dataset.categories)
     cats = list(categories) if categories is not None else available
     missing = [c for c in cats if c not in available]
@@ -975,273 +734,377 @@ def dissect(
     concepts = [(int(num), name, cat) for num, name, cat in dataset.labels if int(num) > 0 and cat in cats]
     if not concepts:
         raise DissectionError(f"the dataset's label table has no concept in categories {cats}")
-    max_num = max(int(num) for num, _, _ in dataset.labels)
-    n_cols = max_num + 1  # counts are kept per global concept number; chosen concepts are read out at the end
-    concept_cols = torch.tensor([c[0] for c in concepts])
-    cat_of_col = torch.tensor([cats.index(c[2]) for c in concepts])
-    ckpt_dir = Path(checkpoint) if checkpoint is not None else None
+    return cats, concepts, max(int(num) for num, _, _ in dataset.labels) + 1
 
-    fused = _fused(torch.empty(0, device=dev))
-    threads = torch.get_num_threads() if dev.type == "cpu" else 1
-    if workers is None:  # whole batches side by side on a multi-core CPU (see the docstring)
-        workers = threads if fused else 1
-    if workers < 1:
-        raise DissectionError(f"workers must be >= 1, got {workers}")
-    lanes = min(workers, -(-n // batch_size)) if dev.type == "cpu" else 1
-    with frozen(model), _on_device(model, dev), torch.no_grad(), contextlib.ExitStack() as stack:
-        # probe one image: layer shapes, image size, mask size
-        read_lock = threading.Lock()  # workers take turns at the dataset (it need not be thread-safe)
 
-        def read(rows: list[int]) -> Any:
-            real = [pick[i] for i in rows]
-            with read_lock:
-                return dataset.load_batch(real, categories=cats) if takes_categories else dataset.load_batch(real)
+class _Run:
+    """One dissection: the threshold pass, then the tally pass, over this process's shard of the images.
 
-        probe = read([0])
-        images0 = _check_images(probe.images, None, [pick[0]])
-        img_shape = tuple(images0.shape[1:])
-        x0 = images0.to(dev, torch.float32)
+    Built from :func:`dissect`'s arguments (validated here); :meth:`prepare` probes one image and sets up the
+    per-group estimators, upsamplers and label encoder; each pass is a :func:`run_batches` over a step method.
+    """
+
+    def __init__(self, model: nn.Module, dataset: SegmentationDataset, layers: str | Sequence[str], *,
+                 quantile: float, iou_threshold: float, batch_size: int, device: str | torch.device,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None, categories: Sequence[str] | None,
+                 checkpoint: str | os.PathLike | None, checkpoint_every: int, seg_size: tuple[int, int] | None,
+                 top_n: int, cache_bytes: int, quantile_memory: int, max_elements: int,
+                 indices: Sequence[int] | None, show_progress: bool | None, workers: int | None,
+                 backend: Backend | None) -> None:
+        self.names = list(resolve_layers(model, layers))
+        if not 0.0 < quantile < 1.0:
+            raise DissectionError(f"quantile must be in (0, 1), got {quantile}")
+        if iou_threshold < 0:
+            raise DissectionError(f"iou_threshold must be >= 0, got {iou_threshold}")
+        if batch_size < 1:
+            raise DissectionError(f"batch_size must be >= 1, got {batch_size}")
+        self.dev = dev = resolve_device(device)
+        self.backend = backend or Backend.for_device(dev)
+        self.pick = pick = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+        self.n = n = len(pick)
+        if n == 0:
+            raise DissectionError("the dataset (or the chosen indices) is empty")
+        if not all(0 <= i < len(dataset) for i in pick):
+            raise DissectionError(f"indices must lie in [0, {len(dataset)}) for this dataset")
         try:
-            out0 = forward_until(model, transform(x0) if transform else x0, names)
+            self.takes_categories = "categories" in inspect.signature(dataset.load_batch).parameters
+        except (TypeError, ValueError):
+            self.takes_categories = False
+        self.cats, self.concepts, self.n_cols = _chosen_concepts(dataset, categories)
+        self.model, self.dataset, self.transform, self.categories = model, dataset, transform, categories
+        self.quantile, self.iou_threshold, self.batch_size, self.seg_size = quantile, iou_threshold, batch_size, \
+            seg_size
+        self.checkpoint_every, self.top_n, self.cache_bytes = checkpoint_every, top_n, cache_bytes
+        self.quantile_memory, self.max_elements, self.show_progress = quantile_memory, max_elements, show_progress
+        self.ckpt_dir = Path(checkpoint) if checkpoint is not None else None
+        self.fused = self.backend.uses_fused(torch.empty(0, device=dev))
+        self.threads = torch.get_num_threads() if dev.type == "cpu" else 1
+        if workers is None:  # whole batches side by side on a multi-core CPU (see dissect's docstring)
+            workers = self.threads if self.fused else 1
+        if workers < 1:
+            raise DissectionError(f"workers must be >= 1, got {workers}")
+        self.lanes = min(workers, -(-n // batch_size)) if dev.type == "cpu" else 1
+        self.read_lock = threading.Lock()  # workers take turns at the dataset (it need not be thread-safe)
+
+    def read(self, rows: list[int]) -> Any:
+        """The dataset's batch of shard rows ``rows`` (one worker at a time)."""
+        real = [self.pick[i] for i in rows]
+        with self.read_lock:
+            if self.takes_categories:
+                return self.dataset.load_batch(real, categories=self.cats)
+            return self.dataset.load_batch(real)
+
+    def _probe(self) -> None:
+        """One image through the model: layer shapes, image size, mask size."""
+        probe = self.read([0])
+        images0 = _check_images(probe.images, None, [self.pick[0]])
+        self.img_shape = img_shape = tuple(images0.shape[1:])
+        x0 = images0.to(self.dev, torch.float32)
+        try:
+            out0 = forward_until(self.model, self.transform(x0) if self.transform else x0, self.names)
         except (RuntimeError, TypeError) as err:
             raise DissectionError(f"the model cannot process images of size {img_shape}: {err}") from err
-        shapes = {}
-        for name in names:
+        self.shapes = {}
+        for name in self.names:
             t = out0[name]
             if t.ndim != 4:
                 raise DissectionError(f"layer {name!r} outputs shape {tuple(t.shape)}, not a spatial map "
                                       "(N, C, h, w); choose a convolutional layer")
-            shapes[name] = tuple(t.shape[1:])
+            self.shapes[name] = tuple(t.shape[1:])
+        seg_size = self.seg_size
         if seg_size is None:
-            seg_size = getattr(dataset, "seg_size", None)
+            seg_size = getattr(self.dataset, "seg_size", None)
             if seg_size is None:
-                pix = [t for c, t in (probe.pixel or {}).items() if c in cats and t.numel()]
+                pix = [t for c, t in (probe.pixel or {}).items() if c in self.cats and t.numel()]
                 seg_size = tuple(pix[0].shape[-2:]) if pix else tuple(img_shape[-2:])
-        seg = (int(seg_size[0]), int(seg_size[1]))
-        encoder = _LabelEncoder(cats, n_cols, seg, dev)
-        fingerprint = {"layers": names, "shapes": {k: list(v) for k, v in shapes.items()}, "quantile": quantile,
-                       "categories": cats, "concepts": len(concepts), "seg": list(seg), "image": list(img_shape),
-                       "top_n": top_n, "quantile_memory": quantile_memory, "version": 2,
-                       "indices": hashlib.sha1(torch.tensor(pick).numpy().tobytes()).hexdigest()}
+        self.seg = (int(seg_size[0]), int(seg_size[1]))
+
+    def prepare(self, stack: contextlib.ExitStack) -> None:
+        """Probe, group the layers by map size, and build the estimators, upsamplers, label encoder and hooks."""
+        self._probe()
+        shapes, names, dev = self.shapes, self.names, self.dev
+        self.encoder = _LabelEncoder(self.cats, self.n_cols, self.seg, dev, self.backend)
+        self.fingerprint = {
+            "layers": names, "shapes": {k: list(v) for k, v in shapes.items()}, "quantile": self.quantile,
+            "categories": self.cats, "concepts": len(self.concepts), "seg": list(self.seg),
+            "image": list(self.img_shape), "top_n": self.top_n, "quantile_memory": self.quantile_memory,
+            "version": 2, "indices": hashlib.sha1(torch.tensor(self.pick).numpy().tobytes()).hexdigest()}
         # layers with the same map size are processed as one group (units concatenated): same quantile
         # level, same upsampler, a third of the tensor operations for three 13x13 layers, say
-        groups: dict[str, list[str]] = {}
+        self.groups: dict[str, list[str]] = {}
         for name in names:
-            groups.setdefault("x".join(map(str, shapes[name][1:])), []).append(name)
-        units = {g: sum(shapes[m][0] for m in members) for g, members in groups.items()}
-        offset = {name: sum(shapes[m][0] for m in members[:members.index(name)])
-                  for members in groups.values() for name in members}
-
-        tap = stack.enter_context(ForwardTap(model, names))  # one set of hooks, safe for concurrent batches
-
-        def load(indices: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
-                                              dict[str, torch.Tensor], Any, int]:
-            """Forward one batch: activations (B, C_g, h, w) and spatial maxima (B, C_g) per group, spatial
-            maxima (B, C) per layer, the batch."""
-            batch = read(indices)
-            imgs = _check_images(batch.images, img_shape, [pick[i] for i in indices]).to(dev, torch.float32)
-            acts = {k: a.float() for k, a in tap(transform(imgs) if transform else imgs).items()}
-            maxima = {}
-            for name, a in acts.items():
-                hi = a.amax(dim=(2, 3))  # spatial maxima (top images); NaN propagates into them
-                if not torch.isfinite(hi).all():
-                    raise DissectionError(f"layer {name!r} produced NaN/Inf on images {indices[:5]}...")
-                maxima[name] = hi
-            grouped = {g: _group_cat(acts, m) for g, m in groups.items()}
-            return grouped, {g: _group_cat(maxima, m) for g, m in groups.items()}, maxima, batch, len(indices)
-
-        # pass 1: thresholds (and, while it fits in cache_bytes, a compact cache for pass 2: the block
-        # tables of every group above the quantile's running lower bound, and the encoded labels)
-        # one set of estimators per worker (each sees its own batches; folded exactly after the pass); fewer
+            self.groups.setdefault("x".join(map(str, shapes[name][1:])), []).append(name)
+        self.units = {g: sum(shapes[m][0] for m in members) for g, members in self.groups.items()}
+        self.offset = {name: sum(shapes[m][0] for m in members[:members.index(name)])
+                       for members in self.groups.values() for name in members}
+        self.tap = stack.enter_context(ForwardTap(self.model, names))  # one set of hooks, safe for concurrent batches
+        # one set of pass-1 estimators per worker (each sees its own batches; folded exactly after the pass); fewer
         # workers when their estimators would not fit in quantile_memory together
-        def estimators() -> dict[str, _Estimator]:
-            return {g: make_quantile_estimator(units[g], n * shapes[m[0]][1] * shapes[m[0]][2], quantile, dev,
-                                               quantile_memory) for g, m in groups.items()}
-
-        first = estimators()
-        lanes = min(lanes, max(1, quantile_memory // sum(e.max_bytes for e in first.values())))
-        thr_pass = _ThresholdPass([first, *(estimators() for _ in range(lanes - 1))])
+        first = self._estimators()
+        self.lanes = min(self.lanes, max(1, self.quantile_memory // sum(e.max_bytes for e in first.values())))
+        self.thr_pass = _ThresholdPass([first, *(self._estimators() for _ in range(self.lanes - 1))])
         # one batch at a time: the fused kernels split each block table over the threads; without them, pass 2
         # tallies layer groups side by side (their counters are disjoint)
-        inner = 1 if lanes > 1 else (threads if fused else min(len(names), threads))
-        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(inner)) if inner > 1 else None
-        upsamplers = {g: _SparseUpsampler(*shapes[m[0]][1:], seg, dev) for g, m in groups.items()}
-        if fused:
-            for up in [*upsamplers.values(), encoder]:
-                up.pool, up.workers = pool, inner
-        thr_file = checkpoint_path(ckpt_dir / "thresholds.safetensors") if ckpt_dir else None
+        inner = 1 if self.lanes > 1 else (self.threads if self.fused else min(len(names), self.threads))
+        self.pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(inner)) if inner > 1 else None
+        self.upsamplers = {g: _SparseUpsampler(*shapes[m[0]][1:], self.seg, dev, self.backend)
+                           for g, m in self.groups.items()}
+        if self.fused:
+            for up in [*self.upsamplers.values(), self.encoder]:
+                up.pool, up.workers = self.pool, inner
+
+    def _estimators(self) -> dict[str, _Estimator]:
+        return {g: make_quantile_estimator(self.units[g], self.n * self.shapes[m[0]][1] * self.shapes[m[0]][2],
+                                           self.quantile, self.dev, self.quantile_memory, numpy=self.backend.numpy)
+                for g, m in self.groups.items()}
+
+    def load(self, indices: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                                dict[str, torch.Tensor], Any, int]:
+        """Forward one batch: activations (B, C_g, h, w) and spatial maxima (B, C_g) per group, spatial
+        maxima (B, C) per layer, the batch and its size."""
+        batch = self.read(indices)
+        imgs = _check_images(batch.images, self.img_shape, [self.pick[i] for i in indices]).to(self.dev, torch.float32)
+        acts = {k: a.float() for k, a in self.tap(self.transform(imgs) if self.transform else imgs).items()}
+        maxima = {}
+        for name, a in acts.items():
+            hi = a.amax(dim=(2, 3))  # spatial maxima (top images); NaN propagates into them
+            if not torch.isfinite(hi).all():
+                raise DissectionError(f"layer {name!r} produced NaN/Inf on images {indices[:5]}...")
+            maxima[name] = hi
+        grouped = {g: _group_cat(acts, m) for g, m in self.groups.items()}
+        return grouped, {g: _group_cat(maxima, m) for g, m in self.groups.items()}, maxima, batch, len(indices)
+
+    # ------------------------------------------------------------------ pass 1: thresholds
+    def threshold_pass(self) -> dict[str, torch.Tensor]:
+        """Per group (C_g,) thresholds: from the checkpoint, or streamed (and, while it fits in cache_bytes, a
+        compact cache for pass 2: the block tables of every group above the quantile's running lower bound, and
+        the encoded labels)."""
+        thr_file = checkpoint_path(self.ckpt_dir / "thresholds.safetensors") if self.ckpt_dir else None
         # the cache needs a running lower bound of each threshold: exact estimators only
-        use_cache = cache_bytes > 0 and all(isinstance(e, ExactTopQuantile) for e in thr_pass.estimators.values())
-        cache: dict[int, _CacheEntry] | None = {} if use_cache else None
-        cached = 0
-        cache_lock = threading.Lock()
+        use_cache = self.cache_bytes > 0 and all(e.exact for e in self.thr_pass.estimators.values())
+        self.cache: dict[int, _CacheEntry] | None = {} if use_cache else None
+        self.cached = 0
+        self.cache_lock = threading.Lock()
         # per group, the highest lower bound of the final threshold any worker has (valid for all: each worker's
         # k-th largest can only be lower than the final one); workers feed only values above it (a "floor") and the
         # cache is pruned with it
-        floors: dict[str, torch.Tensor] = {}
-        floor_lock = threading.Lock()
-        thresholds: dict[str, torch.Tensor]  # per group (C_g,)
+        self.floors: dict[str, torch.Tensor] = {}
+        self.floor_lock = threading.Lock()
         if thr_file is not None and thr_file.exists():
             state, meta = load_state(thr_file)
-            if meta.get("fingerprint") != json.loads(json.dumps(fingerprint)):
+            if meta.get("fingerprint") != json.loads(json.dumps(self.fingerprint)):
                 raise DissectionError(f"checkpoint {thr_file} belongs to a different dissection; delete "
-                                      f"{ckpt_dir} to start over")
-            thresholds = {g: torch.cat([state[m] for m in members]).to(dev) for g, members in groups.items()}
-            cache = None
-        else:
-            def step1(indices: list[int], batch_no: int) -> None:
-                nonlocal cache, cached
-                estimators = thr_pass.lanes[worker_index()]
-                acts, group_max, maxima, batch, b = load(indices)
-                tables, guesses = {}, {}
-                for g, a in acts.items():
-                    est = estimators[g]
-                    cells = a.shape[0] * a.shape[2] * a.shape[3]  # values per unit in this batch
-                    if fused and isinstance(est, ExactTopQuantile):
-                        # one pass: every value above the running bound into the exact top-k buffer, the table
-                        # above a guess
-                        up, top = upsamplers[g], group_max[g]
-                        floor = floors[g].numpy() if lanes > 1 and g in floors else None  # other workers' bound
-                        if est.seen == 0:  # the first batch: no guess yet; its table is built once it is fed
-                            sample = a[::max(1, a.shape[0] // 16)].transpose(0, 1).reshape(a.shape[1], -1)
-                            est.feed(lambda buf, a=a, up=up, top=top: up.scan(a, None, buf, top), cells, sample,
-                                     floor)
-                            guesses[g] = est.likely_bound() if cache is not None else None
-                            table = up.block_table(a, guesses[g], top) if cache is not None else None
-                        else:
-                            guesses[g] = guess = est.likely_bound() if cache is not None else None
-                            table = est.feed(lambda buf, a=a, up=up, top=top, guess=guess: up.scan(a, guess, buf, top),
-                                             cells, floor=floor)
-                        if table is not None:
-                            tables[g] = table
-                    elif not isinstance(est, ExactTopQuantile) or not est.full:
-                        est.update(a.transpose(0, 1))
-                        if cache is not None:
-                            guesses[g] = est.lower_bound
-                            tables[g] = upsamplers[g].block_table(a, guesses[g], group_max[g])
-                    else:  # only values above the running k-th largest can enter the top k
-                        bound = est.lower_bound
-                        if cache is not None:
-                            guesses[g] = bound
-                            tables[g] = coords, corners = upsamplers[g].block_table(a, bound)
-                            values = corners[0]  # every cell above the bound is the first corner of its block
-                        else:
-                            a = a.contiguous()
-                            coords = _nonzero_coords(_greater(a, bound).view(a.shape[0], a.shape[1], -1))
-                            values = _take(a.view(-1), (coords[0] * a.shape[1] + coords[1]) * a[0, 0].numel()
+                                      f"{self.ckpt_dir} to start over")
+            self.cache = None
+            return {g: torch.cat([state[m] for m in members]).to(self.dev) for g, members in self.groups.items()}
+        info = run_batches(self.n, self.batch_size, self._step1, accumulator=self.thr_pass,
+                           checkpoint=self.ckpt_dir / "pass1.safetensors" if self.ckpt_dir else None,
+                           every=self.checkpoint_every, fingerprint=self.fingerprint, desc="dissect: thresholds",
+                           show_progress=self.show_progress, workers=self.lanes)
+        if info.resumed_at > 0:
+            self.cache = None
+        self.thr_pass.fold_lanes()
+        self.thr_pass.merge_across_processes()
+        thresholds = {g: e.result().to(self.dev) for g, e in self.thr_pass.estimators.items()}
+        if thr_file is not None:
+            per_layer = {m: thresholds[g][self.offset[m]:self.offset[m] + self.shapes[m][0]]
+                         for g, ms in self.groups.items() for m in ms}
+            save_state(thr_file, per_layer, {"fingerprint": self.fingerprint})
+        return thresholds
+
+    def _step1(self, indices: list[int], batch_no: int) -> None:
+        estimators = self.thr_pass.lanes[worker_index()]
+        acts, group_max, maxima, batch, b = self.load(indices)
+        tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        guesses: dict[str, torch.Tensor | None] = {}
+        for g, a in acts.items():
+            est = estimators[g]
+            self._feed(g, est, a, group_max[g], tables, guesses)
+            if est.exact:
+                with self.floor_lock:  # any worker's bound is a lower bound of the final threshold: keep the highest
+                    low = est.lower_bound
+                    self.floors[g] = torch.maximum(self.floors[g], low) if g in self.floors else low
+        if self.cache is not None:
+            self._keep(batch_no, batch, b, tables, maxima, guesses)
+
+    def _feed(self, g: str, est: _Estimator, a: torch.Tensor, top: torch.Tensor,
+              tables: dict[str, tuple[torch.Tensor, torch.Tensor]], guesses: dict[str, torch.Tensor | None]) -> None:
+        """Feed group ``g``'s activations ``a`` (B, C_g, h, w) to its estimator; with a cache, put the group's
+        block table and the bound it was built with into ``tables`` / ``guesses``."""
+        cells = a.shape[0] * a.shape[2] * a.shape[3]  # values per unit in this batch
+        caching, up = self.cache is not None, self.upsamplers[g]
+        if self.fused and est.exact:
+            # one pass: every value above the running bound into the exact top-k buffer, the table above a guess
+            floor = self.floors[g].numpy() if self.lanes > 1 and g in self.floors else None  # other workers' bound
+            if est.seen == 0:  # the first batch: no guess yet; its table is built once it is fed
+                sample = a[::max(1, a.shape[0] // 16)].transpose(0, 1).reshape(a.shape[1], -1)
+                est.feed(lambda buf: up.scan(a, None, buf, top), cells, sample, floor)
+                guesses[g] = est.likely_bound() if caching else None
+                table = up.block_table(a, guesses[g], top) if caching else None
+            else:
+                guesses[g] = guess = est.likely_bound() if caching else None
+                table = est.feed(lambda buf: up.scan(a, guess, buf, top), cells, floor=floor)
+            if table is not None:
+                tables[g] = table
+        elif not est.exact or not est.full:
+            est.update(a.transpose(0, 1))
+            if caching:
+                guesses[g] = est.lower_bound
+                tables[g] = up.block_table(a, guesses[g], top)
+        else:  # only values above the running k-th largest can enter the top k
+            bound = est.lower_bound
+            if caching:
+                guesses[g] = bound
+                tables[g] = coords, corners = up.block_table(a, bound)
+                values = corners[0]  # every cell above the bound is the first corner of its block
+            else:
+                a = a.contiguous()
+                coords = self.backend.nonzero_coords(self.backend.greater(a, bound).view(a.shape[0], a.shape[1], -1))
+                values = self.backend.take(a.view(-1), (coords[0] * a.shape[1] + coords[1]) * a[0, 0].numel()
                                            + coords[2])
-                        est.update(_pack_by_unit(coords, values, bound, a.shape), seen=cells)
-                    if isinstance(est, ExactTopQuantile):
-                        with floor_lock:  # any worker's bound is a lower bound of the final threshold: keep the highest
-                            low = est.lower_bound
-                            floors[g] = torch.maximum(floors[g], low) if g in floors else low
-                if cache is not None:
-                    labels = encoder.encode(batch, b)
-                    size = labels.nbytes() + sum(t.numel() * t.element_size() for t in [
-                        *maxima.values(), *(x for table in tables.values() for x in table)])
-                    with cache_lock:
-                        if cache is None:
-                            return
-                        cache[batch_no] = (tables, maxima, labels, guesses)
-                        cached += size
-                        if cached > cache_bytes:  # drop blocks the risen bounds exclude; give up if still too big
-                            with floor_lock:
-                                bounds = dict(floors)
-                            cached = _prune_cache(list(cache.values()), bounds)
-                            if cached > cache_bytes:
-                                cache = None
+            est.update(_pack_by_unit(coords, values, bound, a.shape, self.backend), seen=cells)
 
-            info = run_batches(n, batch_size, step1, accumulator=thr_pass,
-                               checkpoint=ckpt_dir / "pass1.safetensors" if ckpt_dir else None,
-                               every=checkpoint_every, fingerprint=fingerprint, desc="dissect: thresholds",
-                               show_progress=show_progress, workers=lanes)
-            if info.resumed_at > 0:
-                cache = None
-            thr_pass.fold_lanes()
-            thr_pass.merge_across_processes()
-            thresholds = {g: e.result().to(dev) for g, e in thr_pass.estimators.items()}
-            if thr_file is not None:
-                per_layer = {m: thresholds[g][offset[m]:offset[m] + shapes[m][0]] for g, ms in groups.items()
-                             for m in ms}
-                save_state(thr_file, per_layer, {"fingerprint": fingerprint})
+    def _keep(self, batch_no: int, batch: Any, b: int, tables: dict[str, tuple[torch.Tensor, torch.Tensor]],
+              maxima: dict[str, torch.Tensor], guesses: dict[str, torch.Tensor | None]) -> None:
+        """Cache one batch for pass 2 (encoded labels, block tables, maxima, bounds); give the cache up when even
+        pruned with the risen bounds it exceeds ``cache_bytes``."""
+        labels = self.encoder.encode(batch, b)
+        size = labels.nbytes() + sum(t.numel() * t.element_size() for t in [
+            *maxima.values(), *(x for table in tables.values() for x in table)])
+        with self.cache_lock:
+            if self.cache is None:
+                return
+            self.cache[batch_no] = (tables, maxima, labels, guesses)
+            self.cached += size
+            if self.cached > self.cache_bytes:  # drop blocks the risen bounds exclude; give up if still too big
+                with self.floor_lock:
+                    bounds = dict(self.floors)
+                self.cached = _prune_cache(list(self.cache.values()), bounds, self.backend)
+                if self.cached > self.cache_bytes:
+                    self.cache = None
 
-        # pass 2: tally (one tally per worker, summed after: integer counts, exact in any order)
-        tallies = _Lanes([_TallyPass(units, {name: shapes[name][0] for name in names}, n_cols, len(cats), top_n,
-                                     dev) for _ in range(lanes)])
-
-        def step2(indices: list[int], b: int) -> None:
-            tally = tallies.parts[worker_index()]
-            # a cached table holds the blocks above the bound it was built with; when a guessed bound turned out
-            # above a unit's final threshold (data not exchangeable), the batch is run through the model again
-            entry = cache.pop(b, None) if cache is not None else None  # (release memory as we go)
-            if entry is not None and all(bool((guesses <= thresholds[g]).all()) for g, guesses in entry[3].items()):
-                tables, maxima, labels, _ = entry
-            else:
-                acts, group_max, maxima, batch, nb = load(indices)
-                labels = encoder.encode(batch, nb)
-                tables = {g: upsamplers[g].block_table(a, thresholds[g], group_max[g]) for g, a in acts.items()}
-                del acts
-            idx = torch.as_tensor([pick[i] for i in indices], device=dev)
-
-            def tally_group(g: str) -> None:
-                _tally_layer(tables[g], units[g], thresholds[g], upsamplers[g], labels, tally.inter[g], tally.act[g],
-                             max_elements)
-
-            # layer groups write disjoint counters: on a multi-core CPU they are tallied side by side (NumPy
-            # gathers and torch kernels release the GIL); the integer counts do not depend on the order
-            if pool is not None and not fused:
-                for future in [pool.submit(tally_group, g) for g in groups]:
-                    future.result()
-            else:
-                for g in groups:
-                    tally_group(g)
-            for name in names:
-                tally.add_top(name, maxima[name], idx)
-            tally.label_pixels += labels.label_pixels
-            tally.annotated += labels.annotated.sum(0).round().long()
-
-        run_batches(n, batch_size, step2, accumulator=tallies,
-                    checkpoint=ckpt_dir / "pass2.safetensors" if ckpt_dir else None, every=checkpoint_every,
-                    fingerprint=fingerprint, desc="dissect: tally", show_progress=show_progress, workers=lanes)
-        tally = tallies.fold()
+    # ------------------------------------------------------------------ pass 2: counts
+    def tally_pass(self, thresholds: dict[str, torch.Tensor]) -> _TallyPass:
+        """Integer counts over every image (one tally per worker, summed after: exact in any order)."""
+        self.thresholds = thresholds
+        layer_units = {name: self.shapes[name][0] for name in self.names}
+        self.tallies = _Lanes([_TallyPass(self.units, layer_units, self.n_cols, len(self.cats), self.top_n, self.dev,
+                                          self.backend) for _ in range(self.lanes)])
+        run_batches(self.n, self.batch_size, self._step2, accumulator=self.tallies,
+                    checkpoint=self.ckpt_dir / "pass2.safetensors" if self.ckpt_dir else None,
+                    every=self.checkpoint_every, fingerprint=self.fingerprint, desc="dissect: tally",
+                    show_progress=self.show_progress, workers=self.lanes)
+        tally = self.tallies.fold()
         tally.merge_across_processes()
+        return tally
 
-    annotated = {c: int(v) for c, v in zip(cats, tally.annotated.tolist(), strict=True)}
-    if categories is not None:
-        empty = [c for c, v in annotated.items() if v == 0]
-        if empty:
-            raise DissectionError(f"dataset has no masks for categor{'y' if len(empty) == 1 else 'ies'} {empty}: "
-                                  "no image is annotated in it")
-    label_pixels = tally.label_pixels.cpu()[concept_cols]
-    results = {}
-    group_of = {m: g for g, ms in groups.items() for m in ms}
-    for name in names:
-        g, lo, hi = group_of[name], offset[name], offset[name] + shapes[name][0]
-        inter = tally.inter[g][lo:hi].cpu()[:, concept_cols]
-        layer_act = tally.act[g][lo:hi].cpu()
-        act = layer_act[:, cat_of_col]
-        iou = inter.double() / (act.double() + label_pixels.double() - inter.double() + 1e-10)
-        best_iou, best = iou.max(dim=1)
-        results[name] = LayerDissection(
-            name=name, thresholds=thresholds[g][lo:hi].float().cpu(), intersection=inter, activation=layer_act,
-            iou=iou, best_concept=best, best_iou=best_iou, top_images=tally.top_idx[name].cpu(),
-            top_values=tally.top_val[name].cpu(),
+    def _step2(self, indices: list[int], b: int) -> None:
+        tally, thresholds = self.tallies.parts[worker_index()], self.thresholds
+        # a cached table holds the blocks above the bound it was built with; when a guessed bound turned out
+        # above a unit's final threshold (data not exchangeable), the batch is run through the model again
+        entry = self.cache.pop(b, None) if self.cache is not None else None  # (release memory as we go)
+        if entry is not None and all(bool((guesses <= thresholds[g]).all()) for g, guesses in entry[3].items()):
+            tables, maxima, labels, _ = entry
+        else:
+            acts, group_max, maxima, batch, nb = self.load(indices)
+            labels = self.encoder.encode(batch, nb)
+            tables = {g: self.upsamplers[g].block_table(a, thresholds[g], group_max[g]) for g, a in acts.items()}
+            del acts
+        idx = torch.as_tensor([self.pick[i] for i in indices], device=self.dev)
+
+        def tally_group(g: str) -> None:
+            _tally_layer(tables[g], self.units[g], thresholds[g], self.upsamplers[g], labels, tally.inter[g],
+                         tally.act[g], self.max_elements)
+
+        # layer groups write disjoint counters: on a multi-core CPU they are tallied side by side (NumPy
+        # gathers and torch kernels release the GIL); the integer counts do not depend on the order
+        if self.pool is not None and not self.fused:
+            for future in [self.pool.submit(tally_group, g) for g in self.groups]:
+                future.result()
+        else:
+            for g in self.groups:
+                tally_group(g)
+        for name in self.names:
+            tally.add_top(name, maxima[name], idx)
+        tally.label_pixels += labels.label_pixels
+        tally.annotated += labels.annotated.sum(0).round().long()
+
+    # ------------------------------------------------------------------ result
+    def result(self, thresholds: dict[str, torch.Tensor], tally: _TallyPass) -> DissectionResult:
+        """IoU per unit and concept from the counts (NetDissect's dataset-level definition)."""
+        cats, concepts = self.cats, self.concepts
+        annotated = {c: int(v) for c, v in zip(cats, tally.annotated.tolist(), strict=True)}
+        if self.categories is not None:
+            empty = [c for c, v in annotated.items() if v == 0]
+            if empty:
+                raise DissectionError(f"dataset has no masks for categor{'y' if len(empty) == 1 else 'ies'} "
+                                      f"{empty}: no image is annotated in it")
+        concept_cols = torch.tensor([c[0] for c in concepts])
+        cat_of_col = torch.tensor([cats.index(c[2]) for c in concepts])
+        label_pixels = tally.label_pixels.cpu()[concept_cols]
+        results = {}
+        group_of = {m: g for g, ms in self.groups.items() for m in ms}
+        for name in self.names:
+            g, lo, hi = group_of[name], self.offset[name], self.offset[name] + self.shapes[name][0]
+            inter = tally.inter[g][lo:hi].cpu()[:, concept_cols]
+            layer_act = tally.act[g][lo:hi].cpu()
+            act = layer_act[:, cat_of_col]
+            iou = inter.double() / (act.double() + label_pixels.double() - inter.double() + 1e-10)
+            best_iou, best = iou.max(dim=1)
+            results[name] = LayerDissection(
+                name=name, thresholds=thresholds[g][lo:hi].float().cpu(), intersection=inter, activation=layer_act,
+                iou=iou, best_concept=best, best_iou=best_iou, top_images=tally.top_idx[name].cpu(),
+                top_values=tally.top_val[name].cpu(),
+            )
+        exact = {m: self.thr_pass.estimators[g].exact for m, g in group_of.items()}
+        return DissectionResult(
+            layers=results, concept_numbers=[c[0] for c in concepts], concept_names=[c[1] for c in concepts],
+            concept_categories=[c[2] for c in concepts], categories=cats, label_pixels=label_pixels,
+            annotated_images=annotated, n_images=self.n, quantile=self.quantile, iou_threshold=self.iou_threshold,
+            seg_size=self.seg, exact_thresholds=exact, model=model_signature(self.model),
         )
-    return DissectionResult(
-        layers=results, concept_numbers=[c[0] for c in concepts], concept_names=[c[1] for c in concepts],
-        concept_categories=[c[2] for c in concepts], categories=cats, label_pixels=label_pixels,
-        annotated_images=annotated, n_images=n, quantile=quantile, iou_threshold=iou_threshold, seg_size=seg,
-        exact_thresholds={m: isinstance(thr_pass.estimators[g], ExactTopQuantile) for m, g in group_of.items()},
-    )
 
 
 class Dissector:
-    """scikit-learn style wrapper: configuration in the constructor, ``fit`` sets ``result_``."""
+    """Network Dissection as an estimator (scikit-learn style): every option an explicit constructor parameter (the
+    keywords of :func:`dissect`), ``fit(model, dataset)`` returns self, the learned result in ``result_`` (a
+    :class:`DissectionResult`); :meth:`get_params` / :meth:`set_params` as in scikit-learn."""
 
-    def __init__(self, layers: str | Sequence[str], **options: Any) -> None:
-        self.layers = layers
-        self.options = options
+    def __init__(self, layers: str | Sequence[str], *, quantile: float = 0.005, iou_threshold: float = 0.04,
+                 batch_size: int = 32, device: str | torch.device = "auto",
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 categories: Sequence[str] | None = None, checkpoint: str | os.PathLike | None = None,
+                 checkpoint_every: int = 10, seg_size: tuple[int, int] | None = None, top_n: int = 8,
+                 cache_bytes: int = 1 << 28, quantile_memory: int = 1 << 28, max_elements: int = 1 << 24,
+                 show_progress: bool | None = None, workers: int | None = None, backend: Backend | None = None
+                 ) -> None:
+        self.layers, self.quantile, self.iou_threshold, self.batch_size = layers, quantile, iou_threshold, batch_size
+        self.device, self.transform, self.categories, self.checkpoint = device, transform, categories, checkpoint
+        self.checkpoint_every, self.seg_size, self.top_n, self.cache_bytes = checkpoint_every, seg_size, top_n, \
+            cache_bytes
+        self.quantile_memory, self.max_elements, self.show_progress = quantile_memory, max_elements, show_progress
+        self.workers, self.backend = workers, backend
 
-    def fit(self, model: nn.Module, dataset: SegmentationDataset) -> Dissector:
-        self.result_ = dissect(model, dataset, self.layers, **self.options)
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor parameters and their values."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> Dissector:
+        """Change constructor parameters (an unknown name raises ``ValueError`` listing the valid ones)."""
+        valid = self._param_names()
+        unknown = [k for k in params if k not in valid]
+        if unknown:
+            raise ValueError(f"Dissector has no parameter {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
+        for k, v in params.items():
+            setattr(self, k, v)
+        return self
+
+    def fit(self, model: nn.Module, dataset: SegmentationDataset, indices: Sequence[int] | None = None) -> Dissector:
+        """Dissect ``model`` over ``dataset`` (or its images ``indices``); sets ``result_``, returns self."""
+        params = self.get_params()
+        self.result_ = dissect(model, dataset, params.pop("layers"), indices=indices, **params)
         return self

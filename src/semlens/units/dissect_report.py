@@ -22,14 +22,11 @@ CATEGORY_COLORS = {"color": "#d62728", "object": "#1f77b4", "part": "#2ca02c", "
 
 def unique_detector_figure(result: DissectionResult, title: str = "") -> Any:
     """Bar chart: one group of bars per layer, one bar per category (unique detectors)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from semlens.report import subplots
 
     layers = list(result.layers)
     cats = result.categories
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(layers) + 1), 3.0))
+    fig, ax = subplots(figsize=(max(4.0, 1.3 * len(layers) + 1), 3.0))
     width = 0.8 / max(1, len(cats))
     for j, cat in enumerate(cats):
         vals = [result.unique_detectors(name)[cat] for name in layers]
@@ -91,12 +88,9 @@ def unit_cards_figure(result: DissectionResult, model: nn.Module, dataset: Any, 
                       ) -> Any:
     """Unit cards: per unit, its top-activating images with the thresholded region (row 1) and the
     best concept's mask (row 2), titled with layer, unit, concept and IoU."""
-    import matplotlib
+    from semlens.report import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2 * len(units), images, figsize=(1.5 * images + 0.9, 3.1 * len(units)), squeeze=False)
+    fig, axes = subplots(2 * len(units), images, figsize=(1.5 * images + 0.9, 3.1 * len(units)), squeeze=False)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     with frozen(model), torch.no_grad():

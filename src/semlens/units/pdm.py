@@ -1,4 +1,4 @@
-"""Naming neurons by prediction-difference maximization (PDM, Dong et al. 2017; METHODS.md §1.5) and
+"""Naming neurons by prediction-difference maximization (PDM, Dong et al. 2017) and
 scoring how selective the named neurons are for their topic (§1.10).
 
 For every neuron ``j`` of the representation ``v̄`` (N, D) and a map ``f: (M, D) -> (M, K)`` to topic
@@ -19,16 +19,27 @@ Two exact paths, both without a loop over neurons × videos:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
+
+from semlens.artefacts import ArtefactError, load_artefact, model_signature, save_artefact
+from semlens.stats import auc
+
+if TYPE_CHECKING:
+    from semlens.units.topics import TopicModel
 
 __all__ = ["NeuronTopics", "LinearTopicMap", "prediction_difference", "name_neurons", "auc", "topic_selectivity",
            "contains_topic"]
 
 TopicMap = Callable[[torch.Tensor], torch.Tensor]
+_KIND, _VERSION = "neuron-topics", 1
 
 
 class LinearTopicMap:
@@ -197,6 +208,52 @@ class NeuronTopics:
         return {"topic": self.topic.tolist(), "strength": self.strength.tolist(),
                 "topic_names": self.topic_names, "differences": self.differences.tolist()}
 
+    # ------------------------------------------------------------------ stored artefact
+    def save(self, path: str | os.PathLike, topic_model: TopicModel | None = None, model: nn.Module | None = None
+             ) -> Path:
+        """Write the neuron → topic table (artefact ``neuron-topics`` v1) with the topic model it names topics
+        of (vocabulary, priors and topic-word counts, so it can be rebuilt by :meth:`load_topic_model`) and
+        the :func:`~semlens.artefacts.model_signature` of ``model``."""
+        tensors = {"differences": self.differences.float(), "topic": self.topic.long(), "strength": self.strength}
+        meta: dict[str, Any] = {"topic_names": list(self.topic_names), "n_neurons": int(self.topic.numel()),
+                                "model": model_signature(model) if model is not None else ""}
+        if topic_model is not None:
+            if topic_model.n_topics != self.n_topics:
+                raise ValueError(f"the topic model has {topic_model.n_topics} topics; the table names {self.n_topics}")
+            d = dict(topic_model.to_json())
+            tensors["topic_model/components"] = torch.as_tensor(np.asarray(d.pop("components"), dtype=np.float64))
+            d.pop("top_words", None)
+            meta["topic_model"], meta["topic_model_fingerprint"] = d, topic_model.fingerprint()
+        return save_artefact(path, _KIND, _VERSION, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, topic_model: TopicModel | None = None, model: nn.Module | None = None
+             ) -> NeuronTopics:
+        """Read a table written by :meth:`save`. A table made with another topic model (vocabulary or topics)
+        than ``topic_model``, or for another architecture than ``model``, raises :class:`ArtefactError`."""
+        tensors, h = load_artefact(path, _KIND, _VERSION)
+        stored = h.get("topic_model_fingerprint")
+        if topic_model is not None and stored and stored != topic_model.fingerprint():
+            vocab = len(h["topic_model"]["vocabulary"])
+            raise ArtefactError(f"neuron table {path} was named with another topic model ({vocab} words, fingerprint "
+                                f"{stored}; this one: {len(topic_model.vocabulary_ or [])} words, "
+                                f"{topic_model.fingerprint()})")
+        if model is not None and h.get("model") and h["model"] != model_signature(model):
+            raise ArtefactError(f"neuron table {path} was made for another model (signature {h['model']}, this model "
+                                f"{model_signature(model)})")
+        return cls(tensors["differences"], tensors["topic"], tensors["strength"], list(h["topic_names"]))
+
+    @staticmethod
+    def load_topic_model(path: str | os.PathLike) -> TopicModel:
+        """The topic model stored with the table at ``path`` (an error when it was saved without one)."""
+        from semlens.units.topics import TopicModel
+
+        tensors, h = load_artefact(path, _KIND, _VERSION)
+        if "topic_model" not in h:
+            raise ArtefactError(f"neuron table {path} was saved without its topic model")
+        return TopicModel.from_json({**h["topic_model"], "components": tensors["topic_model/components"].numpy()},
+                                    str(path))
+
 
 def name_neurons(f: TopicMap, vbar: torch.Tensor, topic_names: Sequence[str] | None = None, removal: str = "zero",
                  **kwargs: object) -> NeuronTopics:
@@ -211,36 +268,10 @@ def name_neurons(f: TopicMap, vbar: torch.Tensor, topic_names: Sequence[str] | N
 
 
 def contains_topic(s: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
-    """(N, K) bool: video contains topic t when s_t >= threshold or t = argmax s (METHODS.md A6)."""
+    """(N, K) bool: video contains topic t when s_t >= threshold or t = argmax s (Dong et al. 2017)."""
     top = torch.zeros_like(s, dtype=torch.bool)
     top[torch.arange(s.shape[0]), s.argmax(1)] = True
     return (s >= threshold) | top
-
-
-def auc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """ROC AUC of ``scores`` (N, M) separating ``labels`` (N, M) bool, per column (M,); ties count half.
-
-    NaN where a column has no positive or no negative. Mann-Whitney U via average ranks (vectorized).
-    """
-    scores = scores.double()
-    N = scores.shape[0]
-    order = scores.argsort(0)
-    sorted_s = scores.gather(0, order)
-    ranks_sorted = torch.arange(1, N + 1, dtype=torch.float64, device=scores.device)[:, None].expand_as(scores)
-    # average ranks of ties: group equal consecutive values
-    new_group = torch.ones_like(sorted_s, dtype=torch.bool)
-    new_group[1:] = sorted_s[1:] != sorted_s[:-1]
-    gid = new_group.long().cumsum(0) - 1  # (N, M)
-    sums = torch.zeros_like(sorted_s).scatter_add_(0, gid, ranks_sorted)
-    cnts = torch.zeros_like(sorted_s).scatter_add_(0, gid, torch.ones_like(sorted_s))
-    avg = (sums / cnts.clamp(min=1)).gather(0, gid)
-    ranks = torch.empty_like(avg).scatter_(0, order, avg)
-    pos = labels.bool()
-    n1 = pos.sum(0).double()
-    n0 = N - n1
-    u = (ranks * pos).sum(0) - n1 * (n1 + 1) / 2
-    out = u / (n1 * n0)
-    return torch.where((n1 > 0) & (n0 > 0), out, torch.full_like(out, float("nan")))
 
 
 def topic_selectivity(names: NeuronTopics, vbar_fit: torch.Tensor, s_fit: torch.Tensor, vbar_eval: torch.Tensor,
@@ -251,7 +282,7 @@ def topic_selectivity(names: NeuronTopics, vbar_fit: torch.Tensor, s_fit: torch.
     fitting set (``vbar_fit`` (N, D), topic targets ``s_fit`` (N, K)); a topic's score on a video is the
     mean oriented activation of its neurons; the AUC of that score on the evaluation set is the
     topic's selectivity (0.5 = chance). Also returns the index (μ_in − μ_out)/(μ_in + μ_out) on |v̄|
-    per named neuron (METHODS.md §1.10), and each neuron's ``orientation`` (D,) ±1. Topics without
+    per named neuron (Dong et al. 2017), and each neuron's ``orientation`` (D,) ±1. Topics without
     neurons or without both classes are skipped.
     """
     D, K = names.differences.shape

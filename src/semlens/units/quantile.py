@@ -22,17 +22,48 @@ and merge exactly across processes, so a sharded run gives the same thresholds a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
 
+from semlens import distributed
+from semlens.streaming import all_gather_cat
 from semlens.units.dissect_kernels import TopBuffer
 
 T = TypeVar("T")
 
-__all__ = ["quantile_positions", "ExactTopQuantile", "HistogramQuantileSketch", "make_quantile_estimator"]
+__all__ = ["quantile_positions", "QuantileEstimator", "ExactTopQuantile", "HistogramQuantileSketch",
+           "make_quantile_estimator"]
+
+
+class QuantileEstimator(Protocol):
+    """What both estimators offer: ``exact`` (the thresholds are exact and a running ``lower_bound`` (units,)
+    exists; ``None`` for a sketch), ``update``, ``result``, ``max_bytes``, checkpoint state, folding the states
+    of several estimators that saw disjoint values (:meth:`fold_state`), an empty state (:meth:`cleared_state`)
+    and the exact merge over ``torchrun`` processes (:meth:`merge_across_processes`)."""
+
+    exact: bool
+    units: int
+
+    @property
+    def max_bytes(self) -> int: ...
+
+    @property
+    def lower_bound(self) -> torch.Tensor | None: ...
+
+    def update(self, x: torch.Tensor) -> None: ...
+
+    def result(self) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def cleared_state(self) -> dict[str, torch.Tensor]: ...
+
+    def merge_across_processes(self) -> None: ...
 
 
 def quantile_positions(total: int, q: float) -> tuple[int, float]:
@@ -50,13 +81,13 @@ def quantile_positions(total: int, q: float) -> tuple[int, float]:
     return lo, pos - lo
 
 
-NUMPY_ON_CPU = True  # CPU tensors take NumPy's faster kernels; False: torch only (the path CUDA takes)
 GUESS_MARGIN = (2.0, 8.0)  # likely_bound(): the kept value of rank a·e + b·√e (e = expected final top-k values seen)
 
 
-def _pack_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """(units, m) the entries of ``x`` (units, ...) where ``keep``, row by row, −inf padded (m = most kept)."""
-    if NUMPY_ON_CPU and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):  # several times faster
+def _pack_rows(x: torch.Tensor, keep: torch.Tensor, numpy: bool = True) -> torch.Tensor:
+    """(units, m) the entries of ``x`` (units, ...) where ``keep``, row by row, −inf padded (m = most kept).
+    ``numpy``: CPU tensors take NumPy's kernels (several times faster; False: torch only, the path CUDA takes)."""
+    if numpy and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):  # several times faster
         xn, kn = x.reshape(x.shape[0], -1).numpy(), keep.reshape(x.shape[0], -1).numpy()
         vals = xn[kn]  # row-major: grouped by row
         cnt = np.count_nonzero(kn, axis=1)
@@ -75,7 +106,7 @@ def _pack_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def _prefilter(x: torch.Tensor, k: int) -> torch.Tensor:
+def _prefilter(x: torch.Tensor, k: int, numpy: bool = True) -> torch.Tensor:
     """Drop most entries of ``x`` (units, n ≫ k) that cannot be among each row's k largest (exact).
 
     A strided sample estimates a level a bit below each row's k-th largest; rows where fewer than
@@ -91,7 +122,7 @@ def _prefilter(x: torch.Tensor, k: int) -> torch.Tensor:
     short = keep.sum(1) < k
     if bool(short.any()):
         keep |= short.unsqueeze(1)
-    return _pack_rows(x, keep)
+    return _pack_rows(x, keep, numpy)
 
 
 class ExactTopQuantile:
@@ -107,8 +138,12 @@ class ExactTopQuantile:
     most about ``3 · units · k`` floats.
     """
 
-    def __init__(self, units: int, total: int, q: float, device: torch.device | str = "cpu") -> None:
+    exact = True
+
+    def __init__(self, units: int, total: int, q: float, device: torch.device | str = "cpu", numpy: bool = True
+                 ) -> None:
         self.units, self.total, self.q = units, total, q
+        self.numpy = numpy  # CPU tensors take NumPy's kernels (False: torch only)
         self.lo, self.frac = quantile_positions(total, q)
         self.k = total - self.lo  # ascending indices lo .. total-1
         self._values = torch.empty(units, 0, device=device)
@@ -299,7 +334,7 @@ class ExactTopQuantile:
                 self._compact()
             return
         # values at most the bound cannot enter the top k (a caller's −inf padding is dropped here too)
-        packed = x if prefiltered else _pack_rows(x, x > self._bound.view(-1, *([1] * (x.ndim - 1))))
+        packed = x if prefiltered else _pack_rows(x, x > self._bound.view(-1, *([1] * (x.ndim - 1))), self.numpy)
         if packed.shape[1] == 0:
             return
         self._pending.append(packed)
@@ -314,7 +349,7 @@ class ExactTopQuantile:
         self._pending, self._pending_width = [], 0
         k = min(self.k, cat.shape[1])
         if cat.shape[1] > 8 * k:
-            cat = _prefilter(cat, k)
+            cat = _prefilter(cat, k, self.numpy)
         self._values = cat.topk(k, dim=1, sorted=False).values  # unordered
         self._bound = self._values.amin(1)
         self._covered = self._seen
@@ -340,6 +375,24 @@ class ExactTopQuantile:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.values = state["values"].to(self._values.device)
 
+    @staticmethod
+    def fold_state(parts: Sequence[ExactTopQuantile]) -> dict[str, torch.Tensor]:
+        """The state of one estimator that saw what all of ``parts`` saw (exact), leaving them unchanged."""
+        values = torch.cat([p.values for p in parts], 1)
+        k = min(parts[0].k, values.shape[1])
+        return {"values": values if len(parts) == 1 else values.topk(k, dim=1, sorted=False).values}
+
+    def cleared_state(self) -> dict[str, torch.Tensor]:
+        """The state of an estimator that saw nothing."""
+        return {"values": self.values[:, :0]}
+
+    def merge_across_processes(self) -> None:
+        """Keep the k largest values of every process (exact); a no-op in one process."""
+        if distributed.is_distributed():
+            gathered = all_gather_cat(self.values.contiguous(), dim=1)
+            self.values = self.values[:, :0]
+            self.merge(gathered)
+
 
 def _float_to_key(x: torch.Tensor) -> torch.Tensor:
     """Map float32 values to int32 keys with the same order (signed comparison)."""
@@ -357,6 +410,9 @@ class HistogramQuantileSketch:
 
     ``mantissa_bits`` m in [0, 23]: bins per unit ``2**(9+m)``; relative error ≤ ``2**−(m+1)``.
     """
+
+    exact = False
+    lower_bound = None  # a sketch keeps no running bound of the threshold
 
     def __init__(self, units: int, total: int, q: float, device: torch.device | str = "cpu",
                  mantissa_bits: int = 6) -> None:
@@ -406,10 +462,23 @@ class HistogramQuantileSketch:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.counts = state["counts"].to(self.counts.device)
 
+    @staticmethod
+    def fold_state(parts: Sequence[HistogramQuantileSketch]) -> dict[str, torch.Tensor]:
+        """The state of one sketch that saw what all of ``parts`` saw (counts add), leaving them unchanged."""
+        return {"counts": sum(p.state_dict()["counts"] for p in parts)}
+
+    def cleared_state(self) -> dict[str, torch.Tensor]:
+        """The state of a sketch that saw nothing."""
+        return {"counts": torch.zeros_like(self.counts)}
+
+    def merge_across_processes(self) -> None:
+        """Sum the counts of every process (exact); a no-op in one process."""
+        distributed.all_reduce_sum(self.counts)
+
 
 def make_quantile_estimator(units: int, total: int, q: float, device: torch.device | str,
-                            memory_bytes: int) -> ExactTopQuantile | HistogramQuantileSketch:
+                            memory_bytes: int, numpy: bool = True) -> ExactTopQuantile | HistogramQuantileSketch:
     """The exact estimator when ``units · k`` float32 values fit in ``memory_bytes``, else the sketch."""
     if units * ExactTopQuantile.needed(total, q) * 4 * 3 <= memory_bytes:  # x3: kept + pending + topk buffer
-        return ExactTopQuantile(units, total, q, device)
+        return ExactTopQuantile(units, total, q, device, numpy)
     return HistogramQuantileSketch(units, total, q, device)

@@ -1,4 +1,4 @@
-"""Semantic topics from human descriptions (Dong et al. 2017; METHODS.md §1.3).
+"""Semantic topics from human descriptions (Dong et al. 2017).
 
 Each training video's reference captions are joined into one bag-of-words document; scikit-learn's
 LatentDirichletAllocation (batch variational Bayes) is fitted on those documents; the topic target of a
@@ -12,6 +12,7 @@ plus ``extra_stop_words`` is removed; words appearing in fewer than ``min_df`` d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -49,7 +50,7 @@ class TopicModel:
     """LDA topic model over per-video caption documents (scikit-learn style: ``fit`` returns self).
 
     n_topics: K. doc_topic_prior / topic_word_prior: symmetric Dirichlet α and β (``None`` = 1/K for α;
-    β defaults to 0.01 as recommended in METHODS.md §1.3). max_iter: variational EM passes.
+    β defaults to 0.01 a common choice for sparse topic-word distributions). max_iter: variational EM passes.
     """
 
     def __init__(self, n_topics: int = 20, *, doc_topic_prior: float | None = None, topic_word_prior: float = 0.01,
@@ -150,6 +151,13 @@ class TopicModel:
         """Write the model (vocabulary, stop-word settings, priors, topic-word counts) to JSON."""
         return save_json(self.to_json(), path)
 
+    def fingerprint(self) -> str:
+        """16 hex digits identifying the fitted model (vocabulary and topic-word counts)."""
+        lda = self._fitted()
+        h = hashlib.sha256("\n".join(self.vocabulary_ or []).encode())
+        h.update(np.ascontiguousarray(lda.components_, dtype=np.float64).tobytes())
+        return h.hexdigest()[:16]
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> TopicModel:
         path = Path(path)
@@ -157,13 +165,21 @@ class TopicModel:
             raise FileNotFoundError(f"topic model file not found: {path}")
         try:
             d = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not a semlens topic model: {err}") from err
+        return cls.from_json(d, str(path))
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], source: str = "topic model") -> TopicModel:
+        """The model of :meth:`to_json`'s dict ``d`` (``source`` names it in errors)."""
+        try:
             comp = np.asarray(d["components"], dtype=np.float64)
             vocab = list(d["vocabulary"])
             K = int(d["n_topics"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path} is not a semlens topic model: {err}") from err
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{source} is not a semlens topic model: {err}") from err
         if comp.shape != (K, len(vocab)) or not np.isfinite(comp).all() or (comp <= 0).any():
-            raise ValueError(f"{path}: components must be positive ({K}, {len(vocab)}); got {comp.shape}")
+            raise ValueError(f"{source}: components must be positive ({K}, {len(vocab)}); got {comp.shape}")
         m = cls(K, doc_topic_prior=d["doc_topic_prior"], topic_word_prior=d["topic_word_prior"],
                 max_iter=d["max_iter"], min_df=d["min_df"], extra_stop_words=d["extra_stop_words"],
                 use_english_stop_words=d["use_english_stop_words"], seed=d["seed"])

@@ -30,7 +30,7 @@ from torch import Tensor
 from semlens.runtime import progress
 from semlens.world.concepts import CHUNK, VOCABULARY, ConceptImages, ConceptVocabulary, _generate_chunk
 
-__all__ = ["BrodenBatch", "BrodenDataset", "BrodenFormatError", "write_broden", "write_concepts"]
+__all__ = ["BrodenBatch", "BrodenDataset", "BrodenFormatError", "read_images", "write_broden", "write_concepts"]
 
 INDEX_COLUMNS = ["image", "split", "ih", "iw", "sh", "sw", "color", "object", "material", "part", "scene", "texture"]
 PIXEL_CATEGORIES = ("color", "object", "part", "texture")
@@ -268,6 +268,27 @@ def _open_png(path: Path, mode: str | None) -> np.ndarray:
         raise BrodenFormatError(f"corrupt image file {path}: {err}") from err
 
 
+def _image_tensor(arrays: Sequence[np.ndarray]) -> Tensor:
+    """(B, 3, H, W) float in [0, 1] from B (H, W, 3) uint8 arrays."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255).contiguous()
+
+
+def read_images(root: str | os.PathLike, names: Sequence[str], image_size: tuple[int, int] | None = None) -> Tensor:
+    """The images ``root/images/<name>`` of a Broden-format directory as (B, 3, H, W) float in [0, 1], read
+    without parsing its index (the values :meth:`BrodenDataset.load_batch` returns); ``image_size`` (h, w)
+    is checked when given."""
+    arrays = []
+    for name in names:
+        path = Path(root) / "images" / name
+        img = _open_png(path, "RGB")
+        if image_size is not None and img.shape[:2] != tuple(image_size):
+            raise BrodenFormatError(f"image {path} has size {img.shape[:2]}, expected {tuple(image_size)}")
+        arrays.append(img)
+    if not arrays:
+        raise ValueError("no image names given")
+    return _image_tensor(arrays)
+
+
 _Loaded = tuple[np.ndarray, dict[str, list[np.ndarray]], dict[str, list[int]]]
 
 
@@ -416,7 +437,7 @@ class BrodenDataset:
             with ThreadPoolExecutor(min(self.workers, len(idx))) as pool:
                 loaded = list(pool.map(lambda i: self._load_one(i, cats), idx))
         b = len(idx)
-        images = torch.from_numpy(np.stack([x[0] for x in loaded])).permute(0, 3, 1, 2).float().div_(255)
+        images = _image_tensor([x[0] for x in loaded])
         pixel, level, annotated = {}, {}, {}
         for cat in cats:
             k = max(len(x[1][cat]) for x in loaded)
@@ -430,7 +451,7 @@ class BrodenDataset:
             pixel[cat] = torch.from_numpy(arr)
             level[cat] = torch.from_numpy(lv)
             annotated[cat] = torch.tensor([bool(self._cells[cat][i]) for i in idx], dtype=torch.bool)
-        return BrodenBatch(images.contiguous(), pixel, level, annotated)
+        return BrodenBatch(images, pixel, level, annotated)
 
     def iter_batches(self, batch_size: int, indices: Sequence[int] | Tensor | None = None,
                      show_progress: bool | None = None,

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from semlens.world.clips import ClipSet
 
-__all__ = ["CaptionCorpus", "CorpusFormatError", "write_clip_corpus"]
+__all__ = ["CaptionCorpus", "CorpusFormatError", "read_features", "write_clip_corpus"]
 
 SPLITS = ("train", "val", "test")
 
@@ -111,6 +111,32 @@ def _read_captions(path: Path) -> dict[str, list[str]]:
     return captions
 
 
+def _feature_array(path: Path) -> np.ndarray:
+    """The (T, D) array of a feature file, memory-mapped (errors name the file)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"feature file not found: {path}")
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        raise CorpusFormatError(f"corrupt feature file {path}: {err}") from err
+    if arr.ndim != 2 or arr.shape[0] < 1 or not np.issubdtype(arr.dtype, np.number):
+        raise CorpusFormatError(f"{path} must hold a (T, D) numeric array, found shape {arr.shape} {arr.dtype}")
+    return arr
+
+
+def read_features(root: str | os.PathLike, vid: str, feature_dim: int | None = None) -> Tensor:
+    """Per-frame features ``root/features/<vid>.npy`` of an MSVD-style corpus, (T, D) float32, read without
+    opening the rest of the corpus; ``feature_dim`` D is checked when given."""
+    path = Path(root) / "features" / f"{vid}.npy"
+    arr = _feature_array(path)
+    if feature_dim is not None and arr.shape[1] != feature_dim:
+        raise CorpusFormatError(f"{path} has D={arr.shape[1]}, corpus has D={feature_dim}")
+    arr = np.array(arr)  # into memory (the memory map is read-only)
+    if not np.isfinite(arr).all():
+        raise CorpusFormatError(f"{path} contains NaN or inf")
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
 class CaptionCorpus:
     """An MSVD-style corpus on disk (ours or real per-frame features), validated when opened.
 
@@ -154,16 +180,8 @@ class CaptionCorpus:
         self.truth = self._read_truth()
 
     def _feature_shape(self, vid: str) -> tuple[int, int]:
-        path = self.root / "features" / f"{vid}.npy"
-        if not path.is_file():
-            raise FileNotFoundError(f"feature file not found: {path}")
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except (ValueError, OSError, EOFError) as err:
-            raise CorpusFormatError(f"corrupt feature file {path}: {err}") from err
-        if arr.ndim != 2 or arr.shape[0] < 1 or not np.issubdtype(arr.dtype, np.number):
-            raise CorpusFormatError(f"{path} must hold a (T, D) numeric array, found shape {arr.shape} {arr.dtype}")
-        return int(arr.shape[0]), int(arr.shape[1])
+        shape = _feature_array(self.root / "features" / f"{vid}.npy").shape
+        return int(shape[0]), int(shape[1])
 
     def _read_truth(self) -> dict[str, dict[str, str]] | None:
         path = self.root / "truth.csv"
@@ -194,14 +212,7 @@ class CaptionCorpus:
         self._check_id(vid)
         if self.feature_dim is None and not (self.root / "features").is_dir():
             raise FileNotFoundError(f"corpus {self.root} has no features/ directory")
-        t, d = self._feature_shape(vid)
-        if self.feature_dim is not None and d != self.feature_dim:
-            raise CorpusFormatError(f"{self.root / 'features' / (vid + '.npy')} has D={d}, corpus has "
-                                    f"D={self.feature_dim}")
-        arr = np.load(self.root / "features" / f"{vid}.npy")
-        if not np.isfinite(arr).all():
-            raise CorpusFormatError(f"{self.root / 'features' / (vid + '.npy')} contains NaN or inf")
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        return read_features(self.root, vid, self.feature_dim)
 
     def frames(self, vid: str) -> Tensor:
         """Frames of ``vid``, (T, 3, S, S) uint8 (built-in corpora written with frames)."""

@@ -34,15 +34,13 @@ def concept_palette(vocabulary) -> np.ndarray:
 
 
 def _sample_figure(ci, k: int = 6):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+
+    from semlens.report import subplots
 
     cats = ["color", "object", "part", "texture"]
     pal = concept_palette(ci.vocabulary)
-    fig, axes = plt.subplots(k, len(cats) + 2, figsize=(1.8 * (len(cats) + 2), 2.3 * k))
+    fig, axes = subplots(k, len(cats) + 2, figsize=(1.8 * (len(cats) + 2), 2.3 * k))
     for r in range(k):
         axes[r, 0].imshow(ci.images[r].permute(1, 2, 0).numpy())
         axes[r, 0].set_title(ci.class_names[int(ci.labels[r])], fontsize=7)
@@ -65,14 +63,11 @@ def _sample_figure(ci, k: int = 6):
 
 
 def _clip_figure(cs, k: int = 4, step: int = 3):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from semlens.report import subplots
 
     t = cs.frames.shape[1]
     cols = list(range(0, t, step))
-    fig, axes = plt.subplots(k, len(cols), figsize=(1.3 * len(cols), 1.6 * k))
+    fig, axes = subplots(k, len(cols), figsize=(1.3 * len(cols), 1.6 * k))
     for r in range(k):
         for j, f in enumerate(cols):
             axes[r, j].imshow(cs.frames[r, f].permute(1, 2, 0).numpy())

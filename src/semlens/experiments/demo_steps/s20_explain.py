@@ -57,15 +57,11 @@ def explain_batch(model: torch.nn.Module, images: torch.Tensor, evidence: torch.
 
 
 def _figure(images: torch.Tensor, maps: dict[str, torch.Tensor], titles: list[str]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from semlens.explain import heatmap_rgb
+    from semlens.report import subplots
 
     n, cols = images.shape[0], 1 + len(maps)
-    fig, axes = plt.subplots(n, cols, figsize=(1.7 * cols, 1.7 * n), squeeze=False)
+    fig, axes = subplots(n, cols, figsize=(1.7 * cols, 1.7 * n), squeeze=False)
     for i in range(n):
         axes[i, 0].imshow(images[i].permute(1, 2, 0).clamp(0, 1).numpy())
         axes[i, 0].set_ylabel(titles[i], fontsize=7)
