@@ -8,7 +8,16 @@ This module imports nothing heavy, so the command line can use it at start-up.
 
 from __future__ import annotations
 
-__all__ = ["SemlensError", "UserInputError", "OutputError", "ModelLoadError", "USER_ERRORS"]
+import difflib
+from collections.abc import Sequence
+
+__all__ = ["SemlensError", "UserInputError", "OutputError", "ModelLoadError", "USER_ERRORS", "suggest"]
+
+
+def suggest(name: str, choices: Sequence[str], n: int = 3, cutoff: float = 0.5) -> str:
+    """`` Did you mean: a, b?`` for the closest ``choices`` (empty string when none is close)."""
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=cutoff)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
 class SemlensError(Exception):

@@ -8,11 +8,12 @@ that hook handles and model state are owned in one place and always cleaned up.
 from __future__ import annotations
 
 import contextlib
-import difflib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
+
+from semlens.errors import suggest
 
 __all__ = [
     "UnknownLayerError",
@@ -25,12 +26,6 @@ __all__ = [
     "count_hooks",
     "suggest",
 ]
-
-
-def suggest(name: str, choices: Sequence[str], n: int = 3, cutoff: float = 0.5) -> str:
-    """`` Did you mean: a, b?`` for the closest ``choices`` (empty string when none is close)."""
-    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=cutoff)
-    return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
 class UnknownLayerError(KeyError):

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from semlens.layers import suggest
+from semlens.errors import suggest
 from semlens.outputs import file_mode
 
 __all__ = [
