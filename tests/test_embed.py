@@ -1,0 +1,143 @@
+"""SRAE: loss terms (hand-computed), gradcheck, acceptance loop, planted dictionary, bad input, save/load."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from semlens.embed import SRAE, accept, log_penalty_reconstruction, pull_away
+from semlens.embed.baselines import NMFEmbedding, PCAEmbedding, TopKSAE
+from semlens.embed.io import EmbeddingMismatchError, load_embedding, save_embedding
+from semlens.embed.srae import pull_away_batched
+from semlens.embed.synthetic import planted_dictionary
+
+
+def r2(pred: torch.Tensor, y: torch.Tensor) -> float:
+    return float(1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+
+
+def test_pull_away_hand_computed_2x2_both_variants():
+    s = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+    # columns (1,3) and (2,0): cos = 2 / (sqrt(10) * 2) -> cos^2 = 0.1; mean over the 2 ordered pairs = 0.1
+    assert float(pull_away(s, "features")) == pytest.approx(0.1, abs=1e-6)
+    # rows (1,2) and (3,0): cos = 3 / (sqrt(5) * 3) -> cos^2 = 0.2
+    assert float(pull_away(s, "images")) == pytest.approx(0.2, abs=1e-6)
+    # the batched form used in training agrees (T=2 copies, m=1 output)
+    both = pull_away_batched(torch.stack([s, s.T]).unsqueeze(-1), "features")
+    assert both.tolist() == pytest.approx([0.1, 0.2], abs=1e-6)
+    with pytest.raises(ValueError, match="pull-away variant"):
+        pull_away(s, "rows")
+
+
+def test_log_penalty_hand_computed():
+    z = torch.zeros(2, 2)
+    z_hat = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    # per dimension: mean err^2 = (1 + 9)/2 = 5 on dim 0, 0 on dim 1 -> (log(1 + 100*5) + 0) / 2
+    assert float(log_penalty_reconstruction(z_hat, z, 100.0)) == pytest.approx(math.log(501) / 2, rel=1e-6)
+    expect = (math.log(1 + 100) + math.log(1 + 900)) / 4
+    assert float(log_penalty_reconstruction(z_hat, z, 100.0, "element")) == pytest.approx(expect, rel=1e-6)
+
+
+def test_gradcheck_srae_loss():
+    g = torch.Generator().manual_seed(0)
+    y_hat, y = torch.randn(5, 1, generator=g, dtype=torch.float64, requires_grad=True), torch.randn(5, 1, generator=g,
+                                                                                                  dtype=torch.float64)
+    z_hat = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    s = (torch.rand(5, 3, generator=g, dtype=torch.float64) + 0.1).requires_grad_(True)
+
+    def loss(yh, zh, ss):
+        return (((yh - y) ** 2).mean() + 15 * log_penalty_reconstruction(zh, z, 100.0)
+                + 5 * pull_away(ss, "features") + 2 * pull_away(ss, "images"))
+
+    assert torch.autograd.gradcheck(loss, (y_hat, z_hat, s))
+
+
+def test_accept_rule():
+    assert accept(torch.tensor([1.0, 0.4, -1.0])).item()
+    assert not accept(torch.tensor([1.0, 0.2, 0.1])).item()      # ratio 0.2 < 0.3
+    assert not accept(torch.tensor([1.0, 0.0, -0.5])).item()     # one positive
+    assert not accept(torch.tensor([-1.0, -0.4, -2.0])).item()
+
+
+class _DeadSRAE(SRAE):
+    """Every round starts with all x-features but the first dead (ReLU never fires: zero weights, bias -10)."""
+
+    def _init_round(self, net, rnd):
+        with torch.no_grad():
+            net.enc[2].weight[:, :, 1:] = 0.0
+            net.enc[2].bias[:, :, 1:] = -10.0
+        return net
+
+
+def test_acceptance_loop_rescales_on_dead_features():
+    pd = planted_dictionary(n=300, d=8, m=4, decision=(0, 1), seed=1)
+    m = _DeadSRAE(k=3, epochs=1, pretrain_epochs=1, max_rounds=3, seed=0).fit(pd.z, pd.y)
+    assert [h["alpha_rec"][0] for h in m.history_] == pytest.approx([15.0, 18.0, 21.6])
+    assert [h["alpha_pt"][0] for h in m.history_] == pytest.approx([5.0, 4.0, 3.2])
+    assert [h["accepted"] for h in m.history_] == [[False]] * 3
+    assert not bool(m.accepted_[0]) and int(m.rounds_[0]) == 3
+    assert m.alpha_rec_.tolist() == pytest.approx([15 * 1.2 ** 3])
+    assert float(m.encode(pd.z)[:, 0, 1:].abs().max()) == 0.0  # the dead x-features never fire
+
+
+def test_planted_dictionary_srae_keeps_the_decision_a_plain_sae_does_not():
+    pd = planted_dictionary(n=2000, d=24, m=6, decision=(0, 1, 2), active=0.3, seed=0)
+    srae = SRAE(k=3, alpha_rec=1.0, alpha_pt=1.0, epochs=15, max_rounds=1, seed=0).fit(pd.z, pd.y)
+    sae = TopKSAE(k=3, epochs=20, seed=0).fit(pd.z, pd.y)
+    pca = PCAEmbedding(k=3).fit(pd.z, pd.y)
+    r_srae, r_sae, r_pca = (r2(e.predict(pd.z)[:, 0], pd.y[:, 0]) for e in (srae, sae, pca))
+    assert r_srae >= 0.95
+    assert r_sae < 0.8 and r_pca < 0.85  # reconstruction-only codes spread over all atoms
+    # contributions add up to the prediction
+    c = srae.contributions(pd.z)
+    _, b = srae.head_weights()
+    assert torch.allclose(c.sum(-1)[:, 0] + b[0, 0], srae.predict(pd.z)[:, 0], atol=1e-5)
+
+
+def test_joint_mode_explains_all_classes():
+    pd = planted_dictionary(n=600, d=12, m=4, decision=(0, 1), seed=2)
+    y = torch.cat([pd.y, pd.s[:, 2:3] + 0.5 * pd.s[:, 3:4]], 1)
+    m = SRAE(k=4, target="all", mode="joint", alpha_rec=1.0, alpha_pt=0.0, epochs=40, max_rounds=1).fit(pd.z, y)
+    assert m.predict(pd.z).shape == (600, 2) and m.contributions(pd.z).shape == (600, 2, 4)
+    assert min(r2(m.predict(pd.z)[:, j], y[:, j]) for j in range(2)) > 0.85
+
+
+def test_bad_input_errors():
+    pd = planted_dictionary(n=50, d=6, m=3, seed=0)
+    with pytest.raises(ValueError, match="k=7 x-features is larger than the width 6"):
+        SRAE(k=7).fit(pd.z, pd.y)
+    with pytest.raises(ValueError, match="class index 3 out of range"):
+        SRAE(k=2, target=3).fit(pd.z, pd.y)
+    bad = pd.z.clone()
+    bad[4, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN/Inf \(rows \[4\]\)"):
+        SRAE(k=2).fit(bad, pd.y)
+    with pytest.raises(ValueError, match="non-negative"):
+        NMFEmbedding(k=2).fit(pd.z - 10, pd.y)
+
+
+def test_save_load_round_trip_and_refusal(tmp_path):
+    pd = planted_dictionary(n=200, d=8, m=3, seed=0)
+    for emb in (SRAE(k=2, epochs=2, max_rounds=1), TopKSAE(k=2, epochs=2), PCAEmbedding(k=2),
+                NMFEmbedding(k=2, epochs=1)):
+        z = pd.z.clamp(min=0) if emb.method == "nmf" else pd.z
+        emb.fit(z, pd.y)
+        emb.layer_ = "features.relu5"
+        out = save_embedding(emb, tmp_path / emb.method, model="alexnet-like")
+        back = load_embedding(out, model="alexnet-like", layer="features.relu5")
+        assert torch.allclose(back.contributions(z[:20]), emb.contributions(z[:20]), atol=1e-5), emb.method
+        with pytest.raises(EmbeddingMismatchError, match="fitted on layer 'features.relu5', not 'classifier.fc7'"):
+            load_embedding(out, model="alexnet-like", layer="classifier.fc7")
+        with pytest.raises(EmbeddingMismatchError, match="fitted on model 'alexnet-like', not 'vgg-small'"):
+            load_embedding(out, model="vgg-small")
+    meta = json.loads((tmp_path / "srae" / "embedding.json").read_text())
+    assert meta["history"][0]["alpha_rec"] == [15.0]
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "embedding.json").write_text("{}")
+    (tmp_path / "x" / "embedding.safetensors").write_bytes(b"")
+    with pytest.raises(EmbeddingMismatchError, match="not a semlens embedding"):
+        load_embedding(tmp_path / "x")
