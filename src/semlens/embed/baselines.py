@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -189,16 +188,18 @@ class PCAEmbedding(_HeadMixin):
 class NMFEmbedding(_HeadMixin):
     """CRAFT-style NMF of the raw (non-negative, post-ReLU) activations: ``Z ≈ X H`` with ``X, H >= 0``.
 
-    Fitted with scikit-learn ``MiniBatchNMF.partial_fit`` (streamed); codes by ``transform`` (non-negative least
-    squares). For heatmaps the encoder is the feed-forward surrogate ``ReLU(Z H⁺)`` (pseudo-inverse), because an NNLS
-    solve is no layer; the maps therefore sum to the surrogate's contributions.
+    Fitted with scikit-learn ``MiniBatchNMF.partial_fit`` (streamed); codes by non-negative least squares
+    (multiplicative updates on the fixed dictionary). For heatmaps the encoder is the feed-forward surrogate
+    ``ReLU(Z H⁺)`` (pseudo-inverse), because an NNLS solve is no layer; those maps sum to the surrogate's
+    contributions.
     """
 
     method = "nmf"
 
     def __init__(self, k: int = 5, target: int | list[int] | str = 0, batch_size: int = 1024, epochs: int = 3,
-                 seed: int = 0) -> None:
+                 transform_iter: int = 200, seed: int = 0) -> None:
         self.k = k
+        self.transform_iter = transform_iter
         self.target = target
         self.batch_size = batch_size
         self.epochs = epochs
@@ -219,16 +220,19 @@ class NMFEmbedding(_HeadMixin):
                                      "(use the output of a ReLU)")
                 if len(z) >= self.k:
                     nmf.partial_fit(z.numpy())
-        self.nmf_ = nmf
         self.components_ = torch.as_tensor(nmf.components_, dtype=torch.float32)  # (k, d)
         self.head_w_, self.head_b_ = fit_linear_head(self, store)
         return self
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
-        if not hasattr(self, "nmf_"):
-            return self._surrogate(z).unsqueeze(1)
-        x = self.nmf_.transform(np.clip(z.numpy(), 0, None))
-        return torch.as_tensor(x, dtype=torch.float32).unsqueeze(1)
+        """Codes by non-negative least squares ``min_X>=0 ‖Z − X H‖²`` (multiplicative updates, batched)."""
+        z = z.clamp(min=0).double()
+        h = self.components_.double()
+        hht, zht = h @ h.T, z @ h.T
+        x = self._surrogate(z.float()).double().clamp(min=1e-6)
+        for _ in range(self.transform_iter):
+            x = x * zht / (x @ hht).clamp(min=1e-12)
+        return x.float().unsqueeze(1)
 
     def _surrogate(self, z: torch.Tensor) -> torch.Tensor:
         return torch.relu(z @ torch.linalg.pinv(self.components_))
