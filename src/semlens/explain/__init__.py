@@ -9,11 +9,23 @@ from semlens.explain.canonizers import MergeBatchNorm, fold_batchnorm
 from semlens.explain.composites import PRESETS, Composite, list_methods, preset
 from semlens.explain.graph_check import InputShapeError, ModelGraph, UnsupportedModelError, probe_model
 from semlens.explain.heatmap import heatmap_rgb, save_heatmap
-from semlens.explain.rules import AlphaBeta, Epsilon, Flat, Gamma, LayerOp, Rule, WSquare, ZBox, ZPlus, stabilize
+from semlens.explain.rules import (
+    AlphaBeta,
+    Epsilon,
+    ExcitationBackprop,
+    Flat,
+    Gamma,
+    LayerOp,
+    Rule,
+    WSquare,
+    ZBox,
+    ZPlus,
+    stabilize,
+)
 
 __all__ = [
     "attribute", "Attributor", "list_methods", "output_weighting", "Composite", "preset", "PRESETS",
-    "Rule", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat", "WSquare", "LayerOp", "stabilize",
+    "Rule", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ExcitationBackprop", "ZBox", "Flat", "WSquare", "LayerOp", "stabilize",
     "MergeBatchNorm", "fold_batchnorm", "UnsupportedModelError", "InputShapeError", "ModelGraph", "probe_model",
     "heatmap_rgb", "save_heatmap",
 ]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from semlens.explain.rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, ZBox, ZPlus
+from semlens.explain.rules import AlphaBeta, Epsilon, ExcitationBackprop, Flat, Gamma, Rule, ZBox, ZPlus
 
 __all__ = ["Composite", "PRESETS", "GRADIENT_METHODS", "list_methods", "preset"]
 
@@ -148,6 +148,8 @@ PRESETS: dict[str, tuple[Callable[..., Composite], str]] = {
                          "LRP-alpha1-beta0 on every linear/conv layer"),
     "lrp-alpha2-beta1": (_uniform(lambda **kw: AlphaBeta(2.0, 1.0), "lrp-alpha2-beta1"),
                          "LRP-alpha2-beta1 on every linear/conv layer"),
+    "excitation-backprop": (_uniform(lambda **kw: ExcitationBackprop(), "excitation-backprop"),
+                            "Excitation Backprop (z+ without bias, Zhang et al. 2016) on every linear/conv layer"),
 }
 
 GRADIENT_METHODS: dict[str, str] = {
