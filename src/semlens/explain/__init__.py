@@ -25,7 +25,8 @@ from semlens.explain.rules import (
 
 __all__ = [
     "attribute", "Attributor", "list_methods", "output_weighting", "Composite", "preset", "PRESETS",
-    "Rule", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ExcitationBackprop", "ZBox", "Flat", "WSquare", "LayerOp", "stabilize",
+    "Rule", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ExcitationBackprop", "ZBox", "Flat", "WSquare", "LayerOp",
+    "stabilize",
     "MergeBatchNorm", "fold_batchnorm", "UnsupportedModelError", "InputShapeError", "ModelGraph", "probe_model",
     "heatmap_rgb", "save_heatmap",
 ]
