@@ -100,8 +100,8 @@ def effective_number(mean_contribution: torch.Tensor) -> torch.Tensor:
     """``exp(H(p))`` with ``p = mean⁺ / Σ mean⁺`` along the last dim; 0 when no contribution is positive."""
     pos = mean_contribution.clamp(min=0)
     total = pos.sum(-1, keepdim=True)
-    p = pos / total.clamp(min=1e-300)
-    h = -(p * torch.log(p.clamp(min=1e-300))).sum(-1)
+    p = pos / torch.where(total > 0, total, torch.ones_like(total))
+    h = -torch.xlogy(p, p).sum(-1)
     return torch.where(total[..., 0] > 0, torch.exp(h), torch.zeros_like(h))
 
 
