@@ -64,24 +64,33 @@ def test_accept_rule():
 
 
 class _DeadSRAE(SRAE):
-    """Every round starts with all x-features but the first dead (ReLU never fires: zero weights, bias -10)."""
+    """Every round starts with all x-features but the first dead (ReLU never fires: zero weights, bias -10) in the
+    SRAE of class 0; other classes' SRAEs start from the pretrained weights."""
 
     def _init_round(self, net, rnd):
+        dead = [j for j, g in enumerate(self._pending) if self.classes_[g] == 0]
         with torch.no_grad():
-            net.enc[2].weight[:, :, 1:] = 0.0
-            net.enc[2].bias[:, :, 1:] = -10.0
+            net.enc[2].weight[dead, :, 1:] = 0.0
+            net.enc[2].bias[dead, :, 1:] = -10.0
         return net
 
 
 def test_acceptance_loop_rescales_on_dead_features():
     pd = planted_dictionary(n=300, d=8, m=4, decision=(0, 1), seed=1)
-    m = _DeadSRAE(k=3, epochs=1, pretrain_epochs=1, max_rounds=3, seed=0).fit(pd.z, pd.y)
-    assert [h["alpha_rec"][0] for h in m.history_] == pytest.approx([15.0, 18.0, 21.6])
-    assert [h["alpha_pt"][0] for h in m.history_] == pytest.approx([5.0, 4.0, 3.2])
-    assert [h["accepted"] for h in m.history_] == [[False]] * 3
+    y = torch.cat([pd.y, pd.s[:, :2] @ torch.tensor([[1.0], [0.9]])], 1)  # class 1: two atoms, easy to accept
+    m = _DeadSRAE(k=3, target=[0, 1], epochs=3, pretrain_epochs=1, max_rounds=3, seed=0).fit(pd.z, y)
+    first = [h["groups"].index(0) for h in m.history_]
+    assert [h["alpha_rec"][j] for h, j in zip(m.history_, first, strict=True)] == pytest.approx([15.0, 18.0, 21.6])
+    assert [h["alpha_pt"][j] for h, j in zip(m.history_, first, strict=True)] == pytest.approx([5.0, 4.0, 3.2])
+    assert [h["accepted"][j] for h, j in zip(m.history_, first, strict=True)] == [False] * 3
     assert not bool(m.accepted_[0]) and int(m.rounds_[0]) == 3
-    assert m.alpha_rec_.tolist() == pytest.approx([15 * 1.2 ** 3])
+    assert m.alpha_rec_[0].item() == pytest.approx(15 * 1.2 ** 3)
     assert float(m.encode(pd.z)[:, 0, 1:].abs().max()) == 0.0  # the dead x-features never fire
+    # an accepted SRAE keeps its weights from the round it passed, and only rejected ones are retrained
+    if bool(m.accepted_[1]):
+        r = int(m.rounds_[1])
+        assert all(1 not in h["groups"] for h in m.history_[r:])
+        assert m.alpha_rec_[1].item() == pytest.approx(15 * 1.2 ** (r - 1))
 
 
 def test_planted_dictionary_srae_keeps_the_decision_a_plain_sae_does_not():

@@ -121,6 +121,9 @@ def concept_recovery(model: nn.Module, layer: str, emb: Embedding, images: torch
         for part in idx.split(batch_size):
             heat, con = xfeature_heatmaps(model, layer, emb, images[part], c, method=method)
             pos = positive_map(heat.cpu())
+            size = next(iter(pixel_labels.values())).shape[-2:]
+            if pos.shape[-2:] != size:  # segmentation at another resolution: pool the maps onto it
+                pos = torch.nn.functional.interpolate(pos, size=tuple(size), mode="area")
             s, p = distinctness(pos)
             iou_sum, iou_pairs = iou_sum + s, iou_pairs + p
             mass += concept_mass(pos, {k: v[part] for k, v in pixel_labels.items()}, n_concepts).double().sum(0)

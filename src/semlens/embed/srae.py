@@ -57,6 +57,8 @@ class SRAE(Embedding):
         reconstruction: ``"dimension"`` (batch mean inside the log, reference) or ``"element"``.
         epochs, pretrain_epochs, batch_size, lr, weight_decay: optimisation (reference: batch 50, lr 1e-3, wd 1e-4).
         max_rounds, min_positive, accept_ratio: the acceptance loop.
+        standardize_target: divide each explained logit by its standard deviation before the faithfulness MSE
+            (default False: raw logits, centred, as in the reference code, so ``α_pred`` weighs logit units).
         seed, device: reproducibility and placement.
 
     Learned attributes: ``mean_``/``scale_`` ``(d,)`` layer standardisation; ``classes_``; ``network_`` (batched
@@ -71,8 +73,10 @@ class SRAE(Embedding):
                  alpha_pt: float = 5.0, q: float = 100.0, pull_away: str = "features",
                  reconstruction: str = "dimension", epochs: int = 20, pretrain_epochs: int = 2, batch_size: int = 50,
                  lr: float = 1e-3, weight_decay: float = 1e-4, dropout: float = 0.02, max_rounds: int = 5,
-                 min_positive: int = 2, accept_ratio: float = 0.3, seed: int = 0, device: str = "cpu") -> None:
+                 min_positive: int = 2, accept_ratio: float = 0.3, standardize_target: bool = False, seed: int = 0,
+                 device: str = "cpu") -> None:
         self.k = k
+        self.standardize_target = standardize_target
         self.target = target
         self.mode = mode
         self.hidden = hidden
@@ -143,6 +147,8 @@ class SRAE(Embedding):
         n = len(store)
         mean = s / n
         std = (ss / n - mean * mean).clamp(min=0).sqrt().clamp(min=1e-6)
+        if not self.standardize_target:
+            std = torch.ones_like(std)
         shape = (len(cls), 1) if self.mode == "one-vs-all" else (1, len(cls))
         self.y_mean_, self.y_scale_ = mean.float().view(shape), std.float().view(shape)
 
@@ -203,15 +209,17 @@ class SRAE(Embedding):
         pt = pull_away_batched(s, self.pull_away)
         return faith, rec, pt
 
-    def _finetune(self, net: SRAENet, a_rec: torch.Tensor, a_pt: torch.Tensor, gen: torch.Generator,
-                  desc: str) -> float:
+    def _finetune(self, net: SRAENet, groups: list[int], a_rec: torch.Tensor, a_pt: torch.Tensor,
+                  gen: torch.Generator, desc: str) -> float:
         opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=40, gamma=0.1)
         net.train()
         last = float("nan")
         for _ in progress(range(self.epochs), total=self.epochs, desc=desc):
             for z, logits, _ in self._store.batches(self.batch_size, shuffle=True, generator=gen):
-                faith, rec, pt = self._losses(net, self.standardize(z.to(self._dev)), self._targets(logits))
+                y = self._targets(logits)
+                y = y[groups] if self.mode == "one-vs-all" else y
+                faith, rec, pt = self._losses(net, self.standardize(z.to(self._dev)), y)
                 loss = (self.alpha_pred * faith + a_rec * rec + a_pt * pt).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -233,8 +241,9 @@ class SRAE(Embedding):
             self.history_: list[dict[str, Any]] = []
             for rnd in range(1, self.max_rounds + 1):
                 gen = torch.Generator().manual_seed(self.seed * 1000 + rnd)
+                self._pending = pending
                 net = self._init_round(self.pretrained_.subset(pending), rnd)
-                loss = self._finetune(net, a_rec[pending], a_pt[pending], gen, f"SRAE round {rnd}")
+                loss = self._finetune(net, pending, a_rec[pending], a_pt[pending], gen, f"SRAE round {rnd}")
                 mean_c = self._mean_contributions(net)  # (g, m, k)
                 ok = accept(mean_c, self.min_positive, self.accept_ratio).all(1).cpu()
                 self.network_.assign(pending, net)
