@@ -67,7 +67,8 @@ def test_embed_fit_and_explain_write_the_named_files(world):
     assert info["rebuilt_logit"] == pytest.approx(sum(info["contributions"]) + info["bias"], abs=1e-5)
     assert (root / "expl" / "x.png").stat().st_size > 0
     bad = CliRunner().invoke(app, ["embed", "explain", "--embedding", str(out), "--model", "vgg-small", "--weights",
-                                   str(root / "vgg.safetensors"), "--input", str(root / "x.png"), "--out", str(root / "e2")])
+                                   str(root / "vgg.safetensors"), "--input", str(root / "x.png"), "--out",
+                                   str(root / "e2")])
     assert bad.exit_code == 2 and "fitted on model 'alexnet-like', not 'vgg-small'" in bad.output
     bad = CliRunner().invoke(app, ["embed", "explain", "--embedding", str(out), "--model", "alexnet-like",
                                    "--weights", str(weights), "--input", str(root / "x.png"), "--out",
