@@ -38,10 +38,11 @@ def test_xfeature_heatmaps_sum_to_contributions(fitted, method, params, rtol):
     # contributions match the embedding on the pooled layer
     z = net[:5](x[:6]).flatten(2).mean(2)
     assert torch.allclose(contrib, emb.contributions(z)[:, 1], atol=1e-5)
-    live = contrib.abs() > 1e-3
-    assert bool(live.any())
+    scale = float(contrib.abs().max())
+    live = contrib.abs() > 1e-2 * scale
+    assert scale > 0 and int(live.sum()) >= 3
     sums = heat.flatten(2).sum(2)
-    assert torch.allclose(sums[live], contrib[live], rtol=rtol, atol=1e-5)  # epsilon leaks a little
+    assert torch.allclose(sums[live], contrib[live], rtol=rtol, atol=1e-4 * scale)  # epsilon leaks a little
     assert count_hooks(net) == hooks and all(p.requires_grad for p in net.parameters())
 
 

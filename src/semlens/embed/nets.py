@@ -43,7 +43,7 @@ class BatchedLinear(nn.Module):
 
 def default_hidden(d: int, k: int) -> tuple[int, int]:
     """Hidden widths ``(h1, h2)``: the reference ``(800, 100)`` for wide layers, scaled down for narrow ones."""
-    return min(800, max(4 * k, 2 * d)), min(100, max(4 * k, d // 2, 8))
+    return min(800, max(4 * k, d)), min(100, max(4 * k, d // 4, 8))
 
 
 class SRAENet(nn.Module):

@@ -38,9 +38,9 @@ class XNNConfig:
     k: int = 5
     n_train_cnn: int = 12000
     cnn_epochs: int = 3
-    n_fit: int = 4000
+    n_fit: int = 2000
     n_test: int = 600
-    srae_epochs: int = 20
+    srae_epochs: int = 10
     per_class: int = 8
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
