@@ -22,7 +22,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _timing import median_time  # noqa: E402
-
 from semlens.embed import SRAE, ActivationStore  # noqa: E402
 from semlens.embed.heatmaps import xfeature_heatmaps  # noqa: E402
 from semlens.explain import Attributor  # noqa: E402
