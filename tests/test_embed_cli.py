@@ -85,3 +85,22 @@ def test_embed_fit_and_explain_write_the_named_files(world):
 def test_embed_fit_bad_input(world, extra, message, tmp_path):
     res = _fit(world, tmp_path / "o", "--method", "pca", *extra)
     assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_demo_step_decomposes_decisions(tmp_path, monkeypatch):
+    from semlens.experiments.demo import DemoContext
+    from semlens.experiments.demo_steps import s70_embed
+    from semlens.world import generate_concepts
+
+    monkeypatch.setattr(s70_embed, "N_FIT", 120)
+    monkeypatch.setattr(s70_embed, "EPOCHS", 1)
+    monkeypatch.setattr(s70_embed, "PER_CLASS", 1)
+    torch.manual_seed(0)
+    model = build_model("alexnet-like", num_classes=12, image_size=32, width=0.25).eval()
+    test = generate_concepts(n=24, size=32, seed=3)
+    ctx = DemoContext(out=tmp_path, device=torch.device("cpu"), artifacts={"classifier": model, "concepts_test": test})
+    sec = s70_embed.run(ctx)[0]
+    html = "".join(sec.blocks)
+    assert "data:image/png" in html and "srae" in html and "pca" in html
+    with pytest.raises(KeyError, match="s10_world"):
+        s70_embed.run(DemoContext(out=tmp_path, device=torch.device("cpu")))
