@@ -35,6 +35,7 @@ def bench_fit(n: int, d: int, classes: int, k: int, epochs: int, device: str) ->
     logits = z @ torch.randn(d, classes, generator=g) / d ** 0.5
     store = ActivationStore.from_arrays(z, logits)
     kw = dict(k=k, epochs=epochs, pretrain_epochs=1, max_rounds=1, device=device)
+    SRAE(target=0, **{**kw, "epochs": 1}).fit(ActivationStore.from_arrays(z[:200], logits[:200]))  # warm-up
     t0 = time.perf_counter()
     SRAE(target="all", **kw).fit(store)
     batched = time.perf_counter() - t0

@@ -25,6 +25,7 @@ __all__ = ["XNNConfig", "run_xnn", "summarise", "markdown_table", "register_repr
 
 METRICS = ("r2", "agreement", "replaced_accuracy", "fve", "l0", "dead", "orthogonality", "compactness",
            "mass_accuracy", "recovery", "distinctness", "accepted", "fit_seconds")
+TABLE = METRICS + ("stability",)
 
 
 @dataclass
@@ -147,16 +148,37 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[
                 if vals:
                     sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
                     methods[method][key] = [statistics.fmean(vals), sd, len(vals)]
+            methods[method]["stability"] = [concept_stability(sel), 0.0, len(sel)]
     return out
+
+
+def concept_stability(runs: list[dict[str, Any]]) -> float:
+    """Mean over classes and seed pairs of the Jaccard index between the sets of concepts the x-features of a class
+    fall on (each x-feature's best concept with mass ≥ 0.6) in two seeds; 1 = the same concepts every seed."""
+    sets = []
+    for r in runs:
+        per: dict[int, set[int]] = {}
+        for row in r["rows"]:
+            if row["mass_accuracy"] >= 0.6:
+                per.setdefault(row["class"], set()).add(row["concept"])
+        sets.append(per)
+    scores = []
+    for i in range(len(sets)):
+        for j in range(i + 1, len(sets)):
+            for c in set(sets[i]) | set(sets[j]):
+                a, b = sets[i].get(c, set()), sets[j].get(c, set())
+                scores.append(len(a & b) / len(a | b))
+    return statistics.fmean(scores) if scores else float("nan")
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
     lines = []
     for layer, methods in summary.items():
-        lines += [f"\n**{layer}**\n", "| method | " + " | ".join(METRICS) + " |",
-                  "|---|" + "---|" * len(METRICS)]
+        lines += [f"\n**{layer}**\n", "| method | " + " | ".join(TABLE) + " |",
+                  "|---|" + "---|" * len(TABLE)]
         for method, vals in methods.items():
-            cells = [f"{vals[k][0]:.3f} ± {vals[k][1]:.3f}" if k in vals else "—" for k in METRICS]
+            cells = [(f"{vals[k][0]:.3f}" if k == "stability" else f"{vals[k][0]:.3f} ± {vals[k][1]:.3f}")
+                     if k in vals else "—" for k in TABLE]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
