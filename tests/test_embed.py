@@ -150,3 +150,26 @@ def test_save_load_round_trip_and_refusal(tmp_path):
     (tmp_path / "x" / "embedding.safetensors").write_bytes(b"")
     with pytest.raises(EmbeddingMismatchError, match="not a semlens embedding"):
         load_embedding(tmp_path / "x")
+
+
+def test_collect_activations_streams_pools_and_rejects_nan(tmp_path):
+    from torch import nn
+
+    from semlens.embed import NonFiniteActivationError, collect_activations
+    from semlens.layers import count_hooks
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    x = torch.rand(10, 3, 5, 5)
+    store = collect_activations(net, "1", x, batch_size=3, path=tmp_path / "acts")
+    assert store.z.shape == (10, 4) and store.logits.shape == (10, 3)
+    assert (tmp_path / "acts" / "z.npy").is_file()  # memory-mapped on disk
+    assert torch.allclose(torch.from_numpy(store.z[:]), net[:2](x).mean((2, 3)), atol=1e-6)
+    mean, sd = store.moments(chunk=4)
+    assert torch.allclose(mean, torch.from_numpy(store.z[:]).mean(0), atol=1e-6)
+    assert torch.allclose(sd, torch.from_numpy(store.z[:]).std(0, unbiased=False), atol=1e-5)
+    with torch.no_grad():
+        net[0].bias[2] = float("nan")
+    with pytest.raises(NonFiniteActivationError, match="activations of layer '1' contain NaN/Inf"):
+        collect_activations(net, "1", x, batch_size=3)
+    assert count_hooks(net) == 0
