@@ -57,6 +57,9 @@ class SRAE(Embedding):
         reconstruction: ``"dimension"`` (batch mean inside the log, reference) or ``"element"``.
         epochs, pretrain_epochs, batch_size, lr, weight_decay: optimisation (reference: batch 50, lr 1e-3, wd 1e-4).
         max_rounds, min_positive, accept_ratio: the acceptance loop.
+        restart: what a rejected SRAE is retrained from: ``"fresh"`` (default; a new layer-wise pretraining with
+            another seed, so x-features that died in the last pretraining get another chance) or ``"pretrained"``
+            (the first round's pretrained weights; only the loss weights change).
         standardize_target: divide each explained logit by its standard deviation before the faithfulness MSE
             (default False: raw logits, centred, as in the reference code, so ``α_pred`` weighs logit units).
         seed, device: reproducibility and placement.
@@ -73,9 +76,10 @@ class SRAE(Embedding):
                  alpha_pt: float = 5.0, q: float = 100.0, pull_away: str = "features",
                  reconstruction: str = "dimension", epochs: int = 20, pretrain_epochs: int = 2, batch_size: int = 50,
                  lr: float = 1e-3, weight_decay: float = 1e-4, dropout: float = 0.02, max_rounds: int = 5,
-                 min_positive: int = 2, accept_ratio: float = 0.3, standardize_target: bool = False, seed: int = 0,
-                 device: str = "cpu") -> None:
+                 min_positive: int = 2, accept_ratio: float = 0.3, standardize_target: bool = False,
+                 restart: str = "fresh", seed: int = 0, device: str = "cpu") -> None:
         self.k = k
+        self.restart = restart
         self.standardize_target = standardize_target
         self.target = target
         self.mode = mode
@@ -107,6 +111,8 @@ class SRAE(Embedding):
             raise ValueError(f"pull_away must be one of {PULL_AWAY_VARIANTS}, got {self.pull_away!r}")
         if self.reconstruction not in RECONSTRUCTION_VARIANTS:
             raise ValueError(f"reconstruction must be one of {RECONSTRUCTION_VARIANTS}, got {self.reconstruction!r}")
+        if self.restart not in ("fresh", "pretrained"):
+            raise ValueError(f"restart must be 'fresh' or 'pretrained', got {self.restart!r}")
         if self.max_rounds < 1 or self.epochs < 0 or self.pretrain_epochs < 0:
             raise ValueError("max_rounds must be >= 1 and epochs, pretrain_epochs >= 0")
 
@@ -121,16 +127,20 @@ class SRAE(Embedding):
         groups = len(self.classes_) if self.mode == "one-vs-all" else 1
         self.n_out_ = 1 if self.mode == "one-vs-all" else len(self.classes_)
         self._target_moments(store)
-        hidden = self.hidden or default_hidden(store.dim, self.k)
-        base = self._pretrain(store, hidden, gen)
-        net = SRAENet(groups, store.dim, self.k, self.n_out_, hidden, self.dropout, gen).to(self._dev)
-        for p, q in zip(net.parameters(), base.parameters(), strict=True):
-            p.data.copy_(q.data.expand_as(p))
-        self._fit_head(store, net)
-        self.pretrained_ = net.subset(list(range(groups)))
-        self.network_ = net
+        self._hidden = self.hidden or default_hidden(store.dim, self.k)
+        self.pretrained_ = self._pretrained(store, list(range(groups)), gen)
+        self.network_ = self.pretrained_.subset(list(range(groups)))
         self._acceptance_loop(store, groups)
         return self
+
+    def _pretrained(self, store: ActivationStore, groups: list[int], gen: torch.Generator) -> SRAENet:
+        """Layer-wise pretrained SRAEs for ``groups`` (one shared unsupervised pretraining, per-group heads)."""
+        base = self._pretrain(store, self._hidden, gen)
+        net = SRAENet(len(groups), store.dim, self.k, self.n_out_, self._hidden, self.dropout, gen).to(self._dev)
+        for p, q in zip(net.parameters(), base.parameters(), strict=True):
+            p.data.copy_(q.data.expand_as(p))
+        self._fit_head(store, net, groups)
+        return net
 
     @property
     def _dev(self) -> torch.device:
@@ -179,7 +189,7 @@ class SRAE(Embedding):
                     opt.step()
         return net
 
-    def _fit_head(self, store: ActivationStore, net: SRAENet) -> None:
+    def _fit_head(self, store: ActivationStore, net: SRAENet, groups: list[int]) -> None:
         """Least-squares head on the pretrained codes (streamed normal equations, ridge 1e-4)."""
         g, k1 = net.copies, self.k + 1
         xtx = torch.zeros(g, k1, k1, dtype=torch.float64, device=self._dev)
@@ -190,7 +200,9 @@ class SRAE(Embedding):
                 x = net.encode(self.standardize(z.to(self._dev)))
                 xa = torch.cat([x, torch.ones_like(x[..., :1])], -1).double()
                 xtx += xa.transpose(1, 2) @ xa
-                xty += xa.transpose(1, 2) @ self._targets(logits).double()
+                y = self._targets(logits)
+                y = y[groups] if self.mode == "one-vs-all" else y
+                xty += xa.transpose(1, 2) @ y.double()
             eye = torch.eye(k1, dtype=torch.float64, device=self._dev)
             sol = torch.linalg.solve(xtx + 1e-4 * len(store) * eye, xty)
             net.head.weight.copy_(sol[:, :-1].float())
@@ -242,7 +254,11 @@ class SRAE(Embedding):
             for rnd in range(1, self.max_rounds + 1):
                 gen = torch.Generator().manual_seed(self.seed * 1000 + rnd)
                 self._pending = pending
-                net = self._init_round(self.pretrained_.subset(pending), rnd)
+                if rnd == 1 or self.restart == "pretrained":
+                    start = self.pretrained_.subset(pending)
+                else:  # retrain from scratch: a new layer-wise pretraining (revives units dead in the last one)
+                    start = self._pretrained(store, pending, torch.Generator().manual_seed(self.seed * 1000 + rnd))
+                net = self._init_round(start, rnd)
                 loss = self._finetune(net, pending, a_rec[pending], a_pt[pending], gen, f"SRAE round {rnd}")
                 mean_c = self._mean_contributions(net)  # (g, m, k)
                 ok = accept(mean_c, self.min_positive, self.accept_ratio).all(1).cpu()
