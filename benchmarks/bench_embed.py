@@ -4,8 +4,11 @@
    network, against the reference approach of one SRAE per class fitted in turn (baseline, same run). Printed:
    activation vectors per second (vectors × epochs × classes / seconds) and the speed-up.
 2. Heatmaps: all ``k`` x-feature maps of a batch (one batched LRP backward through the SRAE encoder into an
-   alexnet-like) ÷ one LRP pass of the CNN over the same batch (baseline), for maps at the input pixels and maps
-   stopped at a conv layer (``--heat-layer``, as the XNN paper stops Excitation Backprop at a conv layer).
+   alexnet-like) ÷ one LRP pass of the CNN over the same batch (baseline), for maps at the input pixels, maps
+   stopped at a conv layer (``--heat-layer``), and maps at the explained layer itself (``xfeature_layer_maps``: one
+   plain forward, LRP only through pool → encoder; the XNN paper stops Excitation Backprop at a conv layer).
+   Full-resolution maps replicate the batch ``k`` times, so their ratio is about ``k``: each map needs its own
+   backward through the CNN (the LRP backward is linear in its seed, but ``k`` seeds cost ``k`` transposed convs).
 
     python benchmarks/bench_embed.py [--quick] [--device cpu|cuda|auto] [--repeats N]
 """
@@ -23,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _timing import median_time  # noqa: E402
 from semlens.embed import SRAE, ActivationStore  # noqa: E402
-from semlens.embed.heatmaps import xfeature_heatmaps  # noqa: E402
+from semlens.embed.heatmaps import xfeature_heatmaps, xfeature_layer_maps  # noqa: E402
 from semlens.explain import Attributor  # noqa: E402
 from semlens.models import build_model  # noqa: E402
 from semlens.runtime import resolve_device  # noqa: E402
@@ -61,6 +64,8 @@ def bench_heatmaps(batch: int, k: int, repeats: int, device: torch.device, metho
     with Attributor(net, method) as attr:
         base = median_time(lambda: attr(x, 3), repeats, device)
         base_layer = median_time(lambda: attr(x, 3, layer=heat_layer), repeats, device)
+        base_own = median_time(lambda: attr(x, 3, layer="features.relu5"), repeats, device)
+    own = median_time(lambda: xfeature_layer_maps(net, "features.relu5", emb, x, 3, method=method), repeats, device)
     full = median_time(lambda: xfeature_heatmaps(net, "features.relu5", emb, x, 3, method=method), repeats, device)
     stop = median_time(lambda: xfeature_heatmaps(net, "features.relu5", emb, x, 3, method=method,
                                                  heat_layer=f"model.{heat_layer}"), repeats, device)
@@ -69,6 +74,9 @@ def bench_heatmaps(batch: int, k: int, repeats: int, device: torch.device, metho
     print(f"  k x-feature maps, input         : {full * 1e3:8.1f} ms  ratio {full / base:.2f}")
     print(f"  one LRP pass, maps at {heat_layer:<10}: {base_layer * 1e3:8.1f} ms (baseline)")
     print(f"  k x-feature maps at {heat_layer:<10}  : {stop * 1e3:8.1f} ms  ratio {stop / base_layer:.2f}")
+    print(f"  one LRP pass, maps at relu5     : {base_own * 1e3:8.1f} ms (baseline)")
+    print(f"  k x-feature maps at relu5 (xfeature_layer_maps): {own * 1e3:8.1f} ms  ratio {own / base_own:.2f} "
+          f"({own / base:.2f} of an input-map pass)")
 
 
 def main() -> None:

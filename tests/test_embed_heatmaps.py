@@ -95,3 +95,17 @@ def test_concept_mass_and_distinctness_hand_computed():
     heat[0, 1] = torch.tensor([[1.0, 0.0], [2.0, 0.0]])  # top-2 {0, 2} vs {0, 1}: IoU 1/3
     total, pairs = distinctness(heat, top=0.5)
     assert total == pytest.approx(1 / 3) and pairs == 1
+
+
+def test_layer_maps_equal_full_model_maps_at_the_layer_and_conserve(fitted):
+    from semlens.embed.heatmaps import xfeature_layer_maps
+
+    net, x, store = fitted
+    emb = SRAE(k=3, target=[1], epochs=2, max_rounds=1, seed=1).fit(store)
+    maps, contrib = xfeature_layer_maps(net, "4", emb, x[:5], target=1)
+    full, contrib_full = xfeature_heatmaps(net, "4", emb, x[:5], target=1, heat_layer="model.4")
+    assert maps.shape == (5, 3, 8, 4, 4)
+    assert torch.allclose(contrib, contrib_full, atol=1e-6)
+    assert torch.allclose(maps, full, atol=1e-6)
+    scale = float(contrib.abs().max())
+    assert torch.allclose(maps.flatten(2).sum(2), contrib, rtol=2e-3, atol=1e-4 * scale)

@@ -21,7 +21,7 @@ from semlens.embed.base import Embedding
 from semlens.explain import PRESETS, Attributor, Epsilon, preset
 from semlens.layers import get_module
 
-__all__ = ["XFeatureModel", "xfeature_heatmaps", "concept_mass", "distinctness"]
+__all__ = ["XFeatureModel", "xfeature_heatmaps", "xfeature_layer_maps", "concept_mass", "distinctness"]
 
 
 class XFeatureModel(nn.Module):
@@ -33,10 +33,16 @@ class XFeatureModel(nn.Module):
         self.model = model
         self.layer = layer
         self.encoder = encoder
+        self.weigh = self.diagonal(weight)
+
+    @staticmethod
+    def diagonal(weight: torch.Tensor) -> nn.Linear:
+        """``x ↦ w ⊙ x`` as a bias-free ``nn.Linear`` (so LRP sees a standard layer)."""
         k = weight.shape[0]
-        self.weigh = nn.Linear(k, k, bias=False)
+        lin = nn.Linear(k, k, bias=False).to(weight.device)
         with torch.no_grad():
-            self.weigh.weight.copy_(torch.diag(weight.float()))
+            lin.weight.copy_(torch.diag(weight.float()))
+        return lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         store: dict[str, torch.Tensor] = {}
@@ -90,6 +96,47 @@ def xfeature_heatmaps(model: nn.Module, layer: str, emb: Embedding, x: torch.Ten
         rel = attr(x.repeat(k, *([1] * (x.ndim - 1))), weighting, layer=heat_layer)
     heat = rel.reshape(k, n, *rel.shape[1:]).transpose(0, 1)
     return heat, contrib * mask
+
+
+class _Pool(nn.Module):
+    """``(N, C, *spatial)`` → ``(N, C)`` average over positions (``(N, d)`` unchanged)."""
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return pool_activation(a)
+
+
+def xfeature_layer_maps(model: nn.Module, layer: str, emb: Embedding, x: torch.Tensor, target: int,
+                        method: str = "excitation-backprop", **params: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """x-feature maps at the explained layer itself (the paper stops Excitation Backprop at a conv layer).
+
+    One plain forward of the model captures the layer's output ``a`` ``(N, C, h, w)``; LRP then runs only through
+    pool → encoder → ``w ⊙ x`` on ``a`` replicated ``k`` times. Returns ``(maps (N, k, C, h, w), contributions
+    (N, k))``; the maps equal those of :func:`xfeature_heatmaps` with ``heat_layer="model." + layer`` and sum to
+    ``w_i x_i`` under conservative rules. Upsample ``maps.sum(2)`` to the image for display.
+    """
+    from semlens.layers import capture_activations, frozen
+
+    if method not in PRESETS:
+        raise ValueError(f"x-feature heatmaps need an LRP method; got {method!r} (choose from {', '.join(PRESETS)})")
+    with frozen(model), capture_activations(model, layer) as cap, torch.no_grad():
+        model(x)
+    a = cap[layer]
+    g, o = emb.group_of(target)
+    w = emb.head_weights()[0][g, :, o].to(a.device)
+    enc = emb.encoder_module(g).to(a.device)
+    head = nn.Sequential(_Pool(), enc, XFeatureModel.diagonal(w))
+    n, k = a.shape[0], emb.k
+    if emb.method == "topk":
+        mask = emb.active_mask(pool_activation(a).cpu())[:, g].to(a.device)
+    else:
+        mask = torch.ones(n, k, device=a.device)
+    composite = preset(method, **params).with_rules({"2": Epsilon(0.0)})
+    with Attributor(head, composite=composite) as attr:
+        with torch.no_grad():
+            contrib = head(a)
+        weighting = torch.eye(k, device=a.device).repeat_interleave(n, 0) * mask.repeat(k, 1)
+        rel = attr(a.repeat(k, *([1] * (a.ndim - 1))), weighting)
+    return rel.reshape(k, n, *rel.shape[1:]).transpose(0, 1), contrib * mask
 
 
 def positive_map(heat: torch.Tensor) -> torch.Tensor:
