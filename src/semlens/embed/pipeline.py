@@ -34,12 +34,14 @@ def parse_target(target: str) -> int | list[int] | str:
 
 def make_embedding(method: str, k: int, target: int | list[int] | str, seed: int = 0, epochs: int = 20,
                    mode: str = "one-vs-all") -> Embedding:
-    """A fresh embedding of the named method (``srae``, ``topk``, ``nmf``, ``pca``)."""
+    """A fresh embedding of the named method (``srae``, ``srae-joint``, ``topk``, ``nmf``, ``pca``)."""
     from semlens.embed.baselines import NMFEmbedding, PCAEmbedding, TopKSAE
     from semlens.embed.srae import SRAE
 
     if method == "srae":
         return SRAE(k=k, target=target, mode=mode, epochs=epochs, seed=seed)
+    if method == "srae-joint":
+        return SRAE(k=k, target=target, mode="joint", epochs=epochs, seed=seed)
     if method == "topk":
         return TopKSAE(k=k, target=target, epochs=epochs, seed=seed)
     if method == "nmf":
