@@ -2,12 +2,13 @@
 
 An ``alexnet-like`` is trained as in the demo (concept images, Adam, cosine schedule); on its last conv layer
 (``features.relu5``, average-pooled) and its penultimate linear layer (``classifier.relu7``) every method fits
-``k`` x-features for all 12 classes (SRAE: one-vs-all, one SRAE per class with the acceptance loop; ``srae-joint``:
-one SRAE with a 12-output head; baselines: one shared embedding with a least-squares head), for several seeds.
-Each is evaluated on held-out images: R² of the logits, decision agreement, accuracy with the layer replaced by the reconstruction, FVE, L0, dead x-features,
-orthogonality, compactness, and — with Excitation Backprop heatmaps against the world's pixel masks — mass
-accuracy, recovery of each class's evidence concepts (key object's shape and colour) and heatmap distinctness.
-Finished runs are stored in ``OUT/runs/*.json`` and skipped when the command runs again.
+``k`` x-features for all 12 classes (SRAE: one-vs-all, one SRAE per class with the acceptance loop;
+``srae-joint``: one SRAE with a 12-output head; baselines: one shared embedding with a least-squares head), for
+several seeds. Each is evaluated on held-out images: R² of the logits, decision agreement, accuracy with the layer
+replaced by the reconstruction, FVE, L0, dead x-features, orthogonality, compactness, and — with Excitation Backprop
+heatmaps against the world's pixel masks — mass accuracy, recovery of each class's evidence concepts (key object's
+shape and colour) and heatmap distinctness. Finished runs are stored in ``OUT/runs/*.json`` and skipped when the
+command runs again.
 """
 
 from __future__ import annotations
