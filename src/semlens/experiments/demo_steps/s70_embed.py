@@ -81,7 +81,7 @@ def run(ctx: DemoContext) -> list[Section]:
     right = pred == test.labels  # show decisions the model gets right
     picks = [int((right & (test.labels == c)).nonzero()[0]) for c in range(n_classes)
              if bool((right & (test.labels == c)).any())]
-    picks = picks[:: max(1, len(picks) // N_EXAMPLES)][:N_EXAMPLES]
+    picks = picks[:: max(1, len(picks) // N_EXAMPLES)][:N_EXAMPLES] or list(range(min(N_EXAMPLES, len(test))))
     heats, infos = [], []
     for i in picks:
         c = int(test.labels[i])
