@@ -102,13 +102,12 @@ class ActivationStore:
         order = torch.randperm(n, generator=generator).numpy() if shuffle else None
         for start in range(0, n, batch_size):
             if order is None:
-                sl = slice(start, start + batch_size)
-                idx = sl
+                idx: slice | np.ndarray = slice(start, start + batch_size)
             else:
                 idx = np.sort(order[start:start + batch_size])
-            yield (torch.from_numpy(np.asarray(self.z[idx], np.float32)),
-                   torch.from_numpy(np.asarray(self.logits[idx], np.float32)),
-                   torch.from_numpy(np.asarray(self.labels[idx], np.int64)))
+            yield (torch.from_numpy(np.array(self.z[idx], np.float32)),  # copies: memory maps may be read-only
+                   torch.from_numpy(np.array(self.logits[idx], np.float32)),
+                   torch.from_numpy(np.array(self.labels[idx], np.int64)))
 
     def moments(self, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-dimension mean and standard deviation ``(d,)`` (float64 accumulation, one streamed pass)."""
