@@ -110,6 +110,26 @@ def test_planted_dictionary_srae_keeps_the_decision_a_plain_sae_does_not():
     assert torch.allclose(c.sum(-1)[:, 0] + b[0, 0], srae.predict(z_te)[:, 0], atol=1e-5)
 
 
+def _best_corr(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Best Pearson correlation of each source column with any x-feature, ``(a,)``."""
+    xc, sc = x - x.mean(0), s - s.mean(0)
+    c = (xc.T @ sc) / (xc.norm(dim=0)[:, None] * sc.norm(dim=0)[None, :]).clamp(min=1e-12)
+    return c.max(0).values
+
+
+def test_planted_dictionary_srae_follows_decision_atoms_sae_spreads():
+    """With the acceptance loop and a strong pull-away, SRAE x-features follow the decision atoms and ignore the
+    others; a TopK SAE of the same width follows whichever atoms reconstruct best."""
+    pd = planted_dictionary(n=1500, d=24, m=6, decision=(0, 1, 2), active=0.3, seed=1)
+    srae = SRAE(k=3, alpha_rec=0.3, alpha_pt=10.0, epochs=12, seed=0).fit(pd.z, pd.y)
+    sae = TopKSAE(k=3, epochs=20, seed=0).fit(pd.z, pd.y)
+    b_srae, b_sae = _best_corr(srae.encode(pd.z)[:, 0], pd.s), _best_corr(sae.encode(pd.z)[:, 0], pd.s)
+    assert bool(srae.accepted_[0])
+    assert float(b_srae[:3].max()) >= 0.85 and float(b_srae[:3].mean()) >= 0.6
+    assert float(b_srae[3:].mean()) <= 0.3            # non-decision atoms ignored
+    assert float(b_sae[3:].mean()) >= 0.5 and float(b_sae[:3].mean()) < float(b_srae[:3].mean())
+
+
 def test_joint_mode_explains_all_classes():
     pd = planted_dictionary(n=600, d=12, m=4, decision=(0, 1), seed=2)
     y = torch.cat([pd.y, pd.s[:, 2:3] + 0.5 * pd.s[:, 3:4]], 1)
