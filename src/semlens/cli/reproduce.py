@@ -90,5 +90,24 @@ def dong(
     typer.echo(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'report.html'}")
 
 
+@reproduce_app.command("xnn")
+def xnn(
+    out: Path = typer.Option(..., help="Output directory (results.json, table.md, runs/)."),
+    seeds: int = typer.Option(3, help="Embedding seeds."),
+    k: int = typer.Option(5, help="x-features per embedding."),
+    fast: bool = typer.Option(False, help="Smoke run: 1 seed, small data, 2 epochs."),
+    device: str = typer.Option("cpu", help="'cpu' or 'cuda'."),
+) -> None:
+    """SRAE vs TopK SAE vs NMF vs PCA on the concept world (alexnet-like, last conv and penultimate layer)."""
+    from dataclasses import replace
+
+    from semlens.experiments.xnn import XNNConfig, markdown_table, run_xnn
+
+    with user_errors():
+        cfg = XNNConfig.fast(str(out)) if fast else XNNConfig(out=str(out), seeds=tuple(range(seeds)))
+        result = run_xnn(replace(cfg, k=k, device=device))
+    typer.echo(markdown_table(result["summary"]))
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(reproduce_app, name="reproduce")

@@ -12,6 +12,7 @@ from semlens.explain.heatmap import heatmap_rgb, save_heatmap
 from semlens.explain.rules import (
     AlphaBeta,
     Epsilon,
+    ExcitationBackprop,
     Flat,
     Gamma,
     LayerOp,
@@ -25,8 +26,8 @@ from semlens.explain.rules import (
 
 __all__ = [
     "attribute", "Attributor", "list_methods", "output_weighting", "Composite", "preset", "PRESETS", "DEFAULT_METHOD",
-    "method_parameters", "Rule", "ModifiedRule", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat", "WSquare",
-    "LayerOp", "stabilize",
+    "method_parameters", "Rule", "ModifiedRule", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ExcitationBackprop", "ZBox",
+    "Flat", "WSquare", "LayerOp", "stabilize",
     "MergeBatchNorm", "fold_batchnorm", "UnsupportedModelError", "InputShapeError", "ModelGraph", "probe_model",
     "heatmap_rgb", "save_heatmap",
 ]

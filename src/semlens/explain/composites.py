@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from semlens.explain.rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, ZBox, ZPlus
+from semlens.explain.rules import AlphaBeta, Epsilon, ExcitationBackprop, Flat, Gamma, Rule, ZBox, ZPlus
 
 __all__ = ["Composite", "PRESETS", "GRADIENT_METHODS", "DEFAULT_METHOD", "list_methods", "preset", "method_parameters",
            "check_parameters"]
@@ -141,6 +141,10 @@ def _lrp_alpha2_beta1() -> Composite:
     return Composite([(LINEAR_TYPES, AlphaBeta(2.0, 1.0))], name="lrp-alpha2-beta1")
 
 
+def _excitation_backprop() -> Composite:
+    return Composite([(LINEAR_TYPES, ExcitationBackprop())], name="excitation-backprop")
+
+
 #: method name -> (factory(**params) -> Composite, one-line description); a factory's keyword parameters are the
 #: method's parameters (an unknown keyword is an error, see :func:`preset`)
 PRESETS: dict[str, tuple[Callable[..., Composite], str]] = {
@@ -160,6 +164,8 @@ PRESETS: dict[str, tuple[Callable[..., Composite], str]] = {
     "lrp-zplus": (_lrp_zplus, "LRP-z+ (alpha1-beta0) on every layer"),
     "lrp-alpha1-beta0": (_lrp_alpha1_beta0, "LRP-alpha1-beta0 on every linear/conv layer"),
     "lrp-alpha2-beta1": (_lrp_alpha2_beta1, "LRP-alpha2-beta1 on every linear/conv layer"),
+    "excitation-backprop": (_excitation_backprop,
+                            "Excitation Backprop (z+ without bias, Zhang et al. 2016) on every linear/conv layer"),
 }
 
 #: the method used when none is named (``attribute``, ``Attributor``, ``semlens explain``)

@@ -36,6 +36,7 @@ __all__ = [
     "Gamma",
     "AlphaBeta",
     "ZPlus",
+    "ExcitationBackprop",
     "ZBox",
     "Flat",
     "WSquare",
@@ -477,6 +478,21 @@ class ZPlus(AlphaBeta):
 
     def __repr__(self) -> str:
         return f"ZPlus(zero_params={self.zero_params!r})"
+
+
+class ExcitationBackprop(ZPlus):
+    """Excitation Backprop (Zhang et al., ECCV 2016): top-down winning probabilities through excitatory weights only,
+    ``P(a_i) = Σ_j a_i w⁺_ij / (Σ_i' a_i' w⁺_i'j) · P(a_j)``.
+
+    For non-negative inputs this is LRP-z⁺ without the bias in the denominator (``zero_params=["bias"]``), so the
+    relevance of a layer's input sums to that of its output (exact conservation up to the stabilizer).
+    """
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        super().__init__(zero_params=("bias",), stabilizer=stabilizer)
+
+    def __repr__(self) -> str:
+        return "ExcitationBackprop()"
 
 
 class _InputRule(Rule):
