@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-out
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench clean browser
 
 venv: $(STAMP)
 
@@ -19,8 +19,12 @@ demo: $(STAMP)
 	$(VENV)/bin/semlens demo --out $(DEMO_OUT)
 	@echo "report: $(DEMO_OUT)/report.html"
 
-test: $(STAMP)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 -q --durations=15 tests
+# Debian's chromium for the browser tests of the web app (installed when missing; needs root, as in CI).
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: $(STAMP) browser
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup -q --durations=15 tests
 	$(VENV)/bin/ruff check src tests benchmarks
 
 lint: $(STAMP)
