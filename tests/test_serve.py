@@ -144,6 +144,27 @@ def test_oversized_and_malformed_requests_are_refused(server):
     assert status == 400 and "min_iou must be a number" in text
 
 
+def test_relevant_units_are_the_layer_relevance_ranked(server):
+    from semlens.explain import attribute
+
+    view = server.app.app.state.pages.view
+    rows = view.relevant_units(1, "000004", "epsilon-plus-flat", k=5)
+    corr = view.corrector(1)
+    x = corr._images(["000004"])
+    target = int(corr.model(x).argmax(-1))
+    per_unit = attribute(corr.model, x, target, "epsilon-plus-flat", layer="features.conv5")[0].flatten(1).sum(1)
+    expected = torch.topk(per_unit, 5)
+    assert [u.unit for u, _ in rows] == expected.indices.tolist()
+    shares = torch.tensor([sh for _, sh in rows])
+    assert torch.allclose(shares, expected.values / per_unit.sum(), rtol=1e-5)
+    status, text = _get(server.url + "/v/1/sample/000004")
+    assert status == 200 and text.count('href="/v/1/layer/features.conv5/unit/') >= 5
+    status, _ = _get(server.url + "/v/1/sample/000004/heatmap.png?layer=features.conv5&unit=999")
+    assert status == 404
+    status, _ = _get(server.url + f"/v/1/sample/000004/heatmap.png?layer=features.conv5&unit={rows[0][0].unit}")
+    assert status == 200
+
+
 def test_non_loopback_bind_needs_a_token():
     from semlens.serve.security import check_bind
 

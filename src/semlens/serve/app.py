@@ -102,8 +102,11 @@ class Pages:
         version = self.version_of(request)
         name = request.path_params["layer"]
         unit = self.view.unit(name, _int(request.path_params["unit"], "unit"))
+        sample = request.query_params.get("sample", "")
+        if sample:
+            self.view.check_sample(sample)
         return self.render(request, "unit.html", version=version, unit=unit, layer=self.view.layer(name),
-                           threshold=self.view.iou_threshold)
+                           threshold=self.view.iou_threshold, sample=sample)
 
     async def sample(self, request: Request) -> Response:
         version = self.version_of(request)
@@ -121,7 +124,8 @@ class Pages:
         if compare:
             cv = self.view.version(_int(compare, "compare"))
             compared = (cv, self.view.describe(cv.id, sample_id))
-        return self.render(request, "sample.html", version=version, sample=sample_id,
+        relevant = self.view.relevant_units(version.id, sample_id, method)
+        return self.render(request, "sample.html", version=version, sample=sample_id, relevant=relevant,
                            prediction=self.view.describe(version.id, sample_id), methods=methods, method=method,
                            remarks=self.view.remarks(sample_id), concepts=self.view.concepts(), others=others,
                            compared=compared)
@@ -141,7 +145,11 @@ class Pages:
         method = method or DEFAULT_METHOD
         if method not in list_methods():
             raise NotFound(f"unknown method {method!r}")
-        rel, _, _ = self.view.relevance(version.id, request.path_params["sample"], method)
+        unit = None
+        if request.query_params.get("layer"):
+            name = request.query_params["layer"]
+            unit = (name, self.view.unit(name, _int(request.query_params.get("unit", ""), "unit")).unit)
+        rel, _, _ = self.view.relevance(version.id, request.path_params["sample"], method, unit)
         rgb = heatmap_rgb(rel)
         scale = max(1, -(-HEATMAP_SIDE // max(rgb.shape[:2])))
         img = Image.fromarray(rgb).resize((rgb.shape[1] * scale, rgb.shape[0] * scale), Image.NEAREST)

@@ -208,8 +208,11 @@ class ProjectView:
             return sorted({c for c, i in zip(names.concepts, names.ious.tolist(), strict=True) if i > thr})
         return sorted(self.corrector(self.current_version().id).engine.names.topic_names)  # type: ignore[attr-defined]
 
-    def relevance(self, version_id: int, sample_id: str, method: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(relevance (C, H, W), image (C, H, W), explained class) of one classifier sample under ``method``."""
+    def relevance(self, version_id: int, sample_id: str, method: str, unit: tuple[str, int] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(relevance (C, H, W), image (C, H, W), explained class) of one classifier sample under ``method``.
+
+        ``unit=(layer, i)``: the concept-conditional heatmap, relevance flowing only through that channel."""
         from semlens.explain import attribute
 
         if self.kind != "classifier":
@@ -220,8 +223,33 @@ class ProjectView:
             x = corr._images([sample_id]).to(self.device)  # type: ignore[attr-defined]
             with torch.no_grad():
                 target = int(corr.model(x).argmax(-1))
-            rel = attribute(corr.model, x, target, method)
+            units = {unit[0]: [unit[1]]} if unit is not None else None
+            rel = attribute(corr.model, x, target, method, units=units)
         return rel[0].detach().cpu(), x[0].cpu(), target
+
+    def relevant_units(self, version_id: int, sample_id: str, method: str, k: int = 5) -> list[tuple[UnitRow, float]]:
+        """The ``k`` units of the corrected layer with the most relevance for the predicted class, with their share
+        of the layer's total relevance (LRP read at the layer's output, summed over positions)."""
+        from semlens.explain import attribute
+
+        layer = self.project.config.get("layer")
+        if self.kind != "classifier" or not layer:
+            return []
+        self.check_sample(sample_id)
+        corr = self.corrector(version_id)
+        with self._lock:
+            x = corr._images([sample_id]).to(self.device)  # type: ignore[attr-defined]
+            with torch.no_grad():
+                target = int(corr.model(x).argmax(-1))
+            rel = attribute(corr.model, x, target, method, layer=layer)[0]
+        per_unit = rel.flatten(1).sum(1) if rel.dim() > 1 else rel
+        total = float(per_unit.sum()) or 1.0
+        names = corr.names  # type: ignore[attr-defined]
+        label = {int(u): (c, float(i)) for u, c, i in zip(names.units.tolist(), names.concepts, names.ious.tolist(),
+                                                          strict=True)}
+        top = torch.topk(per_unit, k=min(k, per_unit.numel()))
+        return [(UnitRow(layer, int(u), *label.get(int(u), ("?", 0.0))[:1], "", label.get(int(u), ("?", 0.0))[1]),
+                 float(r) / total) for r, u in zip(top.values, top.indices, strict=True)]
 
     def class_name(self, k: int) -> str:
         names = self.project.config.get("class_names") or []
