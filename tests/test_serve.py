@@ -312,6 +312,47 @@ def test_browser_apply_with_progress_then_undo_restores_bit_identical_weights(pa
     assert page.locator("#prediction").inner_text() == base_prediction
 
 
+def test_browser_cross_site_form_is_refused(page, server, project):
+    """A page on another origin (another loopback port) that auto-submits a remark form to the app: the
+    browser does not send the SameSite=Strict forgery cookie, so the POST is refused and nothing is stored."""
+    import http.server
+
+    from semlens.correct.store import FeedbackStore
+
+    page.goto(server.url + "/v/1/sample/000001")  # this browser now holds the app's forgery cookie
+    token = page.locator("input[name=csrf]").first.get_attribute("value")
+    evil = (f'<form id="f" method="post" action="{server.url}/remarks"><input name="csrf" value="{token}">'
+            '<input name="sample" value="000001"><input name="missing" value="x"><input name="text" value="forged">'
+            '</form><script>document.getElementById("f").submit()</script>').encode()
+
+    class Evil(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(evil)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with page.expect_response(lambda r: r.url.endswith("/remarks")) as answer:
+            page.goto(f"http://127.0.0.1:{httpd.server_address[1]}/")
+        assert answer.value.status == 403
+    finally:
+        httpd.shutdown()
+    assert not any(r.text == "forged" for r in FeedbackStore(project["proj"]).remarks())
+
+
+def test_browser_unknown_unit_shows_a_404_page(page, server):
+    response = page.goto(server.url + "/v/1/layer/features.conv5/unit/4242")
+    assert response.status == 404
+    assert "no unit 4242" in page.locator("#message").inner_text()
+    assert page.title().startswith("Not found")
+
+
 def test_second_apply_while_one_runs_is_refused(server, project):
     from semlens.serve.jobs import ApplyBusy
 
@@ -411,3 +452,35 @@ def _csrf(url: str) -> tuple[str, str]:
         html = r.read().decode()
     token = re.search(r'name="csrf" value="([^"]+)"', html).group(1)
     return cookie, token
+
+
+def test_captioner_sample_view_shows_caption_references_and_topic_neurons(tmp_path):
+    """A captioner project: the sample page shows the version's caption, the human captions and the named
+    topic neurons' activation at every frame (the values equal the encoder's states)."""
+    from test_captioner_cli import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus")
+    run = tmp_path / "run"
+    _cli("caption", "train", "--corpus", str(corpus), "--out", str(run), "--lam", "2", "--topics", "3",
+         "--epochs", "3", "--batch-size", "16", "--lr", "0.01", "--hidden", "8", "--embed", "8",
+         "--decoder-hidden", "8", "--attention", "4", "--dropout", "0", "--device", "cpu")
+    _cli("feedback", "init", "--kind", "captioner", "--weights", str(run / "model.safetensors"),
+         "--data", str(corpus), "--project", str(tmp_path / "proj"))
+    s = Server(tmp_path / "proj", None)
+    try:
+        view = s.app.app.state.pages.view
+        status, text = _get(s.url + "/v/1/sample/v30")
+        assert status == 200, text[-2000:]
+        assert view.describe(1, "v30") in text
+        for caption in view.reference_captions("v30")[:5]:
+            assert caption.replace("'", "&#39;") in text
+        rows = view.topic_neurons(1, "v30")
+        assert rows and 'id="neurons"' in text and f"v:{rows[0]['neuron']}" in text
+        corr = view.corrector(1)
+        feats, lengths = corr._feats(["v30"])
+        states, _ = corr.model.encode(feats, lengths)
+        want = states[0, : int(lengths[0]), int(rows[0]["neuron"])]
+        assert torch.allclose(torch.tensor(rows[0]["values"]), want, atol=1e-3)
+        assert _get(s.url + "/v/1/sample/v999")[0] == 404
+    finally:
+        s.stop()

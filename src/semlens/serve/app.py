@@ -125,7 +125,10 @@ class Pages:
             cv = self.view.version(_int(compare, "compare"))
             compared = (cv, self.view.describe(cv.id, sample_id))
         relevant = self.view.relevant_units(version.id, sample_id, method)
+        neurons = self.view.topic_neurons(version.id, sample_id)
+        references = self.view.reference_captions(sample_id)
         return self.render(request, "sample.html", version=version, sample=sample_id, relevant=relevant,
+                           neurons=neurons, references=references,
                            prediction=self.view.describe(version.id, sample_id), methods=methods, method=method,
                            remarks=self.view.remarks(sample_id), concepts=self.view.concepts(), others=others,
                            compared=compared)

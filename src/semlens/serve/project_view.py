@@ -74,6 +74,7 @@ class ProjectView:
         self._lock = threading.Lock()
         self._correctors: dict[int, Corrector] = {}
         self._sample_ids: list[str] | None = None
+        self._captions: dict[str, list[str]] | None = None
 
     # ---- tables -------------------------------------------------------------------------------------------
     def _read_units(self) -> list[UnitRow]:
@@ -206,7 +207,8 @@ class ProjectView:
             thr = float(self.project.config.get("min_iou", 0.04))
             names = self.corrector(self.current_version().id).names  # type: ignore[attr-defined]
             return sorted({c for c, i in zip(names.concepts, names.ious.tolist(), strict=True) if i > thr})
-        return sorted(self.corrector(self.current_version().id).engine.names.topic_names)  # type: ignore[attr-defined]
+        names = self.corrector(self.current_version().id).engine.names  # type: ignore[attr-defined]
+        return [t for i, t in enumerate(names.topic_names) if names.neurons_of(i)]  # topics some neuron carries
 
     def relevance(self, version_id: int, sample_id: str, method: str, unit: tuple[str, int] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -250,6 +252,41 @@ class ProjectView:
         top = torch.topk(per_unit, k=min(k, per_unit.numel()))
         return [(UnitRow(layer, int(u), *label.get(int(u), ("?", 0.0))[:1], "", label.get(int(u), ("?", 0.0))[1]),
                  float(r) / total) for r, u in zip(top.values, top.indices, strict=True)]
+
+    def reference_captions(self, sample_id: str) -> list[str]:
+        """A captioner sample's human captions (``captions.csv`` of the corpus, read once)."""
+        if self.kind != "captioner":
+            return []
+        if self._captions is None:
+            from semlens.world.msvd import _read_captions
+
+            self._captions = _read_captions(Path(self.project.config["data"]) / "captions.csv")
+        return list(self._captions.get(sample_id, []))
+
+    def topic_neurons(self, version_id: int, sample_id: str, k: int = 8) -> list[dict[str, object]]:
+        """The ``k`` strongest named neurons of a captioner version with their activation at every frame of
+        the clip: rows ``{neuron, topic_name, strength, values: [T floats], points: SVG polyline}``."""
+        if self.kind != "captioner":
+            return []
+        self.check_sample(sample_id)
+        corr = self.corrector(version_id)
+        with self._lock:
+            feats, lengths = corr._feats([sample_id])  # type: ignore[attr-defined]
+            with torch.no_grad():
+                states, _ = corr.model.encode(feats.to(self.device), lengths.to(self.device))
+        rows = corr.engine.names.table(top=k)  # type: ignore[attr-defined]
+        if not rows:
+            return []
+        t = int(lengths[0])
+        acts = states[0, :t, [int(r["neuron"]) for r in rows]].T.cpu()  # (k, T)
+        lo, hi = float(acts.min()), float(acts.max())
+        span = (hi - lo) or 1.0
+        for r, a in zip(rows, acts, strict=True):
+            ys = (1 - (a - lo) / span) * 28 + 2
+            xs = torch.linspace(2, 158, t) if t > 1 else torch.tensor([80.0])
+            r["values"] = [round(float(x), 3) for x in a]
+            r["points"] = " ".join(f"{float(x):.1f},{float(y):.1f}" for x, y in zip(xs, ys, strict=True))
+        return rows
 
     def class_name(self, k: int) -> str:
         names = self.project.config.get("class_names") or []
