@@ -26,7 +26,7 @@ browser:
 
 # The whole suite, the linter, the dependency check and the installed-wheel smoke test.
 test: $(STAMP) browser
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 -q --durations=15 tests
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup -q --durations=15 tests
 	$(MAKE) lint deps wheel-check
 
 lint: $(STAMP)

@@ -13,7 +13,7 @@ A remark "image S misses concept C" becomes:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -151,9 +151,10 @@ class ClassifierCorrector:
                 return self.model(images)
 
     def propagate(self, images: torch.Tensor, concepts: Sequence[Sequence[str]], *, mu: float = 1e-2,
-                  steps: int = 50, lr: float = 1e-3) -> PropagationResult:
+                  steps: int = 50, lr: float = 1e-3, stop: Callable[[nn.Module], bool] | None = None
+                  ) -> PropagationResult:
         """Fine-tune the layers up to ``layer`` so image n's map approaches its map enhanced with
-        ``concepts[n]``. images: (N, 3, H, W)."""
+        ``concepts[n]``. images: (N, 3, H, W). ``stop(model)``, called after every step, may end early."""
         if len(concepts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(concepts)} concept lists")
         images = images.to(self.device)
@@ -166,4 +167,4 @@ class ClassifierCorrector:
         ])
         params = parameters_up_to(self.model, self.layer, images[:1])
         return propagate(self.model, images, targets, representation=self.layer, params=params,
-                         mu=mu, steps=steps, lr=lr)
+                         mu=mu, steps=steps, lr=lr, stop=stop)

@@ -45,6 +45,23 @@ class Artefacts:
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # recorded in project.json
 
 
+Progress = Callable[[int, int], None]  # progress(step, steps) after each fine-tuning step
+
+
+def _stop_reporting(progress: Progress | None, steps: int) -> Callable[[torch.nn.Module], bool] | None:
+    """A ``stop`` callback for :func:`semlens.correct.engine.propagate` that only reports progress."""
+    if progress is None:
+        return None
+    done = [0]
+
+    def stop(_model: torch.nn.Module) -> bool:
+        done[0] += 1
+        progress(done[0], steps)
+        return False
+
+    return stop
+
+
 class Corrector(Protocol):
     """What the feedback commands need from a model kind."""
 
@@ -59,7 +76,8 @@ class Corrector(Protocol):
 
     def unit_names(self, target: str) -> list[str]: ...
 
-    def correct(self, remarks: Sequence[Remark], params: dict[str, Any]) -> dict[str, Any]: ...
+    def correct(self, remarks: Sequence[Remark], params: dict[str, Any], progress: Progress | None = None
+                ) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -130,13 +148,15 @@ class ClassifierProjectCorrector:
     def unit_names(self, target: str) -> list[str]:
         return [f"{self.names.layer}:{int(u)}" for u in self.engine.units(target)]
 
-    def correct(self, remarks: Sequence[Remark], params: dict[str, Any]) -> dict[str, Any]:
+    def correct(self, remarks: Sequence[Remark], params: dict[str, Any], progress: Progress | None = None
+                ) -> dict[str, Any]:
         by_sample: dict[str, list[str]] = {}
         for r in remarks:
             by_sample.setdefault(r.sample_id, []).append(r.target)
         ids = sorted(by_sample)
         res = self.engine.propagate(self._images(ids), [by_sample[s] for s in ids], mu=params["mu"],
-                                    steps=params["steps"], lr=params["lr"])
+                                    steps=params["steps"], lr=params["lr"],
+                                    stop=_stop_reporting(progress, params["steps"]))
         return {"data_loss_first": res.data_loss[0], "data_loss_last": res.data_loss[-1], "steps": res.steps}
 
 
@@ -191,14 +211,16 @@ class CaptionerProjectCorrector:
     def unit_names(self, target: str) -> list[str]:
         return [f"v:{j}" for j in self.engine.neurons(target)]
 
-    def correct(self, remarks: Sequence[Remark], params: dict[str, Any]) -> dict[str, Any]:
+    def correct(self, remarks: Sequence[Remark], params: dict[str, Any], progress: Progress | None = None
+                ) -> dict[str, Any]:
         by_sample: dict[str, list[str]] = {}
         for r in remarks:
             by_sample.setdefault(r.sample_id, []).append(r.target)
         ids = sorted(by_sample)
         feats, lengths = self._feats(ids)
         res = self.engine.propagate(feats, lengths, [by_sample[s] for s in ids], mu=params["mu"],
-                                    steps=params["steps"], lr=params["lr"])
+                                    steps=params["steps"], lr=params["lr"],
+                                    stop=_stop_reporting(progress, params["steps"]))
         return {"data_loss_first": res.data_loss[0], "data_loss_last": res.data_loss[-1], "steps": res.steps}
 
 
@@ -296,9 +318,9 @@ class CorrectionProject:
             raise FeedbackStoreError("the project has no model version")
         return CORRECTORS[self.config["kind"]](self.config, v.weights, *self.artefact_paths(v), torch.device(device))
 
-    def apply(self, device: str | torch.device = "cpu", **params: Any) -> Any:
+    def apply(self, device: str | torch.device = "cpu", progress: Progress | None = None, **params: Any) -> Any:
         """Apply all open remarks: correction propagation from the current version -> new version, made through
-        (and recording) the current version's artefacts."""
+        (and recording) the current version's artefacts. ``progress(step, steps)`` is called after each step."""
         full = {**DEFAULT_PARAMS, **self.config.get("defaults", {}), **{k: v for k, v in params.items()
                                                                          if v is not None}}
         stats: dict[str, Any] = {}
@@ -310,7 +332,7 @@ class CorrectionProject:
         def compute(parent: Path, remarks: list[Remark], out: Path) -> None:
             torch.manual_seed(0)
             corr = CORRECTORS[self.config["kind"]](self.config, parent, names_path, refs_path, torch.device(device))
-            stats.update(corr.correct(remarks, full))
+            stats.update(corr.correct(remarks, full, progress))
             save_weights(corr.model, out, config=read_config(parent) if parent.suffix == ".safetensors" else {})
 
         version = self.store.apply(compute, params=full, artefacts=current.artefacts)

@@ -1,0 +1,152 @@
+"""Latency of the web app (`semlens serve`) against a live server on loopback.
+
+Builds a small classifier project (or uses --project/--dissection), starts `semlens serve` as a separate
+process, and prints:
+- time from process start to the first page (target: within 3 s);
+- p50/p95 of a unit card, the largest layer's unit grid, a sample page, and recording a remark (POST) over
+  --requests requests each (targets: unit card p95 <= 100 ms, grid <= 1 s, remark p95 <= 50 ms);
+- undo after one apply (target <= 1 s);
+- the baseline measured in the same run: p50 of the static stylesheet (the server's floor per request),
+  and each page's p50 as a ratio to it.
+
+    python benchmarks/bench_serve.py [--requests 200] [--project DIR --dissection DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import http.client
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+
+def _cli(*args: str) -> None:
+    env = {**os.environ, "SEMLENS_PROGRESS": "0"}
+    subprocess.run([sys.executable, "-m", "semlens", *args], check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def build_project(root: Path) -> tuple[Path, Path]:
+    data, run, diss, proj = root / "data", root / "run", root / "diss", root / "proj"
+    _cli("data", "concepts", "--out", str(data), "--n", "300", "--size", "32", "--workers", "1")
+    _cli("train", "--data", str(data), "--out", str(run), "--epochs", "1", "--device", "cpu")
+    w = str(run / "model.safetensors")
+    _cli("dissect", "--model", "alexnet-like", "--weights", w, "--data", str(data), "--layers", "all-conv",
+         "--out", str(diss), "--workers", "1", "--device", "cpu", "--iou-threshold", "0.01")
+    _cli("feedback", "init", "--model", "alexnet-like", "--weights", w, "--data", str(data), "--names",
+         str(diss / "units.csv"), "--layer", "features.conv5", "-p", str(proj))
+    return proj, diss
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, cookie: str = "") -> bytes:
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Cookie": cookie}), timeout=60) as r:
+        return r.read()
+
+
+def _post(url: str, fields: dict[str, str], cookie: str) -> None:
+    """POST a form; the 303 answer is not followed (the timing is the POST's own)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    conn.request("POST", parts.path, body=urllib.parse.urlencode(fields),
+                 headers={"Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    if response.status >= 400:
+        raise RuntimeError(f"POST {url}: {response.status}")
+
+
+def timed(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    return statistics.quantiles(xs, n=100)[int(q) - 1] if len(xs) > 1 else xs[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--project", type=Path)
+    ap.add_argument("--dissection", type=Path)
+    args = ap.parse_args()
+    tmp = tempfile.TemporaryDirectory()
+    proj, diss = (args.project, args.dissection) if args.project else build_project(Path(tmp.name))
+    port = _port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEMLENS_PROGRESS": "0"}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "semlens", "serve", "-p", str(proj), "--dissection", str(diss),
+                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/v/1/", timeout=5) as r:
+                    cookie = r.headers.get("set-cookie", "").split(";")[0]
+                    html = r.read().decode()
+                break
+            except OSError:
+                time.sleep(0.02)
+        first = time.perf_counter() - start
+        csrf = re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+        rows = list(csv.DictReader(open(diss / "units.csv")))
+        layers: dict[str, int] = {}
+        for r in rows:
+            layers[r["layer"]] = layers.get(r["layer"], 0) + 1
+        big = max(layers, key=layers.get)
+        unit = f"{url}/v/1/layer/features.conv5/unit/{rows[-1]['unit']}"
+        n = args.requests
+        _get(url + "/v/1/sample/000001")  # load the version's model once
+        results = {
+            "stylesheet (baseline)": timed(lambda: _get(url + "/static/app.css"), n),
+            "unit card": timed(lambda: _get(unit), n),
+            f"unit grid ({layers[big]} units of {big})": timed(lambda: _get(f"{url}/v/1/layer/{big}/"), n),
+            "sample page (prediction)": timed(lambda: _get(url + "/v/1/sample/000001", cookie), max(n // 4, 5)),
+            "record a remark (POST)": timed(lambda: _post(url + "/remarks", {
+                "csrf": csrf, "sample": "000002", "missing": _concept(url, cookie), "text": "bench"}, cookie), n),
+        }
+        _post(url + "/apply", {"csrf": csrf, "steps": "5"}, cookie)
+        while b'"running"' in _get(url + "/apply/status.json"):
+            time.sleep(0.05)
+        t = time.perf_counter()
+        _post(url + "/undo", {"csrf": csrf}, cookie)
+        undo = time.perf_counter() - t
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    base = statistics.median(results["stylesheet (baseline)"])
+    print(f"first page {first:.2f} s after process start (target <= 3 s)")
+    print(f"{'request':44s} {'p50 ms':>8s} {'p95 ms':>8s} {'p50 / baseline':>15s}")
+    for name, xs in results.items():
+        print(f"{name:44s} {1e3 * statistics.median(xs):8.1f} {1e3 * pct(xs, 95):8.1f} "
+              f"{statistics.median(xs) / base:14.1f}x")
+    print(f"undo after one apply: {1e3 * undo:.0f} ms (target <= 1000 ms)")
+
+
+def _concept(url: str, cookie: str) -> str:
+    html = _get(url + "/v/1/sample/000002", cookie).decode()
+    return re.search(r'<select name="missing" id="missing"><option>([^<]+)</option>', html).group(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,498 @@
+"""``semlens serve``: the web app over a real classifier project, through HTTP and in headless Chromium.
+
+One small project is made once for the module (120 concept images, a 1-epoch alexnet-like, dissection, a
+feedback project). HTTP-level checks use a live uvicorn server on loopback; the browser scenarios drive
+Debian's ``chromium`` with Playwright and fail if any page makes a request off the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from semlens.cli.main import app as cli
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.xdist_group("serve")  # one worker builds the project once (make test: --dist loadgroup)
+
+
+def _cli(*args: str) -> str:
+    r = CliRunner().invoke(cli, list(args), env={"SEMLENS_PROGRESS": "0", "COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve")
+    data, run, diss, proj = root / "data", root / "run", root / "diss", root / "proj"
+    _cli("data", "concepts", "--out", str(data), "--n", "120", "--size", "32", "--workers", "1")
+    _cli("train", "--data", str(data), "--out", str(run), "--epochs", "1", "--batch-size", "32", "--device", "cpu")
+    weights = run / "model.safetensors"
+    _cli("dissect", "--model", "alexnet-like", "--weights", str(weights), "--data", str(data), "--layers",
+         "features.conv4,features.conv5", "--out", str(diss), "--workers", "1", "--device", "cpu",
+         "--iou-threshold", "0.01")
+    _cli("feedback", "init", "--model", "alexnet-like", "--weights", str(weights), "--data", str(data),
+         "--names", str(diss / "units.csv"), "--layer", "features.conv5", "-p", str(proj))
+    return {"data": data, "diss": diss, "proj": proj, "root": root}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A uvicorn server in a thread of the test process."""
+
+    def __init__(self, proj: Path, diss: Path, token: str | None = None) -> None:
+        import uvicorn
+
+        from semlens.serve import create_app
+
+        self.port = _free_port()
+        self.app = create_app(proj, dissection=diss, token=token)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(project) -> Iterator[Server]:
+    s = Server(project["proj"], project["diss"])
+    yield s
+    s.stop()
+
+
+def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode("utf-8", "replace")
+
+
+def _post(url: str, fields: dict[str, str], cookie: str = "") -> tuple[int, str]:
+    body = urllib.parse.urlencode(fields).encode()
+    req = urllib.request.Request(url, data=body, headers={"Cookie": cookie}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+# ---- HTTP ------------------------------------------------------------------------------------------------------
+def test_unknown_things_are_404_pages_naming_them(server):
+    for path, named in [("/v/99/", "unknown model version 99"), ("/v/1/layer/nope/", "unknown layer 'nope'"),
+                        ("/v/1/layer/features.conv5/unit/999", "no unit 999"),
+                        ("/v/1/sample/no-such-sample", "unknown sample 'no-such-sample'"),
+                        ("/v/x/", "version must be a number"),
+                        ("/img/sample/..%2F..%2Fetc%2Fpasswd.png", "no page at /img/sample/../../etc/passwd.png"),
+                        ("/img/sample/.secret.png", "unknown sample '.secret'")]:
+        status, text = _get(server.url + path)
+        assert status == 404, (path, status)
+        assert named in text.replace("&#39;", "'"), (path, text[-500:])
+        assert "Traceback" not in text
+
+
+def test_post_without_forgery_token_is_refused_and_changes_nothing(server, project):
+    from semlens.correct.store import FeedbackStore
+
+    before = len(FeedbackStore(project["proj"]).remarks())
+    status, text = _post(server.url + "/remarks", {"sample": "000001", "missing": "x", "text": "t"})
+    assert status == 403 and "forgery token" in text
+    status, _ = _post(server.url + "/remarks", {"sample": "000001", "missing": "x", "csrf": "a" * 43},
+                      cookie="semlens_csrf=" + "b" * 43)
+    assert status == 403
+    assert len(FeedbackStore(project["proj"]).remarks()) == before
+
+
+def test_oversized_and_malformed_requests_are_refused(server):
+    status, text = _post(server.url + "/remarks", {"text": "x" * 70_000})
+    assert status == 413
+    status, text = _get(server.url + "/v/1/layer/features.conv5/?min_iou=abc")
+    assert status == 400 and "min_iou must be a number" in text
+
+
+def test_relevant_units_are_the_layer_relevance_ranked(server):
+    from semlens.explain import attribute
+
+    view = server.app.app.state.pages.view
+    rows = view.relevant_units(1, "000004", "epsilon-plus-flat", k=5)
+    corr = view.corrector(1)
+    x = corr._images(["000004"])
+    target = int(corr.model(x).argmax(-1))
+    per_unit = attribute(corr.model, x, target, "epsilon-plus-flat", layer="features.conv5")[0].flatten(1).sum(1)
+    expected = torch.topk(per_unit, 5)
+    assert [u.unit for u, _ in rows] == expected.indices.tolist()
+    shares = torch.tensor([sh for _, sh in rows])
+    assert torch.allclose(shares, expected.values / per_unit.sum(), rtol=1e-5)
+    status, text = _get(server.url + "/v/1/sample/000004")
+    assert status == 200 and text.count('href="/v/1/layer/features.conv5/unit/') >= 5
+    status, _ = _get(server.url + "/v/1/sample/000004/heatmap.png?layer=features.conv5&unit=999")
+    assert status == 404
+    status, _ = _get(server.url + f"/v/1/sample/000004/heatmap.png?layer=features.conv5&unit={rows[0][0].unit}")
+    assert status == 200
+
+
+def test_non_loopback_bind_needs_a_token():
+    from semlens.serve.security import check_bind
+
+    with pytest.raises(ValueError, match="without --token"):
+        check_bind("0.0.0.0", None)
+    check_bind("0.0.0.0", "a-long-secret")
+    check_bind("127.0.0.1", None)
+    check_bind("::1", None)
+    r = CliRunner().invoke(cli, ["serve", "-p", ".", "--host", "0.0.0.0"])
+    assert r.exit_code == 2 and "without --token" in r.output
+
+
+def test_token_is_required_when_configured(project):
+    s = Server(project["proj"], project["diss"], token="s3cret-token")
+    try:
+        assert _get(s.url + "/v/1/")[0] == 403
+        assert _get(s.url + "/v/1/?token=wrong-token")[0] == 403
+        assert _get(s.url + "/v/1/?token=s3cret-token")[0] == 200
+        assert _get(s.url + "/v/1/", {"Cookie": "semlens_token=s3cret-token"})[0] == 200
+    finally:
+        s.stop()
+
+
+def test_old_schema_project_is_refused_untouched(tmp_path):
+    from semlens.serve import create_app
+
+    (tmp_path / ".semlens").mkdir()
+    (tmp_path / ".semlens" / "project.json").write_text('{"kind": "abacus"}')
+    before = sorted(p.name for p in (tmp_path / ".semlens").iterdir())
+    with pytest.raises(ValueError, match="unknown model kind 'abacus'"):
+        create_app(tmp_path)
+    assert sorted(p.name for p in (tmp_path / ".semlens").iterdir()) == before
+
+
+# ---- browser -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert os.path.exists(CHROMIUM), "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    pg = context.new_page()
+    requests: list[str] = []
+    pg.on("request", lambda r: requests.append(r.url))
+    pg.set_default_timeout(60_000)
+    yield pg
+    context.close()
+    off = [u for u in requests if urllib.parse.urlsplit(u).hostname not in ("127.0.0.1", "localhost")]
+    assert not off, f"the page made requests off the machine: {off}"
+
+
+def test_browser_layer_filter_and_unit_card(page, server, project):
+    import csv
+
+    rows = [r for r in csv.DictReader(open(project["diss"] / "units.csv")) if r["layer"] == "features.conv5"]
+    concept = rows[0]["concept"]
+    page.goto(server.url + "/")
+    page.click("text=features.conv5")
+    assert page.url.endswith("/v/1/layer/features.conv5/")
+    assert page.locator("#units .card").count() == len(rows)
+    page.fill("input[name=concept]", concept)
+    page.click("#filter button")
+    shown = page.locator("#units .card .concept").all_inner_texts()
+    assert shown and all(concept in c for c in shown)
+    assert len(shown) == sum(concept in r["concept"] for r in rows)
+    page.locator("#units .card").first.click()
+    assert re.search(r"/v/1/layer/features\.conv5/unit/\d+$", page.url)
+    assert concept in page.locator("#unit-card .concept").inner_text()
+
+
+def test_browser_sample_view_switches_heatmap_methods(page, server):
+    page.goto(server.url + "/v/1/sample/000003")
+    first = page.locator("#heatmap").get_attribute("src")
+    page.wait_for_function("document.getElementById('heatmap').naturalWidth > 0")
+    assert page.evaluate("document.getElementById('heatmap').naturalWidth") >= 224
+    page.select_option("#method", "gradient")
+    page.wait_for_url(re.compile(r"method=gradient"))
+    assert page.locator("#heatmap").get_attribute("src") != first
+    page.wait_for_function("document.getElementById('heatmap').naturalWidth > 0")
+    assert page.locator("#prediction").inner_text().strip()
+
+
+def test_browser_remark_is_listed_persisted_and_escaped(page, server, project):
+    from semlens.correct.store import FeedbackStore
+
+    page.goto(server.url + "/v/1/sample/000005")
+    nasty = "<script>window.pwned=1</script> misses <b>it</b>"
+    page.fill("#text", nasty)
+    page.click("#submit-remark")
+    page.wait_for_url(re.compile(r"/sample/000005$"))
+    assert nasty in page.locator("#sample-remarks").inner_text()
+    assert page.evaluate("window.pwned === undefined")
+    page.reload()
+    assert nasty in page.locator("#sample-remarks").inner_text()
+    assert any(r.text == nasty for r in FeedbackStore(project["proj"]).remarks())
+
+
+def test_browser_apply_with_progress_then_undo_restores_bit_identical_weights(page, server, project):
+    from semlens.checkpoint import load_state_dict
+    from semlens.correct.store import FeedbackStore
+
+    store = FeedbackStore(project["proj"])
+    base = store.current_version()
+    base_weights = load_state_dict(base.weights)
+    page.goto(server.url + f"/v/{base.id}/sample/000007")
+    base_prediction = page.locator("#prediction").inner_text()
+    page.fill("#text", "apply me")
+    page.click("#submit-remark")
+    page.goto(server.url + f"/v/{base.id}/")
+    page.fill("input[name=steps]", "20")
+    page.fill("input[name=lr]", "0.01")
+    page.click("#apply")
+    page.wait_for_url(re.compile(r"/apply$"))
+    page.wait_for_function("document.getElementById('job').dataset.state !== 'running'", timeout=120_000)
+    assert page.locator("#job-state").inner_text() == "done", page.locator("#job-result").inner_text()
+    assert page.locator("#job-step").inner_text() == "20/20"
+    new = store.current_version()
+    assert new.id != base.id and new.parent == base.id
+    page.click("#job-result a")
+    assert page.url.endswith(f"/v/{new.id}/")
+    # the sample view of the new version compares with the base version
+    page.goto(server.url + f"/v/{new.id}/sample/000007?compare={base.id}")
+    view = server.app.app.state.pages.view
+    assert page.locator("#prediction").inner_text() == view.describe(new.id, "000007")
+    assert page.locator("#compared").inner_text() == view.describe(base.id, "000007")
+    page.goto(server.url + f"/v/{new.id}/")
+    page.click("#undo")
+    page.wait_for_url(re.compile(rf"/v/{base.id}/$"))
+    assert store.current_version().id == base.id and store.version(new.id).state == "undone"
+    after = load_state_dict(store.current_version().weights)
+    assert after.keys() == base_weights.keys() and all(torch.equal(after[k], base_weights[k]) for k in after)
+    assert store.verify(base.id)  # the file still has the sha256 recorded when it was made
+    assert not any(r.applied_in == new.id for r in store.remarks())  # its remarks are open again
+    page.goto(server.url + f"/v/{base.id}/sample/000007")
+    assert page.locator("#prediction").inner_text() == base_prediction
+
+
+def test_browser_cross_site_form_is_refused(page, server, project):
+    """A page on another origin (another loopback port) that auto-submits a remark form to the app: the
+    browser does not send the SameSite=Strict forgery cookie, so the POST is refused and nothing is stored."""
+    import http.server
+
+    from semlens.correct.store import FeedbackStore
+
+    page.goto(server.url + "/v/1/sample/000001")  # this browser now holds the app's forgery cookie
+    token = page.locator("input[name=csrf]").first.get_attribute("value")
+    evil = (f'<form id="f" method="post" action="{server.url}/remarks"><input name="csrf" value="{token}">'
+            '<input name="sample" value="000001"><input name="missing" value="x"><input name="text" value="forged">'
+            '</form><script>document.getElementById("f").submit()</script>').encode()
+
+    class Evil(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(evil)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with page.expect_response(lambda r: r.url.endswith("/remarks")) as answer:
+            page.goto(f"http://127.0.0.1:{httpd.server_address[1]}/")
+        assert answer.value.status == 403
+    finally:
+        httpd.shutdown()
+    assert not any(r.text == "forged" for r in FeedbackStore(project["proj"]).remarks())
+
+
+def test_browser_unknown_unit_shows_a_404_page(page, server):
+    response = page.goto(server.url + "/v/1/layer/features.conv5/unit/4242")
+    assert response.status == 404
+    assert "no unit 4242" in page.locator("#message").inner_text()
+    assert page.title().startswith("Not found")
+
+
+def test_second_apply_while_one_runs_is_refused(server, project):
+    from semlens.serve.jobs import ApplyBusy
+
+    runner = server.app.app.state.pages.runner
+    gate = threading.Event()
+    original = runner.view.project.apply
+
+    def slow_apply(*args, **kwargs):
+        gate.wait(30)
+        raise RuntimeError("stopped by the test")
+
+    runner.view.project.apply = slow_apply
+    try:
+        runner.start({"steps": 5})
+        with pytest.raises(ApplyBusy):
+            runner.start({"steps": 5})
+    finally:
+        gate.set()
+        while runner.running:
+            time.sleep(0.05)
+        runner.view.project.apply = original
+    assert runner.job.state == "failed" and "stopped by the test" in runner.job.error
+
+
+def test_server_killed_mid_apply_loses_nothing(project, tmp_path):
+    """A server process killed (SIGKILL) during apply: the remark stays open, the pending version is shown after a
+    restart, and the same apply resumes that version instead of making another."""
+    from semlens.correct.store import FeedbackStore
+
+    proj = tmp_path / "proj"
+    shutil.copytree(project["proj"], proj)
+    shutil.copytree(project["data"], tmp_path / "data")  # the project names its data relative to itself
+    FeedbackStore(proj).add_remark("000009", "missing_concept", _first_concept(project), text="survives a kill")
+    open_before = [(r.id, r.text) for r in FeedbackStore(proj).remarks() if r.status == "open"]
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEMLENS_PROGRESS": "0"}
+    cmd = [sys.executable, "-m", "semlens", "serve", "-p", str(proj), "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    params = {"steps": "1000", "lr": "1e-6", "mu": "0.01"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_up(url)
+        cookie, token = _csrf(url)
+        assert _post(url + "/apply", {"csrf": token, **params}, cookie=cookie)[0] == 200
+        deadline = time.time() + 60
+        while FeedbackStore(proj).versions()[-1].state != "pending":
+            assert time.time() < deadline, "apply never started"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    store = FeedbackStore(proj)
+    assert [(r.id, r.text) for r in store.remarks() if r.status == "open"] == open_before
+    pending = [v for v in store.versions() if v.state == "pending"]
+    current = store.current_version().id
+    assert len(pending) == 1 and pending[0].parent == current
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_up(url)
+        status, text = _get(url + f"/v/{current}/")
+        assert status == 200 and "survives a kill" in text and "pending" in text
+        cookie, token = _csrf(url)
+        assert _post(url + "/apply", {"csrf": token, **params}, cookie=cookie)[0] == 200
+        deadline = time.time() + 180
+        while (state := json.loads(_get(url + "/apply/status.json")[1])["state"]) == "running":
+            assert time.time() < deadline, "resumed apply did not finish"
+            time.sleep(0.2)
+        assert state == "done"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+    store = FeedbackStore(proj)
+    assert store.current_version().id == pending[0].id  # the pending version was resumed, not duplicated
+    assert sum(v.state == "pending" for v in store.versions()) == 0
+    assert all(store.remark(rid).status == "applied" for rid, _ in open_before)
+
+
+def _first_concept(project) -> str:
+    from semlens.serve.project_view import ProjectView
+
+    return ProjectView(project["proj"]).concepts()[0]
+
+
+def _wait_up(url: str) -> None:
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + "/apply/status.json", timeout=2)
+            return
+        except (urllib.error.URLError, ConnectionError):
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.1)
+
+
+def _csrf(url: str) -> tuple[str, str]:
+    with urllib.request.urlopen(url + "/v/1/", timeout=60) as r:
+        cookie = r.headers.get("set-cookie", "").split(";")[0]
+        html = r.read().decode()
+    token = re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+    return cookie, token
+
+
+def test_captioner_sample_view_shows_caption_references_and_topic_neurons(tmp_path):
+    """A captioner project: the sample page shows the version's caption, the human captions and the named
+    topic neurons' activation at every frame (the values equal the encoder's states)."""
+    from test_captioner_cli import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus")
+    run = tmp_path / "run"
+    _cli("caption", "train", "--corpus", str(corpus), "--out", str(run), "--lam", "2", "--topics", "3",
+         "--epochs", "3", "--batch-size", "16", "--lr", "0.01", "--hidden", "8", "--embed", "8",
+         "--decoder-hidden", "8", "--attention", "4", "--dropout", "0", "--device", "cpu")
+    _cli("feedback", "init", "--kind", "captioner", "--weights", str(run / "model.safetensors"),
+         "--data", str(corpus), "--project", str(tmp_path / "proj"))
+    s = Server(tmp_path / "proj", None)
+    try:
+        view = s.app.app.state.pages.view
+        status, text = _get(s.url + "/v/1/sample/v30")
+        assert status == 200, text[-2000:]
+        assert view.describe(1, "v30") in text
+        for caption in view.reference_captions("v30")[:5]:
+            assert caption.replace("'", "&#39;") in text
+        rows = view.topic_neurons(1, "v30")
+        assert rows and 'id="neurons"' in text and f"v:{rows[0]['neuron']}" in text
+        corr = view.corrector(1)
+        feats, lengths = corr._feats(["v30"])
+        states, _ = corr.model.encode(feats, lengths)
+        want = states[0, : int(lengths[0]), int(rows[0]["neuron"])]
+        assert torch.allclose(torch.tensor(rows[0]["values"]), want, atol=1e-3)
+        assert _get(s.url + "/v/1/sample/v999")[0] == 404
+    finally:
+        s.stop()
+
+
+def test_a_project_whose_data_is_gone_gets_a_page_naming_the_file(project, tmp_path):
+    shutil.copytree(project["proj"], tmp_path / "proj")  # without ../data
+    s = Server(tmp_path / "proj", project["diss"])
+    try:
+        status, text = _get(s.url + "/v/1/")
+        assert status == 404 and "Missing file" in text and "index.csv" in text and "Traceback" not in text
+        assert _get(s.url + "/v/1/layer/features.conv5/")[0] == 200  # what needs no data still works
+    finally:
+        s.stop()
