@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from semlens.layers import capture_activations, frozen
+from semlens.layers import HookHandles, frozen, resolve_layers
 from semlens.maximize.objectives import Objective
 from semlens.maximize.params import Parameterisation
 from semlens.maximize.transforms import Augment
@@ -67,6 +67,38 @@ class MaxResult:
     history: list[float] = field(default_factory=list)
 
 
+class _StopForward(Exception):
+    """Raised by the last read layer's hook: the rest of the forward is not needed."""
+
+
+@contextlib.contextmanager
+def _read_layers(model: nn.Module, names: list[str], stop_early: bool):
+    """Record the outputs of ``names`` (with their graph); with ``stop_early``, end the forward as soon
+    as all of them were recorded (a forward then raises :class:`_StopForward`, caught by the caller).
+    Hooks go on these layers only and are removed on exit."""
+    layers = resolve_layers(model, names)
+    store: dict[str, Tensor] = {}
+
+    def make_hook(name: str):
+        def hook(_m: nn.Module, _i: object, out: object) -> None:
+            store[name] = out if isinstance(out, Tensor) else out[0]
+            if stop_early and len(store) == len(layers):
+                raise _StopForward
+        return hook
+
+    with HookHandles() as handles:
+        for name, module in layers.items():
+            handles.add(module.register_forward_hook(make_hook(name)))
+        yield store
+
+
+def _forward(model: nn.Module, x: Tensor) -> None:
+    try:
+        model(x)
+    except _StopForward:
+        pass
+
+
 def _modules_of(param: Parameterisation) -> list[nn.Module]:
     gen = getattr(param, "generator", None)
     return [gen] if isinstance(gen, nn.Module) else []
@@ -75,9 +107,9 @@ def _modules_of(param: Parameterisation) -> list[nn.Module]:
 def _score(model: nn.Module, objective: Objective, acts: dict[str, Tensor], x: Tensor,
            augment: Augment | None, step: int, view_objective: Objective | None) -> Tensor:
     if augment is None:
-        model(x)
+        _forward(model, x)
         return objective(acts)
-    model(augment(x, step))
+    _forward(model, augment(x, step))
     return view_objective(acts).reshape(augment.views, x.shape[0]).mean(dim=0)
 
 
@@ -85,12 +117,15 @@ def maximize(model: nn.Module, objective: Objective, param: Parameterisation, *,
              regulariser: Regulariser | None = None, seeds: Sequence[int] | Tensor | None = None, steps: int = 256,
              lr: float = 0.05, lr_floor: float = 0.01, augment: Augment | None = None,
              device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32, log_every: int = 16, show_progress: bool | None = None) -> MaxResult:
+             dtype: torch.dtype = torch.float32, log_every: int = 16, stop_early: bool = True,
+             show_progress: bool | None = None) -> MaxResult:
     """Maximise ``objective`` (B rows) over ``param`` for ``steps`` Adam steps.
 
     The learning rate follows a cosine from ``lr`` down to ``lr · lr_floor`` (so the iterates settle
     instead of oscillating at Adam's step size).
-    ``seeds`` (B,) seed each row's start (default 0..B-1). Returns a :class:`MaxResult`.
+    ``seeds`` (B,) seed each row's start (default 0..B-1). With ``stop_early`` the forward ends once
+    every layer the objective reads has produced its output (a model that calls a read layer twice
+    should pass ``stop_early=False``). Returns a :class:`MaxResult`.
     """
     b = objective.batch
     seeds = torch.arange(b) if seeds is None else torch.as_tensor(seeds).reshape(-1)
@@ -107,7 +142,7 @@ def maximize(model: nn.Module, objective: Objective, param: Parameterisation, *,
         stack.enter_context(frozen(model))
         for m in _modules_of(param):
             stack.enter_context(frozen(m))
-        acts = stack.enter_context(capture_activations(model, objective.layers, detach=False))
+        acts = stack.enter_context(_read_layers(model, objective.layers, stop_early))
         for step in progress(range(steps), total=steps, desc="maximize", enabled=show_progress):
             x = param.render(p)
             total = _score(model, objective, acts, x, augment, step, view_obj)
@@ -124,7 +159,7 @@ def maximize(model: nn.Module, objective: Objective, param: Parameterisation, *,
             acts.clear()
         with torch.no_grad():
             x = param.render(p)
-            model(x)
+            _forward(model, x)
             act = objective(acts)
             score = act + (regulariser(x, p) if regulariser is not None else 0)
             acts.clear()
