@@ -55,7 +55,8 @@ class MaxEvalConfig:
     n_broden: int = 1000
     n_prior: int = 2000
     n_natural: int = 1000
-    n_judge: int = 6000
+    n_judge: int = 4000
+    n_shortcut: int = 6000
     judge_epochs: int = 3
     min_iou: float = 0.1
     max_units: int = 32
@@ -70,6 +71,7 @@ class MaxEvalConfig:
     @classmethod
     def fast(cls) -> MaxEvalConfig:
         return cls(n_train=1500, epochs=2, n_broden=200, n_prior=400, n_natural=200, n_judge=600, judge_epochs=1,
+                   n_shortcut=800,
                    max_units=6, steps=16, prior_epochs=2, min_iou=0.04, shortcut_strengths=(0.1, 10.0))
 
 
@@ -150,7 +152,9 @@ def _median(t: torch.Tensor) -> float:
 
 
 def _summarise(name: str, ratio, loglik, hits, paths, seconds: float | None = None) -> dict[str, Any]:  # noqa: ANN001
-    return {"configuration": name, "median activation ratio": round(_median(ratio), 3),
+    """One table row; ``per_unit`` keeps the (U,) values for the report's unit cards."""
+    per_unit = {"ratio": ratio.tolist(), "loglik": loglik.tolist(), "hit": hits.tolist(), "path": paths.tolist()}
+    return {"per_unit": per_unit, "configuration": name, "median activation ratio": round(_median(ratio), 3),
             "median held-out loglik / dim": round(_median(loglik), 3),
             "concept hit rate": round(float(hits.mean()), 3), "median path similarity": round(_median(paths), 3),
             "seconds": None if seconds is None else round(seconds, 1)}
@@ -170,7 +174,7 @@ def _unit_table(model, units, world, priors, judge, heldout, stats,  # noqa: ANN
     rows = [_summarise("top-9 natural images (ceiling)", scores.gather(0, top.T).T.mean(1) / dmax,
                        (heldout.log_prob(nat) / dims).reshape(len(units), 9).mean(1), nat_hits,
                        torch.ones(len(units)))]
-    protos_by = {"top-1 natural": natural[top[:, 0]]}
+    protos_by = {"top9": natural[top]}
     for name, variant, param, kind in CONFIGS:
         t0 = time.perf_counter()
         res = _run_config(model, units, dmax, stats, priors.get(kind), variant, param, cfg)
@@ -186,7 +190,7 @@ def _shortcut(root: Path, world: dict[str, Any], stats, gaussian, cfg: MaxEvalCo
     from semlens.maximize import PixelParam, class_logit, expert_term, l2_penalty, maximize
     from semlens.world import generate_concepts
 
-    train = world["train"]
+    train = world["train"].subset(slice(0, cfg.n_shortcut))
     marked = mark_images(train.images, train.labels, 0, 0.9, cfg.seed + 7)
     model = train_classifier(root / "shortcut_classifier.safetensors", marked, train.labels, cfg.seed + 1, cfg.epochs)
     test = generate_concepts(600, 64, seed=cfg.seed + 6, masks=False)
@@ -223,7 +227,8 @@ def _shortcut(root: Path, world: dict[str, Any], stats, gaussian, cfg: MaxEvalCo
 
 
 def run_maximize_eval(out: str | Path, cfg: MaxEvalConfig | None = None) -> dict[str, Any]:
-    """Run the whole evaluation; write ``results.json``, ``tables.md`` and ``prototypes.npz`` to ``out``."""
+    """Run the whole evaluation; write ``results.json``, ``tables.md``, ``prototypes.npz`` and
+    ``report.html`` to ``out``."""
     import numpy as np
 
     from semlens.maximize.checks import heldout_density
@@ -253,10 +258,14 @@ def run_maximize_eval(out: str | Path, cfg: MaxEvalConfig | None = None) -> dict
     shortcut = _shortcut(root, world, stats, priors["gaussian"], cfg)
     np.savez_compressed(root / "prototypes.npz", shortcut=shortcut.pop("images").numpy(),
                         **{k.replace("/", "_"): v.numpy() for k, v in protos.items()})
+    per_unit = {r["configuration"]: r.pop("per_unit") for r in rows}
     results = {"config": asdict(cfg), "test accuracy": accuracy(model, *_test(cfg)), "units": units,
-               "table": rows, "shortcut": shortcut, "seconds": round(time.perf_counter() - t0, 1)}
+               "table": rows, "per_unit": per_unit, "shortcut": shortcut, "seconds": round(time.perf_counter() - t0, 1)}
     (root / "results.json").write_text(json.dumps(results, indent=1))
     (root / "tables.md").write_text(markdown_tables(results))
+    from semlens.maximize.report import write_report
+
+    write_report(root)
     return results
 
 
