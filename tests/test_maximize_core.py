@@ -141,6 +141,12 @@ def test_diversity_couples_only_rows_of_the_same_group() -> None:
     assert torch.allclose(pair.images, batched.images[2:], atol=1e-6)
     alone = maximize(model, obj.take([2]), param, seeds=[3], **kw)  # without its partner the term is 0
     assert not torch.allclose(alone.images[0], batched.images[2], atol=1e-4)
+    # with augmented views, and inside a concatenated batch: still only the group's rows interact
+    aug = Augment(views=2, seed=1)
+    cat = Objective.cat([obj, channel("conv2", [4, 4])])
+    both = maximize(model, cat, param, seeds=[1, 2, 3, 4, 5, 6], augment=aug, **kw)
+    pair = maximize(model, obj.take([2, 3]), param, seeds=[3, 4], augment=aug, **kw)
+    assert torch.allclose(pair.images, both.images[2:4], atol=1e-6)
 
 
 def test_hooks_state_and_grads_restored_after_a_raising_call() -> None:

@@ -133,7 +133,7 @@ def maximize(model: nn.Module, objective: Objective, param: Parameterisation, *,
         raise ValueError(f"{seeds.shape[0]} seeds for an objective of {b} rows")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    view_obj = objective.take(torch.arange(b).repeat(augment.views)) if augment is not None else None
+    view_obj = objective.for_views(augment.views) if augment is not None else None
     p = param.init(seeds, dtype).to(device).detach().requires_grad_(True)
     opt = torch.optim.Adam([p], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * lr_floor)

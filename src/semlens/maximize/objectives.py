@@ -152,6 +152,17 @@ class Objective:
         idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
         return Objective([t.take(idx) for t in self.terms], [c[idx] for c in self.coefs])
 
+    def for_views(self, views: int) -> Objective:
+        """The objective of ``views`` view-major copies of the batch (row v·B + b is view v of sample b);
+        diversity groups are kept apart per view, so a sample's views never repel each other."""
+        b = self.batch
+        out = self.take(torch.arange(b).repeat(views))
+        view = torch.arange(views).repeat_interleave(b)
+        for t in out.terms:
+            if t.groups is not None:
+                t.groups = t.groups + view * (int(t.groups.max()) - int(t.groups.min()) + 1)
+        return out
+
     def repeat(self, n: int) -> Objective:
         """Each sample repeated ``n`` times in a row (sample b -> rows b*n .. b*n+n-1)."""
         return self.take(torch.arange(self.batch).repeat_interleave(n))
@@ -164,10 +175,16 @@ class Objective:
         for p, n in zip(parts, sizes, strict=True):
             pad = torch.zeros(total, dtype=torch.long)
             pad[start:start + n] = torch.arange(n)
+            outside = torch.ones(total, dtype=torch.bool)
+            outside[start:start + n] = False
             for t, c in zip(p.terms, p.coefs, strict=True):
                 full = torch.zeros(total, dtype=c.dtype)
                 full[start:start + n] = c
-                terms.append(t.take(pad))
+                term = t.take(pad)
+                if term.groups is not None:  # rows of other parts: each alone, so they never interact
+                    lone = int(term.groups.min()) - 1 - torch.arange(int(outside.sum()))
+                    term.groups[outside] = lone
+                terms.append(term)
                 coefs.append(full)
             start += n
         return Objective(terms, coefs)
