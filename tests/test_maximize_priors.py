@@ -125,3 +125,24 @@ def test_image_stats_whiten_colour_round_trip_and_decorrelate() -> None:
     assert s.amplitude.shape == (3, 8, 5)
     # Parseval: mean squared amplitude = mean energy of the whitened images (per channel, ortho norm)
     assert float(s.squash(torch.full((1, 3, 8, 8), 100.0)).max()) <= float(s.hi.max()) + 1e-6
+
+
+def test_variants_refuse_the_wrong_prior_kind() -> None:
+    from semlens.maximize.run import MaximizeConfig, build_variant, parse_units
+
+    x = _images(64, (3, 8, 8))
+    stats = fit_image_stats(x)
+    vae = fit_prior("vae", x, code_dim=4, hidden=8, epochs=1)
+    gauss = fit_prior("gaussian", x, k=4)
+    with pytest.raises(ValueError, match="variant 'expert' needs a density prior .* got a 'vae'"):
+        build_variant(MaximizeConfig(variant="expert"), stats, vae)
+    with pytest.raises(ValueError, match="variant 'code' needs a generator prior .* got a 'gaussian'"):
+        build_variant(MaximizeConfig(variant="code"), stats, gauss)
+    with pytest.raises(ValueError, match="--param 'fourier' does not apply"):
+        build_variant(MaximizeConfig(variant="code", param="fourier"), stats, vae)
+    with pytest.raises(ValueError, match="unknown variant 'fancy'"):
+        build_variant(MaximizeConfig(variant="fancy"), stats)
+    param, reg = build_variant(MaximizeConfig(variant="code", lam=0.5), stats, vae)
+    z = torch.ones(2, 4)
+    assert torch.allclose(reg(param.render(z), z), torch.full((2,), -2.0))  # −λ‖z‖² = −0.5·4
+    assert parse_units("0-3,7") == [0, 1, 2, 3, 7]

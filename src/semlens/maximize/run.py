@@ -85,9 +85,9 @@ def _image_param(kind: str, stats: ImageStats, start: Tensor) -> Parameterisatio
 def build_variant(cfg: MaximizeConfig, stats: ImageStats,
                   prior: Prior | None = None) -> tuple[Parameterisation, Regulariser]:
     """Parameterisation and regulariser of ``cfg.variant``; a variant needing a prior refuses ``None``."""
-    lam = cfg.lam_value
     if cfg.variant not in VARIANTS:
         raise ValueError(f"unknown variant {cfg.variant!r}: use one of {', '.join(VARIANTS)}")
+    lam = cfg.lam_value
     if cfg.variant == "plain":
         anchor = stats.mean if cfg.anchor is None else cfg.anchor
         return _image_param(cfg.param, stats, anchor), l2_penalty(lam, anchor)
