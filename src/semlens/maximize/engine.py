@@ -121,8 +121,8 @@ def maximize(model: nn.Module, objective: Objective, param: Parameterisation, *,
              show_progress: bool | None = None) -> MaxResult:
     """Maximise ``objective`` (B rows) over ``param`` for ``steps`` Adam steps.
 
-    The learning rate follows a cosine from ``lr`` down to ``lr · lr_floor`` (so the iterates settle
-    instead of oscillating at Adam's step size).
+    The learning rate (``lr · param.lr_scale``) follows a cosine down to ``lr_floor`` times itself (so
+    the iterates settle instead of oscillating at Adam's step size).
     ``seeds`` (B,) seed each row's start (default 0..B-1). With ``stop_early`` the forward ends once
     every layer the objective reads has produced its output (a model that calls a read layer twice
     should pass ``stop_early=False``). Returns a :class:`MaxResult`.
@@ -135,6 +135,7 @@ def maximize(model: nn.Module, objective: Objective, param: Parameterisation, *,
         raise ValueError(f"steps must be >= 0, got {steps}")
     view_obj = objective.for_views(augment.views) if augment is not None else None
     p = param.init(seeds, dtype).to(device).detach().requires_grad_(True)
+    lr = lr * param.lr_scale
     opt = torch.optim.Adam([p], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * lr_floor)
     history: list[float] = []

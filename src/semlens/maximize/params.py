@@ -35,6 +35,8 @@ class Parameterisation:
 
     #: the input shape (C, H, W) rendered
     shape: tuple[int, int, int]
+    #: multiplies the optimiser's learning rate, so that one ``lr`` suits every parameterisation
+    lr_scale: float = 1.0
 
     def init(self, seeds: Sequence[int] | Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         raise NotImplementedError
@@ -88,6 +90,8 @@ class FourierParam(Parameterisation):
     i.e. colours mixed with the data's colour covariance and mapped smoothly into the data's range.
     """
 
+    lr_scale = 4.0  # measured: at lr 0.05 spectrum coefficients move 4-10x too slowly on the concept world
+
     def __init__(self, stats: ImageStats, spectrum: str = "data", decay: float = 1.0, init_scale: float = 0.05) -> None:
         self.stats, self.shape, self.init_scale = stats, stats.shape, init_scale
         c, h, w = self.shape
@@ -114,6 +118,8 @@ class MacoParam(Parameterisation):
     """Phase-only spectrum (MaCo): the magnitude is the data's amplitude spectrum, p (B, C, H, W//2+1)
     is the phase; each decorrelated channel is standardised to zero mean and unit variance before the
     colour mixing and squash (so only the spatial structure is free)."""
+
+    lr_scale = 4.0  # phases in radians
 
     def __init__(self, stats: ImageStats) -> None:
         self.stats, self.shape = stats, stats.shape
