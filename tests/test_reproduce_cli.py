@@ -9,7 +9,8 @@ from semlens.cli.reproduce import reproduce_app
 
 
 def test_reproduce_commands_are_registered_by_the_cli():
-    assert sorted(c.name for c in reproduce_app.registered_commands) == ["blocknorm", "correction", "dong", "xnn"]
+    assert sorted(c.name for c in reproduce_app.registered_commands) == [
+        "blocknorm", "correction", "dong", "maximize", "xnn"]
     res = CliRunner().invoke(app, ["reproduce", "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0 and all(n in res.output for n in ("blocknorm", "correction", "dong"))
     res = CliRunner().invoke(app, ["reproduce", "dong", "--out", "x", "--seeds", "0"])

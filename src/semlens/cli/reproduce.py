@@ -109,5 +109,24 @@ def xnn(
     typer.echo(markdown_table(result["summary"]))
 
 
+@reproduce_app.command("maximize")
+def maximize(
+    out: Path = typer.Option(..., help="Output directory (results.json, tables.md, prototypes.npz, caches)."),
+    fast: bool = typer.Option(False, help="Tiny smoke-test version (minutes less, numbers meaningless)."),
+    steps: int = typer.Option(None, help="Optimisation steps per configuration (default 192)."),
+) -> None:
+    """Activation maximization on the concept world: variants × parameterisations, and slide (d)."""
+    from dataclasses import replace
+
+    from semlens.experiments.maximize_eval import MaxEvalConfig, markdown_tables, run_maximize_eval
+
+    with user_errors():
+        cfg = MaxEvalConfig.fast() if fast else MaxEvalConfig()
+        if steps is not None:
+            cfg = replace(cfg, steps=steps)
+        results = run_maximize_eval(out, cfg)
+    typer.echo(markdown_tables(results))
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(reproduce_app, name="reproduce")

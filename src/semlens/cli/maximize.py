@@ -1,0 +1,83 @@
+"""``semlens maximize``: activation maximization (prototypes of units), and ``maximize fit-prior``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from semlens.cli._common import err_console, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    group = typer.Typer(help="Prototypes of units by activation maximization (plain, expert, code).",
+                        add_completion=False)
+
+    @group.callback(invoke_without_command=True)
+    def maximize(
+        ctx: typer.Context,
+        model: str = typer.Option(None, help="Built-in model name or package.module:factory."),
+        weights: Path = typer.Option(None, help=".safetensors (config's model_kwargs are used) or .pt weights."),
+        layer: str = typer.Option(None, help="Dotted layer name ('' or 'output' for the logits)."),
+        units: str = typer.Option("0-7", help="Unit indices, e.g. 0-63 or 1,4,9."),
+        data: Path = typer.Option(None, help="Images: Broden-format directory or (N,C,H,W) .npy (statistics, "
+                                             "data mean, dataset maxima, self-checks)."),
+        variant: str = typer.Option("plain", help="plain | expert | code."),
+        prior: Path = typer.Option(None, help="Prior from `semlens maximize fit-prior` (expert and code variants)."),
+        param: str = typer.Option("pixel", help="pixel | fourier | maco (image variants)."),
+        objective: str = typer.Option("channel", help="channel (mean over space) | neuron (centre) | class."),
+        lam: float = typer.Option(None, help="λ of the penalty / expert / code prior (default per variant)."),
+        steps: int = typer.Option(256, help="Optimisation steps."),
+        lr: float = typer.Option(0.05, help="Adam learning rate (cosine-decayed)."),
+        seeds: int = typer.Option(1, help="Seeds per unit (the best one is kept)."),
+        views: int = typer.Option(4, help="Augmented views per step (0 = none)."),
+        names: Path = typer.Option(None, help="Dissection units.csv: adds concept and concept_hit columns."),
+        limit: int = typer.Option(2000, help="At most this many images of DATA."),
+        out: Path = typer.Option(None, help="Output directory: prototypes.npy, unit PNGs, summary.csv."),
+        device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
+        random_init: bool = typer.Option(False, "--random-init", help="Allow a model without --weights (untrained)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty directory semlens did not "
+                                                                  "create."),
+    ) -> None:
+        """Maximise UNITS of LAYER: writes OUT/prototypes.npy (U,C,H,W), one PNG per unit, OUT/summary.csv."""
+        if ctx.invoked_subcommand is not None:
+            return
+        missing = [n for n, v in (("--layer", layer), ("--data", data), ("--out", out)) if v is None]
+        if missing:
+            err_console().print(f"[bold red]error:[/] missing option(s) {', '.join(missing)} "
+                              "(see `semlens maximize --help`)", highlight=False)
+            raise typer.Exit(code=2)
+        from semlens.maximize.pipeline import maximize_job
+        from semlens.maximize.run import MaximizeConfig, parse_units
+        from semlens.models import load
+        from semlens.outputs import OutputDir
+        from semlens.runtime import resolve_device
+
+        inputs = [p for p in (data, weights, prior, names) if p is not None]
+        with user_errors(), OutputDir(out, inputs=inputs, overwrite=overwrite):
+            cfg = MaximizeConfig(variant=variant, param=param, kind=objective, lam=lam, steps=steps, lr=lr,
+                                 seeds=seeds, views=views, augment=views > 0)
+            dev = resolve_device(device)
+            net = load(model, weights, device=dev, random_init=random_init)
+            name = "" if layer == "output" else layer
+            paths = maximize_job(net, name, parse_units(units), data, out, cfg, prior, names, limit, dev)
+            typer.echo(f"wrote {paths['prototypes']} and {paths['summary']}")
+
+    @group.command("fit-prior")
+    def fit_prior(
+        data: Path = typer.Option(..., help="Images: Broden-format directory or (N,C,H,W) .npy."),
+        kind: str = typer.Option(..., help="gaussian | gmm | rbm | vae | gan."),
+        out: Path = typer.Option(..., help="Output .safetensors file (with its JSON config)."),
+        limit: int = typer.Option(None, help="At most this many images."),
+        epochs: int = typer.Option(None, help="Training epochs (rbm, vae, gan)."),
+        seed: int = typer.Option(0, help="Random seed."),
+    ) -> None:
+        """Fit a density expert or a generator on DATA, for `semlens maximize --variant expert|code`."""
+        from semlens.maximize.pipeline import fit_prior_job
+
+        with user_errors():
+            opts = {"epochs": epochs} if epochs is not None and kind in ("rbm", "vae", "gan") else {}
+            path = fit_prior_job(data, kind, out, limit, seed, **opts)
+            typer.echo(f"wrote {path}")
+
+    app.add_typer(group, name="maximize")

@@ -1,0 +1,117 @@
+"""Building blocks of the activation-maximization evaluation: the world classifier, its labelled units,
+the judge classifier, concept hits, and the planted-shortcut (slide (d)) world."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["train_classifier", "labelled_units", "train_judge", "concept_hits", "mark_images", "mark_score"]
+
+
+def train_classifier(path: Path, images: Tensor, labels: Tensor, seed: int, epochs: int,
+                     device: str = "cpu") -> nn.Module:
+    """The demo's recipe: alexnet-like, Adam 2e-3, cosine, batch 64; cached at ``path``."""
+    from semlens.checkpoint import load_weights
+    from semlens.models import build_model
+    from semlens.train import TrainConfig, Trainer
+
+    kwargs = {"num_classes": int(labels.max()) + 1, "image_size": images.shape[-1]}
+    torch.manual_seed(seed)
+    model = build_model("alexnet-like", **kwargs)
+    if path.is_file():
+        return load_weights(model, path).eval()
+    cfg = TrainConfig(epochs=epochs, batch_size=64, lr=2e-3, optimizer="adam", weight_decay=0.0,
+                      lr_schedule="cosine", seed=seed, device=device)
+    trainer = Trainer(model, torch.utils.data.TensorDataset(images, labels), None, cfg,
+                      model_config={"model": "alexnet-like", "model_kwargs": kwargs})
+    trainer.fit()
+    trainer.save(path)
+    return model.eval()
+
+
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
+    with torch.no_grad():
+        pred = torch.cat([model(images[s:s + 256]).argmax(1) for s in range(0, len(images), 256)])
+    return float((pred == labels).float().mean())
+
+
+def labelled_units(model: nn.Module, root: Path, broden_dir: Path, min_iou: float) -> list[dict[str, Any]]:
+    """Dissect every conv layer on the Broden copy (cached in ``root/units.json``); units with IoU ≥ ``min_iou``."""
+    cache = root / "units.json"
+    if not cache.is_file():
+        from semlens.units.dissect import dissect
+        from semlens.world import BrodenDataset
+
+        result = dissect(model, BrodenDataset(broden_dir), model.conv_layers, batch_size=100, device="cpu")
+        result.save(root / "dissection")
+        cache.write_text(json.dumps(result.unit_rows()))
+    rows = json.loads(cache.read_text())
+    return [r for r in rows if r["iou"] >= min_iou]
+
+
+def train_judge(path: Path, world: Any, seed: int, epochs: int) -> nn.Module:
+    """A multi-label concept classifier (resnet-small, width 0.5: another architecture and seed than
+    the classifier) trained on the world's masks (``concept_presence``); cached at ``path``."""
+    from semlens.checkpoint import load_weights, save_weights
+    from semlens.models import build_model
+    from semlens.world.concepts import concept_presence
+
+    targets = concept_presence(world)
+    torch.manual_seed(seed)
+    judge = build_model("resnet-small", num_classes=targets.shape[1], image_size=world.size, width=0.5)
+    if path.is_file():
+        return load_weights(judge, path).eval()
+    opt = torch.optim.Adam(judge.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(seed)
+    judge.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(world), generator=g).split(64):
+            loss = nn.functional.binary_cross_entropy_with_logits(judge(world.images[idx]), targets[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    save_weights(judge, path, {"model": "resnet-small", "targets": "concept_presence"})
+    return judge.eval()
+
+
+def concept_hits(images: Tensor, concepts: list[tuple[str, str]], judge: nn.Module,
+                 colour_min: float = 0.05) -> Tensor:
+    """(B,) 1.0 where image b shows concept b: for a colour, at least ``colour_min`` of its pixels are
+    nearest to that palette colour; otherwise the judge's probability of the concept is ≥ 0.5."""
+    from semlens.maximize.data import colour_share
+    from semlens.world import VOCABULARY
+
+    x = images.clamp(0, 1)
+    hits = torch.zeros(len(concepts))
+    with torch.no_grad():
+        probs = torch.sigmoid(torch.cat([judge(x[s:s + 128]) for s in range(0, len(x), 128)]))
+    for b, (name, category) in enumerate(concepts):
+        if category == "color":
+            hits[b] = float(colour_share(x[b:b + 1], name)[0] >= colour_min)
+        else:
+            hits[b] = float(probs[b, VOCABULARY.number(category, name) - 1] >= 0.5)
+    return hits
+
+
+#: the planted shortcut: a white 5×5 square at rows/columns 1..5
+MARK = (slice(1, 6), slice(1, 6))
+
+
+def mark_images(images: Tensor, labels: Tensor, target: int, p_mark: float, seed: int) -> Tensor:
+    """Copies of ``images`` where images of class ``target`` carry the corner mark with probability
+    ``p_mark`` (and no other image does): the mark is a shortcut to the class."""
+    g = torch.Generator().manual_seed(seed)
+    out = images.clone()
+    on = (labels == target) & (torch.rand(len(labels), generator=g) < p_mark)
+    out[on, :, MARK[0], MARK[1]] = 1.0
+    return out
+
+
+def mark_score(images: Tensor) -> Tensor:
+    """(B,) how white the mark's square is: the mean over its pixels of the smallest channel value."""
+    return images[:, :, MARK[0], MARK[1]].clamp(0, 1).min(dim=1).values.reshape(len(images), -1).mean(dim=1)

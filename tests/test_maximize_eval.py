@@ -1,0 +1,45 @@
+"""Pieces of the concept-world evaluation of activation maximization (the full run: `semlens reproduce maximize`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from semlens.experiments._maximize_parts import MARK, concept_hits, mark_images, mark_score
+from semlens.maximize.data import colour_share
+from semlens.world.concepts import COLORS
+
+
+def test_mark_is_planted_only_on_the_target_class() -> None:
+    images = torch.full((6, 3, 16, 16), 0.2)
+    labels = torch.tensor([0, 1, 0, 2, 0, 1])
+    marked = mark_images(images, labels, target=0, p_mark=1.0, seed=0)
+    assert torch.allclose(mark_score(marked), torch.tensor([1.0, 0.2, 1.0, 0.2, 1.0, 0.2]))
+    assert torch.equal(marked[1], images[1]) and torch.equal(images, torch.full((6, 3, 16, 16), 0.2))
+    assert float(marked[0, :, MARK[0], MARK[1]].min()) == 1.0
+
+
+def test_colour_share_and_concept_hits() -> None:
+    red, blue = torch.tensor(COLORS["red"]), torch.tensor(COLORS["blue"])
+    img = blue[:, None, None].repeat(1, 10, 10)
+    img[:, :2, :] = red[:, None, None]  # 20 % red
+    assert float(colour_share(img[None], "red")[0]) == pytest.approx(0.2)
+    assert float(colour_share(img[None], "blue")[0]) == pytest.approx(0.8)
+
+    class Judge(nn.Module):  # says "object #1 present" for every image
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            from semlens.world import VOCABULARY
+
+            out = torch.full((x.shape[0], len(VOCABULARY) - 1), -5.0)
+            out[:, VOCABULARY.numbers("object")[0] - 1] = 5.0
+            return out
+
+    from semlens.world import VOCABULARY
+
+    first_object = VOCABULARY.names[VOCABULARY.numbers("object")[0]]
+    hits = concept_hits(torch.stack([img, img, img]), [("red", "color"), ("green", "color"),
+                                                      (first_object, "object")], Judge())
+    assert torch.equal(hits, torch.tensor([1.0, 0.0, 1.0]))
+    hits = concept_hits(img[None], [("red", "color")], Judge(), colour_min=0.25)
+    assert torch.equal(hits, torch.tensor([0.0]))

@@ -1,0 +1,148 @@
+"""Priors for activation maximization: densities match their reference, files round-trip and are refused."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from semlens.maximize.experts import RBMExpert, fit_gaussian, fit_gmm_patches, fit_rbm
+from semlens.maximize.stats import fit_image_stats
+from semlens.maximize.store import PriorError, fit_prior, load_prior, save_prior
+
+
+def _images(n: int = 200, shape: tuple[int, int, int] = (3, 8, 8), seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(n, shape[0], 1, 1, generator=g)
+    return (0.6 * base + 0.4 * torch.rand(n, *shape, generator=g)).clamp(0, 1)
+
+
+def test_gaussian_log_prob_matches_torch_multivariate_normal() -> None:
+    x = _images(120, (2, 3, 3))
+    expert = fit_gaussian(x, k=5)
+    cov = expert.cov_mul(torch.eye(18).double())
+    ref = torch.distributions.MultivariateNormal(expert.mean.double(), covariance_matrix=(cov + cov.T) / 2)
+    probe = _images(4, (2, 3, 3), seed=9)
+    assert torch.allclose(expert.log_prob(probe.double()), ref.log_prob(probe.reshape(4, -1).double()), atol=1e-6)
+
+
+def test_gmm_patch_log_prob_matches_sklearn() -> None:
+    x = _images(60, (3, 8, 8))
+    expert = fit_gmm_patches(x, components=3, patch=4, stride=4)
+    from sklearn.mixture import GaussianMixture
+
+    gmm = GaussianMixture(3, covariance_type="full", reg_covar=1e-4, max_iter=200, random_state=0)
+    pts = torch.nn.functional.unfold(x, 4, stride=4).transpose(1, 2).reshape(-1, 48).double().numpy()
+    gmm.fit(pts)
+    probe = _images(2, (3, 8, 8), seed=5).double()
+    probe_pts = torch.nn.functional.unfold(probe, 4, stride=4).transpose(1, 2).reshape(-1, 48).numpy()
+    ref = torch.from_numpy(gmm.score_samples(probe_pts)).reshape(2, 4).sum(dim=1)
+    assert torch.allclose(expert.double().log_prob(probe), ref, atol=1e-6)
+
+
+def test_rbm_log_density_gradcheck_and_closed_form() -> None:
+    torch.manual_seed(0)
+    rbm = RBMExpert((1, 2, 3), hidden=4).double()
+    with torch.no_grad():
+        rbm.weight.normal_()
+        rbm.hidden_bias.normal_()
+        rbm.visible_bias.normal_()
+        rbm.s.uniform_(0.5, 2.0)
+        rbm.m.normal_()
+    x = torch.randn(3, 1, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(rbm.log_prob, (x,))
+    # closed form of the paper: Σ_j log(1 + e^{w_jᵀv + b_j}) − ½‖v − a‖² − Σ log s
+    v = (x.detach().reshape(3, -1) - rbm.m) / rbm.s
+    ref = torch.log1p(torch.exp(v @ rbm.weight.T + rbm.hidden_bias)).sum(1) - 0.5 * ((v - rbm.visible_bias) ** 2).sum(
+        1) - rbm.s.log().sum()
+    assert torch.allclose(rbm.log_prob(x.detach()), ref, atol=1e-10)
+
+
+def test_rbm_training_raises_data_density_over_noise() -> None:
+    x = _images(200, (3, 4, 4))
+    rbm = fit_rbm(x, hidden=16, epochs=15, lr=3e-3)
+    noise = torch.rand(200, 3, 4, 4)
+    assert float(rbm.log_prob(x).mean()) > float(rbm.log_prob(noise).mean()) + 1.0
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "gmm", "rbm", "vae", "gan"])
+def test_prior_round_trip(tmp_path, kind: str) -> None:
+    x = _images(64, (3, 8, 8))
+    opts = {"gaussian": {"k": 8}, "gmm": {"components": 2, "patch": 4, "stride": 4},
+            "rbm": {"hidden": 8, "epochs": 1}, "vae": {"code_dim": 4, "hidden": 16, "epochs": 1},
+            "gan": {"code_dim": 4, "hidden": 16, "epochs": 1}}[kind]
+    prior = fit_prior(kind, x, **opts)
+    path = save_prior(prior, tmp_path / f"{kind}.safetensors")
+    back = load_prior(path)
+    assert back.kind == kind and back.shape == (3, 8, 8)
+    probe = x[:3]
+    if back.is_expert:
+        assert torch.allclose(back.module.log_prob(probe), prior.module.log_prob(probe))
+    else:
+        z = torch.randn(3, 4)
+        assert torch.allclose(back.module(z), prior.module(z))
+        assert float(back.module(z).min()) >= float(x.min()) - 1e-6
+    assert torch.allclose(back.stats.colour_sqrt, prior.stats.colour_sqrt)
+
+
+def test_prior_refusals(tmp_path) -> None:
+    x = _images(64, (3, 8, 8))
+    path = save_prior(fit_prior("gaussian", x, k=4), tmp_path / "g.safetensors")
+    prior = load_prior(path)
+    with pytest.raises(PriorError, match=r"fitted on inputs of 3 channels × 8×8.*1 channels × 8×8"):
+        prior.check_compatible(fit_image_stats(x[:, :1]), "prior g")
+    with pytest.raises(PriorError, match=r"fitted on inputs of 3 channels × 8×8.*3 channels × 4×4"):
+        prior.check_compatible(fit_image_stats(x[:, :, :4, :4]))
+    with pytest.raises(PriorError, match="channel means"):
+        prior.check_compatible(fit_image_stats((x - 0.5) / 0.25))
+    prior.check_compatible(fit_image_stats(_images(64, (3, 8, 8), seed=3)))  # same distribution: accepted
+    # a NaN in the file
+    tensors = load_file(str(path))
+    tensors["module.variances"][1] = math.nan
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=meta)
+    with pytest.raises(PriorError, match=r"NaN or infinite values in module.variances"):
+        load_prior(tmp_path / "nan.safetensors")
+    with pytest.raises(PriorError, match="must be a .safetensors"):
+        load_prior(tmp_path / "g.pt")
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(PriorError, match="is not a semlens prior"):
+        load_prior(tmp_path / "other.safetensors")
+
+
+def test_image_stats_whiten_colour_round_trip_and_decorrelate() -> None:
+    x = _images(100, (3, 8, 8))
+    s = fit_image_stats(x)
+    w = s.whiten(x)
+    assert torch.allclose(s.colour(w), x, atol=1e-5)
+    pix = w.transpose(0, 1).reshape(3, -1)
+    assert torch.allclose(torch.cov(pix), torch.eye(3), atol=1e-3)
+    assert s.amplitude.shape == (3, 8, 5)
+    # Parseval: mean squared amplitude = mean energy of the whitened images (per channel, ortho norm)
+    assert float(s.squash(torch.full((1, 3, 8, 8), 100.0)).max()) <= float(s.hi.max()) + 1e-6
+
+
+def test_variants_refuse_the_wrong_prior_kind() -> None:
+    from semlens.maximize.run import MaximizeConfig, build_variant, parse_units
+
+    x = _images(64, (3, 8, 8))
+    stats = fit_image_stats(x)
+    vae = fit_prior("vae", x, code_dim=4, hidden=8, epochs=1)
+    gauss = fit_prior("gaussian", x, k=4)
+    with pytest.raises(ValueError, match="variant 'expert' needs a density prior .* got a 'vae'"):
+        build_variant(MaximizeConfig(variant="expert"), stats, vae)
+    with pytest.raises(ValueError, match="variant 'code' needs a generator prior .* got a 'gaussian'"):
+        build_variant(MaximizeConfig(variant="code"), stats, gauss)
+    with pytest.raises(ValueError, match="--param 'fourier' does not apply"):
+        build_variant(MaximizeConfig(variant="code", param="fourier"), stats, vae)
+    with pytest.raises(ValueError, match="unknown variant 'fancy'"):
+        build_variant(MaximizeConfig(variant="fancy"), stats)
+    param, reg = build_variant(MaximizeConfig(variant="code", lam=0.5), stats, vae)
+    z = torch.ones(2, 4)
+    assert torch.allclose(reg(param.render(z), z), torch.full((2,), -2.0))  # −λ‖z‖² = −0.5·4
+    assert parse_units("0-3,7") == [0, 1, 2, 3, 7]
