@@ -19,12 +19,12 @@ Model: alexnet-like (64×64 inputs, random seeded weights); objective: the 64 ch
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
+import _timing
 from semlens.layers import capture_activations, frozen
 from semlens.maximize import Augment, PixelParam, channel, l2_penalty, maximize
 from semlens.models import build_model
@@ -47,23 +47,9 @@ def _fwd_bwd(model, x, units):  # noqa: ANN001, ANN202
     return xx.grad
 
 
-def median_time(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 1) -> float:
-    """Median seconds of ``fn()``: this process's CPU time on CPU (robust to other jobs on a shared
-    machine; at one thread it is the single-core figure), wall time with synchronisation on CUDA."""
-    cuda = device.type == "cuda"
-    clock = time.perf_counter if cuda else time.process_time
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = clock()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(clock() - t0)
-    return statistics.median(times)
+def median_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median CPU seconds of ``fn()`` on CPU (robust to other jobs on a shared machine), wall seconds on CUDA."""
+    return _timing.median_time(fn, repeats, device, cpu_time=True)
 
 
 def main() -> None:

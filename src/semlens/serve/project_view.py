@@ -215,35 +215,35 @@ class ProjectView:
         """(relevance (C, H, W), image (C, H, W), explained class) of one classifier sample under ``method``.
 
         ``unit=(layer, i)``: the concept-conditional heatmap, relevance flowing only through that channel."""
-        from semlens.explain import attribute
-
         if self.kind != "classifier":
             raise NotFound("heatmaps are shown for classifier projects")
+        units = {unit[0]: [unit[1]]} if unit is not None else None
+        rel, x, target = self._attribute(version_id, sample_id, method, units=units)
+        return rel.cpu(), x.cpu(), target
+
+    def _attribute(self, version_id: int, sample_id: str, method: str, **options: object
+                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Relevance of the predicted class for one sample (``options`` go to ``attribute``: ``units``, ``layer``):
+        (relevance without the batch dimension, the image (C, H, W), the predicted class)."""
+        from semlens.explain import attribute
+
         self.check_sample(sample_id)
         corr = self.corrector(version_id)
         with self._lock:
             x = corr._images([sample_id]).to(self.device)  # type: ignore[attr-defined]
             with torch.no_grad():
                 target = int(corr.model(x).argmax(-1))
-            units = {unit[0]: [unit[1]]} if unit is not None else None
-            rel = attribute(corr.model, x, target, method, units=units)
-        return rel[0].detach().cpu(), x[0].cpu(), target
+            rel = attribute(corr.model, x, target, method, **options)  # type: ignore[arg-type]
+        return rel[0].detach(), x[0], target
 
     def relevant_units(self, version_id: int, sample_id: str, method: str, k: int = 5) -> list[tuple[UnitRow, float]]:
         """The ``k`` units of the corrected layer with the most relevance for the predicted class, with their share
         of the layer's total relevance (LRP read at the layer's output, summed over positions)."""
-        from semlens.explain import attribute
-
         layer = self.project.config.get("layer")
         if self.kind != "classifier" or not layer:
             return []
-        self.check_sample(sample_id)
+        rel, _, _ = self._attribute(version_id, sample_id, method, layer=layer)
         corr = self.corrector(version_id)
-        with self._lock:
-            x = corr._images([sample_id]).to(self.device)  # type: ignore[attr-defined]
-            with torch.no_grad():
-                target = int(corr.model(x).argmax(-1))
-            rel = attribute(corr.model, x, target, method, layer=layer)[0]
         per_unit = rel.flatten(1).sum(1) if rel.dim() > 1 else rel
         total = float(per_unit.sum()) or 1.0
         names = corr.names  # type: ignore[attr-defined]
