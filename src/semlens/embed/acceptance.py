@@ -1,4 +1,4 @@
-"""The SRAE's automatic acceptance test (METHODS.md §2.4 step 5)."""
+"""The SRAE's automatic acceptance test (Qi, Khorram & Li, arXiv 1709.05360)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Loss terms of the Sparse Reconstruction Autoencoder (METHODS.md §2.3).
+"""Loss terms of the Sparse Reconstruction Autoencoder (Qi, Khorram & Li, arXiv 1709.05360).
 
 ``L = α_pred L_faith + α_rec L_SR + α_PT L_PT``; shapes: ``N`` samples, ``d`` layer width, ``k`` x-features.
 """

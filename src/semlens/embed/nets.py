@@ -47,7 +47,7 @@ def default_hidden(d: int, k: int) -> tuple[int, int]:
 
 
 class SRAENet(nn.Module):
-    """``T`` SRAEs (METHODS.md §2.2) on standardised activations ``z`` ``(N, d)``.
+    """``T`` SRAEs (the encoder/decoder of Qi et al.) on standardised activations ``z`` ``(N, d)``.
 
     encoder ``d→h1`` ReLU, dropout, ``h1→h2`` ReLU, ``h2→k`` ReLU → x ``(T, N, k)`` (non-negative x-features);
     head ``k→m`` (linear, ``m`` outputs) → ŷ ``(T, N, m)``; decoder ``k→h2`` ReLU, ``h2→h1`` ReLU, ``h1→d`` (no final

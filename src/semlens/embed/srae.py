@@ -1,4 +1,4 @@
-"""The Sparse Reconstruction Autoencoder (Qi, Khorram & Li; METHODS.md §2) as a scikit-learn-style estimator.
+"""The Sparse Reconstruction Autoencoder (Qi, Khorram & Li, arXiv 1709.05360) as a scikit-learn-style estimator.
 
 ``SRAE(k=5, target=3).fit(store)`` learns ``k`` non-negative x-features of one layer from which a linear head
 rebuilds the explained class's logit (one-vs-all; one SRAE per class when ``target`` lists several), or all logits at
