@@ -50,7 +50,7 @@ def _sample_figure(ci, k: int = 6):
             present = [int(v) for v in np.unique(lab) if v]
             axes[r, c].set_title(cat, fontsize=7)
             axes[r, c].legend(handles=[Patch(facecolor=pal[v], edgecolor="0.5", label=ci.vocabulary.names[v])
-                                       for v in present[:6]], fontsize=5, loc="upper center",
+                                       for v in present[:6]], fontsize=5, ncol=2, loc="upper center",
                               bbox_to_anchor=(0.5, 0.0), frameon=False, handlelength=1.0, borderaxespad=0.2)
         axes[r, -1].imshow(ci.evidence[r].numpy(), cmap="gray")
         axes[r, -1].set_title("evidence (white)", fontsize=7)
