@@ -230,7 +230,7 @@ CORRECTORS: dict[str, Callable[[dict[str, Any], Path, Path, Path, torch.device],
 }
 
 DEFAULT_PARAMS = {"mu": 1e-2, "steps": 50, "lr": 1e-4}  # Dong et al. 2017 (correction propagation)
-_PATH_KEYS = ("data", "topics")  # stored relative to the project directory
+_PATH_KEYS = ("data", "topics", "dissection")  # stored relative to the project directory
 
 
 class CorrectionProject:
