@@ -23,9 +23,5 @@ def register(app: typer.Typer) -> None:
         from semlens.serve import serve as run
 
         with user_errors():
-            from semlens.serve.security import check_bind
-
-            check_bind(host, token)
-            suffix = f"?token={token}" if token else ""
-            typer.echo(f"serving {project} at http://{host}:{port}/{suffix}  (Ctrl-C stops)")
-            run(project, dissection=dissection, host=host, port=port, token=token, device=device)
+            run(project, dissection=dissection, host=host, port=port, token=token, device=device,
+                announce=lambda url: typer.echo(f"serving {project} at {url}  (Ctrl-C stops)"))

@@ -59,6 +59,14 @@ class Embedding:
             raise ValueError(f"class index {bad[0]!r} out of range for a model with {n_classes} outputs")
         return cls
 
+    def _begin_fit(self, data: ActivationStore | Any, y: Any = None) -> ActivationStore:
+        """What every ``fit`` starts with: ``data`` as an :class:`ActivationStore` (arrays ``(N, d)`` with labels
+        ``y`` are wrapped), validated (the estimator's own ``_validate``), and the common learned attributes set."""
+        store = data if isinstance(data, ActivationStore) else ActivationStore.from_arrays(data, y)
+        self._validate(store)
+        self._setup_common(store)
+        return store
+
     def _setup_common(self, store: ActivationStore) -> None:
         self.classes_ = self._resolve_classes(store.n_classes)
         self.n_classes_ = store.n_classes

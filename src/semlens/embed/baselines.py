@@ -67,9 +67,7 @@ class TopKSAE(_HeadMixin):
         self.seed = seed
 
     def fit(self, data: ActivationStore | Any, y: Any = None) -> TopKSAE:
-        store = data if isinstance(data, ActivationStore) else ActivationStore.from_arrays(data, y)
-        self._validate(store)
-        self._setup_common(store)
+        store = self._begin_fit(data, y)
         self.topk_ = self.topk or max(1, self.k // 2)
         if not 1 <= self.topk_ <= self.k:
             raise ValueError(f"topk must be within [1, k={self.k}], got {self.topk_}")
@@ -150,9 +148,7 @@ class PCAEmbedding(_HeadMixin):
     def fit(self, data: ActivationStore | Any, y: Any = None) -> PCAEmbedding:
         from sklearn.decomposition import IncrementalPCA
 
-        store = data if isinstance(data, ActivationStore) else ActivationStore.from_arrays(data, y)
-        self._validate(store)
-        self._setup_common(store)
+        store = self._begin_fit(data, y)
         ipca = IncrementalPCA(n_components=self.k)
         bs = max(self.batch_size, self.k)
         for z, _, _ in store.batches(bs):
@@ -208,9 +204,7 @@ class NMFEmbedding(_HeadMixin):
     def fit(self, data: ActivationStore | Any, y: Any = None) -> NMFEmbedding:
         from sklearn.decomposition import MiniBatchNMF
 
-        store = data if isinstance(data, ActivationStore) else ActivationStore.from_arrays(data, y)
-        self._validate(store)
-        self._setup_common(store)
+        store = self._begin_fit(data, y)
         nmf = MiniBatchNMF(n_components=self.k, init="nndsvda", random_state=self.seed, max_iter=50)
         g = torch.Generator().manual_seed(self.seed)
         for _ in range(max(1, self.epochs)):

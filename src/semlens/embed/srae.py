@@ -119,9 +119,7 @@ class SRAE(Embedding):
     # ------------------------------------------------------------------ fit
     def fit(self, data: ActivationStore | Any, y: Any = None) -> SRAE:
         """Fit on an :class:`ActivationStore` (or arrays ``z`` ``(N, d)``, ``y`` ``(N,)``/``(N, C)``); returns self."""
-        store = data if isinstance(data, ActivationStore) else ActivationStore.from_arrays(data, y)
-        self._validate(store)
-        self._setup_common(store)
+        store = self._begin_fit(data, y)
         gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
         groups = len(self.classes_) if self.mode == "one-vs-all" else 1

@@ -66,18 +66,23 @@ def _range_init(prior: CodePrior, images: Tensor) -> None:
     prior.decoder.hi.copy_(per.max(dim=1).values)
 
 
+def _start(kind: str, images: Tensor, code_dim: int, hidden: int, seed: int
+           ) -> tuple[CodePrior, torch.Generator, Tensor]:
+    """A seeded, range-initialised :class:`CodePrior` of ``kind``, its batch-order generator and the images
+    flattened to (N, C·H·W) float: what both generator trainings start from."""
+    torch.manual_seed(seed)
+    prior = CodePrior(kind, tuple(images.shape[1:]), code_dim, hidden)
+    _range_init(prior, images)
+    return prior, torch.Generator().manual_seed(seed), images.reshape(images.shape[0], -1).float()
+
+
 def fit_vae(images: Tensor, code_dim: int = 32, hidden: int = 256, epochs: int = 30, lr: float = 1e-3,
             batch_size: int = 64, noise_std: float = 0.1, seed: int = 0) -> CodePrior:
     """Train a VAE on ``images`` (N, C, H, W); return its decoder as a :class:`CodePrior` ("vae")."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    n = images.shape[0]
-    prior = CodePrior("vae", tuple(images.shape[1:]), code_dim, hidden)
-    _range_init(prior, images)
-    d = int(np.prod(images.shape[1:]))
+    prior, g, flat = _start("vae", images, code_dim, hidden, seed)
+    n, d = flat.shape
     encoder = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 2 * code_dim))
     opt = torch.optim.Adam(list(encoder.parameters()) + list(prior.parameters()), lr=lr)
-    flat = images.reshape(n, -1).float()
     for _ in range(epochs):
         for idx in torch.randperm(n, generator=g).split(batch_size):
             x = flat[idx]
@@ -96,17 +101,12 @@ def fit_vae(images: Tensor, code_dim: int = 32, hidden: int = 256, epochs: int =
 def fit_gan(images: Tensor, code_dim: int = 32, hidden: int = 256, epochs: int = 30, lr: float = 2e-4,
             batch_size: int = 64, seed: int = 0) -> CodePrior:
     """Train a GAN on ``images`` (N, C, H, W); return its generator as a :class:`CodePrior` ("gan")."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    n = images.shape[0]
-    prior = CodePrior("gan", tuple(images.shape[1:]), code_dim, hidden)
-    _range_init(prior, images)
-    d = int(np.prod(images.shape[1:]))
+    prior, g, flat = _start("gan", images, code_dim, hidden, seed)
+    n, d = flat.shape
     disc = nn.Sequential(nn.Linear(d, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
                          nn.Linear(hidden, 1))
     opt_g = torch.optim.Adam(prior.parameters(), lr=lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.999))
-    flat = images.reshape(n, -1).float()
     for _ in range(epochs):
         for idx in torch.randperm(n, generator=g).split(batch_size):
             real = flat[idx]

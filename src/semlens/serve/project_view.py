@@ -70,6 +70,7 @@ class ProjectView:
         if self.dissection is not None and not (self.dissection / "units.csv").is_file():
             raise FileNotFoundError(f"{self.dissection} is not a dissection output (no units.csv)")
         self._units = self._read_units()
+        self._info = self._read_info()
         self._layers = self._read_layers()
         self._lock = threading.Lock()
         self._correctors: dict[int, Corrector] = {}
@@ -84,11 +85,14 @@ class ProjectView:
             return [UnitRow(r["layer"], int(r["unit"]), r["concept"], r.get("category", ""), float(r["iou"]))
                     for r in csv.DictReader(f)]
 
+    def _read_info(self) -> dict:
+        summary = self.dissection / "dissection.json" if self.dissection is not None else None
+        return json.loads(summary.read_text()) if summary is not None and summary.is_file() else {}
+
     def _read_layers(self) -> list[LayerRow]:
         if self.dissection is None:
             return []
-        info = json.loads((self.dissection / "dissection.json").read_text()) if (
-            self.dissection / "dissection.json").is_file() else {}
+        info = self._info
         cats = info.get("categories", [])
         rows = []
         for r in info.get("layers", []):
@@ -102,9 +106,8 @@ class ProjectView:
 
     @property
     def iou_threshold(self) -> float:
-        if self.dissection is None or not (self.dissection / "dissection.json").is_file():
-            return 0.04
-        return float(json.loads((self.dissection / "dissection.json").read_text()).get("iou_threshold", 0.04))
+        """The dissection's detector threshold (read once with the tables; 0.04 when it records none)."""
+        return float(self._info.get("iou_threshold", 0.04))
 
     def layers(self) -> list[LayerRow]:
         return list(self._layers)
