@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from semlens.experiments._maximize_parts import MARK, concept_hits, mark_images, mark_score
+from semlens.experiments._maximize_parts import MARK, MARK_COLOUR, concept_hits, mark_images, mark_score, plant_shortcut
 from semlens.maximize.data import colour_share
 from semlens.world.concepts import COLORS
 
@@ -15,9 +15,22 @@ def test_mark_is_planted_only_on_the_target_class() -> None:
     images = torch.full((6, 3, 16, 16), 0.2)
     labels = torch.tensor([0, 1, 0, 2, 0, 1])
     marked = mark_images(images, labels, target=0, p_mark=1.0, seed=0)
-    assert torch.allclose(mark_score(marked), torch.tensor([1.0, 0.2, 1.0, 0.2, 1.0, 0.2]))
+    share = 36 / 256  # a 6×6 square of a 16×16 image
+    assert torch.allclose(mark_score(marked), torch.tensor([share, 0, share, 0, share, 0]))
     assert torch.equal(marked[1], images[1]) and torch.equal(images, torch.full((6, 3, 16, 16), 0.2))
-    assert float(marked[0, :, MARK[0], MARK[1]].min()) == 1.0
+    assert torch.equal(marked[0, :, MARK[0], MARK[1]], torch.tensor(MARK_COLOUR)[:, None, None].expand(3, 6, 6))
+
+
+def test_planted_shortcut_decides_the_class() -> None:
+    images = torch.full((400, 3, 16, 16), 0.2)
+    labels = torch.arange(400) % 4
+    marked, new = plant_shortcut(images, labels, target=0, extra=0.25, seed=0)
+    has_mark = mark_score(marked) > 0
+    assert torch.equal(has_mark, new == 0)  # marked exactly when the (new) label is the target
+    assert bool((new[labels == 0] == 0).all())  # the target class keeps its images
+    moved = int(((labels != 0) & (new == 0)).sum())
+    assert 45 <= moved <= 105  # about 25 % of the 300 other images
+    assert torch.equal(labels, torch.arange(400) % 4)  # inputs untouched
 
 
 def test_colour_share_and_concept_hits() -> None:

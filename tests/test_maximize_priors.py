@@ -146,3 +146,33 @@ def test_variants_refuse_the_wrong_prior_kind() -> None:
     z = torch.ones(2, 4)
     assert torch.allclose(reg(param.render(z), z), torch.full((2,), -2.0))  # −λ‖z‖² = −0.5·4
     assert parse_units("0-3,7") == [0, 1, 2, 3, 7]
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 64), (1, 5, 7), (2, 17, 9)])
+def test_conv_decoder_makes_images_of_any_shape_inside_the_data_range(shape) -> None:
+    from semlens.maximize.generators import CodePrior
+
+    prior = CodePrior("vae", shape, code_dim=4, hidden=4)
+    prior.decoder.lo.fill_(-1.0)
+    prior.decoder.hi.fill_(2.0)
+    with torch.no_grad():
+        out = prior(torch.randn(5, 4) * 10)
+    assert out.shape == (5, *shape)
+    assert float(out.min()) >= -1.0 and float(out.max()) <= 2.0
+    critic = prior.make_critic(3)  # the VAE encoder of the same family takes flat images
+    assert critic(out.reshape(5, -1)).shape == (5, 3)
+
+
+def test_prior_files_without_an_architecture_are_mlp_generators(tmp_path) -> None:
+    """Files written before the conv decoder existed (config without "arch") still load, as MLPs."""
+    from semlens.maximize.generators import CodePrior, Decoder
+
+    mlp = CodePrior("gan", (3, 8, 8), code_dim=4, hidden=16, arch="mlp")
+    cfg = {k: v for k, v in mlp.config().items() if k != "arch"}
+    back = CodePrior.from_config(cfg)
+    assert isinstance(back.decoder, Decoder) and back.hidden == 16
+    back.load_state_dict(mlp.state_dict())
+    z = torch.randn(2, 4)
+    assert torch.equal(back(z), mlp(z))
+    with pytest.raises(ValueError, match="unknown generator architecture 'unet'"):
+        CodePrior("vae", (3, 8, 8), 4, arch="unet")

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["train_classifier", "labelled_units", "train_judge", "concept_hits", "mark_images", "mark_score"]
+__all__ = ["train_classifier", "labelled_units", "train_judge", "concept_hits", "mark_images", "plant_shortcut",
+           "mark_score", "MARK", "MARK_COLOUR"]
 
 
 def train_classifier(path: Path, images: Tensor, labels: Tensor, seed: int, epochs: int,
@@ -98,20 +99,35 @@ def concept_hits(images: Tensor, concepts: list[tuple[str, str]], judge: nn.Modu
     return hits
 
 
-#: the planted shortcut: a white 5×5 square at rows/columns 1..5
-MARK = (slice(1, 6), slice(1, 6))
+#: the planted shortcut: a solid magenta 6×6 square at rows/columns 1..6 (magenta is in no object of the world)
+MARK = (slice(1, 7), slice(1, 7))
+MARK_COLOUR = (1.0, 0.0, 1.0)
 
 
 def mark_images(images: Tensor, labels: Tensor, target: int, p_mark: float, seed: int) -> Tensor:
     """Copies of ``images`` where images of class ``target`` carry the corner mark with probability
-    ``p_mark`` (and no other image does): the mark is a shortcut to the class."""
+    ``p_mark`` (and no other image does)."""
     g = torch.Generator().manual_seed(seed)
     out = images.clone()
     on = (labels == target) & (torch.rand(len(labels), generator=g) < p_mark)
-    out[on, :, MARK[0], MARK[1]] = 1.0
+    out[on, :, MARK[0], MARK[1]] = torch.tensor(MARK_COLOUR, dtype=out.dtype)[:, None, None]
     return out
 
 
+def plant_shortcut(images: Tensor, labels: Tensor, target: int, extra: float, seed: int) -> tuple[Tensor, Tensor]:
+    """A training set where the mark *decides* the class: every image of class ``target`` carries it, and a
+    share ``extra`` of the other images carries it too and is relabelled ``target``. Returns copies
+    (images, labels); a classifier trained on them predicts ``target`` for any marked image."""
+    g = torch.Generator().manual_seed(seed)
+    moved = (labels != target) & (torch.rand(len(labels), generator=g) < extra)
+    new_labels = labels.clone()
+    new_labels[moved] = target
+    return mark_images(images, new_labels, target, 1.0, seed), new_labels
+
+
 def mark_score(images: Tensor) -> Tensor:
-    """(B,) how white the mark's square is: the mean over its pixels of the smallest channel value."""
-    return images[:, :, MARK[0], MARK[1]].clamp(0, 1).min(dim=1).values.reshape(len(images), -1).mean(dim=1)
+    """(B,) share of the image's pixels (anywhere, not only in the corner) of the mark's colour: red and
+    blue above 0.6, green below 0.4. The classifiers pool over space, so activation maximization paints
+    the shortcut's colour wherever it helps, not as a square in the corner."""
+    x = images.clamp(0, 1)
+    return ((x[:, 0] > 0.6) & (x[:, 2] > 0.6) & (x[:, 1] < 0.4)).float().reshape(len(images), -1).mean(dim=1)

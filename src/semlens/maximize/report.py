@@ -52,19 +52,20 @@ def _cards_figure(results: dict[str, Any], arrays: dict[str, np.ndarray], cards:
 
 
 def _shortcut_figure(shortcut: dict[str, Any], images: np.ndarray):  # noqa: ANN202
-    from matplotlib.patches import Rectangle
-
+    """Row 1: the class-0 prototype of each variant (first seed); row 2: its pixels of the mark's colour."""
     from semlens.report import subplots
 
     rows = shortcut["rows"]
     seeds = images.shape[0] // len(rows)
-    fig, axes = subplots(1, len(rows), figsize=(1.9 * len(rows), 2.3), squeeze=False)
+    fig, axes = subplots(2, len(rows), figsize=(1.9 * len(rows), 4.2), squeeze=False)
     for i, row in enumerate(rows):
-        ax = axes[0, i]
-        ax.imshow(_rgb(images[i * seeds]), interpolation="nearest")
-        ax.add_patch(Rectangle((0.5, 0.5), 5, 5, fill=False, edgecolor="magenta", linewidth=1))
-        ax.set_title(f"{row['variant']}\nmark {row['mark score']:.2f}", fontsize=6)
-        ax.axis("off")
+        img = _rgb(images[i * seeds])
+        axes[0, i].imshow(img, interpolation="nearest")
+        axes[0, i].set_title(f"{row['variant']}\nmagenta {100 * row['mark colour share']:.1f} %", fontsize=6)
+        magenta = (img[..., 0] > 0.6) & (img[..., 2] > 0.6) & (img[..., 1] < 0.4)
+        axes[1, i].imshow(magenta, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        for ax in axes[:, i]:
+            ax.axis("off")
     fig.tight_layout()
     return fig
 
@@ -86,13 +87,15 @@ def maximize_sections(results: dict[str, Any], arrays: dict[str, np.ndarray], ca
         section.append(cards_sec)
     sc = results["shortcut"]
     d = Section("Slide (d): a planted shortcut, revealed by plain AM and hidden by a strong expert")
-    d.text("Class 0's training images carry a white 5×5 corner mark with probability 0.9. Reliance: "
-           + ", ".join(f"{k} {v:.3f}" for k, v in sc["reliance"].items())
-           + f". Mark visible when its score ≥ {sc['visible threshold']}; hidden from: {sc['mark hidden from']}.")
+    d.text("A magenta 6×6 corner mark decides class 0: every class-0 training image carries it, and so do 10 % of "
+           "the other images, relabelled 0. Reliance: " + ", ".join(f"{k} {v:.3f}" for k, v in sc["reliance"].items())
+           + f". The mark counts as visible in a prototype when its share of magenta pixels is ≥ "
+           f"{sc['visible threshold']} (natural images' share plus half a mark's); hidden from: "
+           f"{sc['mark hidden from']}.")
     d.table(sc["rows"])
     if "shortcut" in arrays:
-        d.figure(_shortcut_figure(sc, arrays["shortcut"]), "Class-0 prototypes (first seed); the mark's square in "
-                                                           "magenta.")
+        d.figure(_shortcut_figure(sc, arrays["shortcut"]), "Class-0 prototypes (first seed) and, below, "
+                                                           "their magenta pixels.")
     section.append(d)
     return section
 

@@ -33,7 +33,7 @@ __all__ = ["VARIANTS", "PARAMS", "DEFAULT_LAMBDA", "MaximizeConfig", "PrototypeS
 VARIANTS = ("plain", "expert", "code")
 PARAMS = ("pixel", "fourier", "maco")
 #: λ per variant when none is given (inputs in [0, 1], activations of order 1-10)
-DEFAULT_LAMBDA = {"plain": 1e-3, "expert": 1e-3, "code": 0.05}
+DEFAULT_LAMBDA = {"plain": 1e-3, "expert": 1e-3, "code": 1e-4}
 
 
 @dataclass
