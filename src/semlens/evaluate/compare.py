@@ -336,24 +336,10 @@ class Comparison:
         return [sec]
 
 
-def compare_methods(
-    model: nn.Module,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    methods: Sequence[str] | Mapping[str, ExplainFn],
-    masks: torch.Tensor | None = None,
-    config: CompareConfig | None = None,
-    *,
-    device: str | torch.device | None = None,
-    show_progress: bool | None = None,
-) -> Comparison:
-    """Score every method on every metric for ``images: (N, C, H, W)`` in [0, 1], ``targets: (N,)`` int64
-    class indices and optional evidence ``masks: (N, H, W)`` bool (localisation metrics need them).
-
-    Examples are processed in batches of ``config.batch_size`` on ``device`` (default: the model's device);
-    results are gathered on the CPU. The model is evaluated frozen (eval mode); its state is restored after.
-    """
-    cfg = config or CompareConfig()
+def _checked_metrics(cfg: CompareConfig, images: torch.Tensor, targets: torch.Tensor,
+                     masks: torch.Tensor | None) -> list[str]:
+    """The metrics to compute (localisation ones dropped without masks, unless asked for explicitly: then an
+    error); every input's shape checked before any work."""
     metrics = list(cfg.metrics)
     if masks is None:  # the default metric set drops localisation silently; an explicit request fails
         needing = [m for m in metrics if m in LOCALISATION_METRICS]
@@ -372,13 +358,96 @@ def compare_methods(
         empty = (~masks.bool().flatten(1).any(1)).nonzero().flatten().tolist()
         if empty:  # fail before any work, not in the middle of the run
             raise MetricInputError(f"empty evidence mask for examples {empty[:10]}")
+    return metrics
+
+
+@dataclass
+class _Batch:
+    """One batch of examples with what every method's scoring shares: inputs (B, C, H, W), targets (B,),
+    masks (B, H, W) or None, the batch's first example index, the perturbation seed and the random-order
+    curve (None when no perturbation metric is asked for) and the randomization-check results."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    m: torch.Tensor | None
+    start: int
+    seed: int
+    random_curve: Any = None
+    randomization: dict[str, Any] = field(default_factory=dict)
+
+
+def _score_method(model: nn.Module, name: str, a: torch.Tensor, batch: _Batch, explain: ExplainFn,
+                  cfg: CompareConfig, want: set[str], curve_kw: dict[str, Any],
+                  s: dict[str, list[torch.Tensor]], curves: dict[str, list[torch.Tensor]]) -> None:
+    """Append method ``name``'s (B,) scores on ``batch`` (attribution ``a``) to ``s`` and its curves to ``curves``."""
+    x, t, m, rc = batch.x, batch.t, batch.m, batch.random_curve
+    low, high = cfg.input_bounds
+    if m is not None:
+        if "relevance_mass_accuracy" in want:
+            s["relevance_mass_accuracy"].append(relevance_mass_accuracy(a, m))
+        if "relevance_rank_accuracy" in want:
+            s["relevance_rank_accuracy"].append(relevance_rank_accuracy(a, m))
+        if "pointing_game" in want:
+            s["pointing_game"].append(pointing_game(a, m, tolerance=cfg.pointing_tolerance))
+    if want & _MORF_METRICS:
+        c = perturbation_curve(model, x, t, a, order="morf", generator=_gen(batch.seed), **curve_kw)
+        curves.setdefault("morf", []).append(c.scores.cpu())
+        if "aopc_morf" in want:
+            s["aopc_morf"].append(c.aopc())
+        if "aopc_morf_minus_random" in want:
+            s["aopc_morf_minus_random"].append(c.aopc() - rc.aopc())
+        if "selectivity" in want:
+            s["selectivity"].append(c.auc())
+    if "aopc_lerf" in want:
+        c = perturbation_curve(model, x, t, a, order="lerf", generator=_gen(batch.seed), **curve_kw)
+        curves.setdefault("lerf", []).append(c.scores.cpu())
+        s["aopc_lerf"].append(c.aopc())
+    if "continuity" in want:
+        s["continuity"].append(continuity(
+            model, x, t, explain, attribution=a, n_perturbations=cfg.continuity_perturbations,
+            noise_std=cfg.continuity_noise, batch_size=cfg.batch_size, generator=_gen(cfg.seed + batch.start),
+            low=low, high=high))
+    if "randomization_spearman" in want:
+        rand = batch.randomization
+        score = rand[name].score() if rand else torch.empty(0)
+        pad = torch.full((x.shape[0] - score.numel(),), math.nan, dtype=torch.float64)
+        s["randomization_spearman"].append(torch.cat([score.cpu(), pad]))
+    if "sparseness_gini" in want:
+        s["sparseness_gini"].append(sparseness(a))
+    if "complexity_entropy" in want:
+        s["complexity_entropy"].append(complexity(a))
+
+
+#: metrics read from the most-relevant-first perturbation curve
+_MORF_METRICS = frozenset({"aopc_morf", "aopc_morf_minus_random", "selectivity"})
+
+
+def compare_methods(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    methods: Sequence[str] | Mapping[str, ExplainFn],
+    masks: torch.Tensor | None = None,
+    config: CompareConfig | None = None,
+    *,
+    device: str | torch.device | None = None,
+    show_progress: bool | None = None,
+) -> Comparison:
+    """Score every method on every metric for ``images: (N, C, H, W)`` in [0, 1], ``targets: (N,)`` int64
+    class indices and optional evidence ``masks: (N, H, W)`` bool (localisation metrics need them).
+
+    Examples are processed in batches of ``config.batch_size`` on ``device`` (default: the model's device);
+    results are gathered on the CPU. The model is evaluated frozen (eval mode); its state is restored after.
+    """
+    cfg = config or CompareConfig()
+    metrics = _checked_metrics(cfg, images, targets, masks)
+    n = images.shape[0]
     explainers = resolve_explainers(methods, cfg.seed, cfg.input_bounds)
     low, high = cfg.input_bounds
     names = list(explainers)
     dev = torch.device(device) if device is not None else next(
         (p.device for p in model.parameters()), torch.device("cpu"))
     want = set(metrics)
-    need_morf = bool(want & {"aopc_morf", "aopc_morf_minus_random", "selectivity"})
     per: dict[str, dict[str, list[torch.Tensor]]] = {m: {k: [] for k in metrics} for m in names}
     curves: dict[str, dict[str, list[torch.Tensor]]] = {m: {} for m in names}
     random_curves: list[torch.Tensor] = []
@@ -400,61 +469,26 @@ def compare_methods(
     with frozen(model, freeze_params=False):
         for start in progress(starts, total=len(starts), desc="evaluate explanations", enabled=show_progress):
             sl = slice(start, min(start + cfg.batch_size, n))
-            x = images[sl].to(dev, torch.float32)
-            t = targets[sl].to(dev, torch.long)
-            m = masks[sl].to(dev) if masks is not None else None
+            # the random-order curve uses its own generator state per batch; the baseline values of each
+            # image are drawn with a fixed seed so every method and order perturbs with the same noise
+            batch = _Batch(images[sl].to(dev, torch.float32), targets[sl].to(dev, torch.long),
+                           masks[sl].to(dev) if masks is not None else None, start, cfg.seed + 7919 * (start + 1))
+            x, t = batch.x, batch.t
             with torch.no_grad():
                 correct.append((model(x).argmax(1) == t).cpu())
             attributions = {name: fn(model, x, t).detach() for name, fn in explainers.items()}
-            if need_morf or "aopc_lerf" in want:
-                # the random-order curve uses its own generator state per batch; the baseline values of each
-                # image are drawn with a fixed seed so every method and order perturbs with the same noise
-                seed_b = cfg.seed + 7919 * (start + 1)
-                rc = perturbation_curve(model, x, t, None, order="random", generator=_gen(seed_b), **curve_kw)
+            if want & _MORF_METRICS or "aopc_lerf" in want:
+                rc = perturbation_curve(model, x, t, None, order="random", generator=_gen(batch.seed), **curve_kw)
                 random_curves.append(rc.scores.cpu())
-                fraction = rc.fraction
-            rand_res: dict[str, Any] = {}
+                fraction, batch.random_curve = rc.fraction, rc
             if "randomization_spearman" in want and start < n_rand:
                 k = min(n_rand - start, x.shape[0])
-                rand_res = randomization_check(
+                batch.randomization = randomization_check(
                     model, x[:k], t[:k], explainers, attributions={a: r[:k] for a, r in attributions.items()},
                     seed=cfg.seed)
-                layers = next(iter(rand_res.values())).layers
+                layers = next(iter(batch.randomization.values())).layers
             for name, a in attributions.items():
-                s = per[name]
-                if m is not None:
-                    if "relevance_mass_accuracy" in want:
-                        s["relevance_mass_accuracy"].append(relevance_mass_accuracy(a, m))
-                    if "relevance_rank_accuracy" in want:
-                        s["relevance_rank_accuracy"].append(relevance_rank_accuracy(a, m))
-                    if "pointing_game" in want:
-                        s["pointing_game"].append(pointing_game(a, m, tolerance=cfg.pointing_tolerance))
-                if need_morf:
-                    c = perturbation_curve(model, x, t, a, order="morf", generator=_gen(seed_b), **curve_kw)
-                    curves[name].setdefault("morf", []).append(c.scores.cpu())
-                    if "aopc_morf" in want:
-                        s["aopc_morf"].append(c.aopc())
-                    if "aopc_morf_minus_random" in want:
-                        s["aopc_morf_minus_random"].append(c.aopc() - rc.aopc())
-                    if "selectivity" in want:
-                        s["selectivity"].append(c.auc())
-                if "aopc_lerf" in want:
-                    c = perturbation_curve(model, x, t, a, order="lerf", generator=_gen(seed_b), **curve_kw)
-                    curves[name].setdefault("lerf", []).append(c.scores.cpu())
-                    s["aopc_lerf"].append(c.aopc())
-                if "continuity" in want:
-                    s["continuity"].append(continuity(
-                        model, x, t, explainers[name], attribution=a, n_perturbations=cfg.continuity_perturbations,
-                        noise_std=cfg.continuity_noise, batch_size=cfg.batch_size, generator=_gen(cfg.seed + start),
-                        low=low, high=high))
-                if "randomization_spearman" in want:
-                    score = rand_res[name].score() if rand_res else torch.empty(0)
-                    pad = torch.full((x.shape[0] - score.numel(),), math.nan, dtype=torch.float64)
-                    s["randomization_spearman"].append(torch.cat([score.cpu(), pad]))
-                if "sparseness_gini" in want:
-                    s["sparseness_gini"].append(sparseness(a))
-                if "complexity_entropy" in want:
-                    s["complexity_entropy"].append(complexity(a))
+                _score_method(model, name, a, batch, explainers[name], cfg, want, curve_kw, per[name], curves[name])
     scores = {name: {k: torch.cat([v.detach().cpu().double() for v in vals]) for k, vals in per[name].items()}
               for name in names}
     return Comparison(
