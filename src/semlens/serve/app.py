@@ -122,10 +122,11 @@ class Pages:
                            colours={"concept": media_colour(CONCEPT_RGB), "region": media_colour(REGION_RGB)})
 
     async def top_image(self, request: Request) -> Response:
-        version = self.version_of(request)
         p = request.path_params
-        png = await run_in_threadpool(self.view.top_image_png, version.id, p["layer"], _int(p["unit"], "unit"),
-                                      _int(p["rank"], "rank"))
+        args = (_int(p["version"], "version"), p["layer"], _int(p["unit"], "unit"), _int(p["rank"], "rank"))
+        png = self.view.media.cached(args)
+        if png is None:  # rendered (a forward pass) off the event loop
+            png = await run_in_threadpool(self.view.top_image_png, *args)
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     async def prototype(self, request: Request) -> Response:

@@ -208,11 +208,9 @@ class UnitMedia:
         from semlens.serve.project_view import NotFound
         from semlens.units.dissect_report import activation_region, concept_mask
 
-        cache_key = (*key, layer, unit, rank)
-        with self._lock:
-            if cache_key in self._pngs:
-                self._pngs.move_to_end(cache_key)
-                return self._pngs[cache_key]
+        cached = self.cached((*key, layer, unit, rank))
+        if cached is not None:
+            return cached
         images, _ = self.top_images(layer, unit)
         if not 0 <= rank < len(images):
             raise NotFound(f"unit {unit} of layer {layer!r} has no top image {rank}")
@@ -233,10 +231,18 @@ class UnitMedia:
                 region = activation_region(net, batch.images.to(device), layer, unit, threshold, seg)[0]
         png = outlined_png(batch.images[0], torch.as_tensor(mask), region)
         with self._lock:
-            self._pngs[cache_key] = png
+            self._pngs[(*key, layer, unit, rank)] = png
             while len(self._pngs) > self.cache_size:
                 self._pngs.popitem(last=False)
         return png
+
+    def cached(self, key: tuple) -> bytes | None:
+        """A PNG :meth:`top_png` rendered before under ``key`` + (layer, unit, rank), or ``None``."""
+        with self._lock:
+            png = self._pngs.get(key)
+            if png is not None:
+                self._pngs.move_to_end(key)
+            return png
 
     # ---- prototypes -----------------------------------------------------------------------------------------
     @staticmethod
