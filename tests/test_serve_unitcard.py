@@ -242,8 +242,13 @@ def test_prototypes_and_xfeatures_are_indexed_from_attached_outputs(tmp_path):
     assert named[0] == ("red", "blue") and named[1] == ("red",) and named[2] == ()
     assert media.xfeatures_of("fc", 0) == []
     assert media.top_images("conv", 0) == ([], "no dissection is recorded for this project")
-    with pytest.raises(FileNotFoundError, match="summary.csv"):
-        UnitMedia(None, None, [tmp_path], [], [])
+    # unreadable attachments are left out with a note naming the file; the card still works
+    (tmp_path / "emb" / "embedding.safetensors").write_bytes(b"garbage")
+    broken = UnitMedia(None, None, [tmp_path, protos], [tmp_path / "emb"], [])
+    assert broken.prototypes_of("conv", 0) and broken.xfeatures_of("conv", 0) == []
+    notes = broken.notes_for("conv")
+    assert len(notes) == 2 and "summary.csv" in notes[0] and str(tmp_path / "emb") in notes[1]
+    assert broken.notes_for("fc") == notes[:1]
     (tmp_path / "emb" / "embedding.json").write_text(json.dumps({"layer": "conv"})[:-3])
-    with pytest.raises(ValueError, match="embedding.json"):
-        UnitMedia(None, None, [], [tmp_path / "emb"], [])
+    notes = UnitMedia(None, None, [], [tmp_path / "emb"], []).notes_for("conv")
+    assert len(notes) == 1 and "embedding.json" in notes[0]

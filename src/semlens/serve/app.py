@@ -118,7 +118,7 @@ class Pages:
         return self.render(request, "unit.html", version=version, unit=unit, layer=self.view.layer(name),
                            threshold=self.view.iou_threshold, sample=sample, tops=tops, top_note=top_note,
                            prototypes=media.prototypes_of(name, unit.unit),
-                           xfeatures=media.xfeatures_of(name, unit.unit),
+                           xfeatures=media.xfeatures_of(name, unit.unit), media_notes=media.notes_for(name),
                            colours={"concept": media_colour(CONCEPT_RGB), "region": media_colour(REGION_RGB)})
 
     async def top_image(self, request: Request) -> Response:

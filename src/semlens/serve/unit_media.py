@@ -161,10 +161,23 @@ class UnitMedia:
         self._rows: dict[str, int] | None = None
         self._pngs: OrderedDict[tuple, bytes] = OrderedDict()
         self.cache_size = cache_size
-        self.prototypes = self._index_prototypes(prototypes)
-        self.embedding_dirs = list(embeddings)
-        self._embeddings: dict[Path, tuple[Any, torch.Tensor, dict[tuple[int, int], str]]] = {}
-        self.embedding_info = {d: self._embedding_meta(d) for d in embeddings}
+        # attached outputs that cannot be read are left out, each with a note on every card (the card still works)
+        self.notes: list[str] = []
+        self.prototypes: dict[tuple[str, int], list[Prototype]] = {}
+        for d in prototypes:
+            try:
+                for key, found in self._index_prototypes(d).items():
+                    self.prototypes.setdefault(key, []).extend(found)
+            except (OSError, ValueError) as err:
+                self.notes.append(f"prototypes left out: {err}")
+        self.embedding_info: dict[Path, dict[str, Any]] = {}
+        for d in embeddings:
+            try:
+                self.embedding_info[d] = self._embedding_meta(d)
+            except (OSError, ValueError) as err:
+                self.notes.append(f"x-features left out: {err}")
+        self.embedding_dirs = list(self.embedding_info)
+        self._embeddings: dict[Path, tuple[Any, torch.Tensor, dict[tuple[int, int], str]] | str] = {}
 
     # ---- top images -----------------------------------------------------------------------------------------
     @property
@@ -246,23 +259,21 @@ class UnitMedia:
 
     # ---- prototypes -----------------------------------------------------------------------------------------
     @staticmethod
-    def _index_prototypes(dirs: list[Path]) -> dict[tuple[str, int], list[Prototype]]:
-        """(layer, unit) -> prototypes, from each directory's ``summary.csv`` (files that exist only)."""
+    def _index_prototypes(d: Path) -> dict[tuple[str, int], list[Prototype]]:
+        """(layer, unit) -> prototypes of one maximize output, from its ``summary.csv`` (files that exist only)."""
         index: dict[tuple[str, int], list[Prototype]] = {}
-        for d in dirs:
-            summary = d / "summary.csv"
-            if not summary.is_file():
-                raise FileNotFoundError(f"prototypes directory {d} has no summary.csv (not a `semlens maximize` "
-                                        "output)")
-            with open(summary, newline="") as f:
-                for r in csv.DictReader(f):
-                    try:
-                        unit, variant, act = int(r["unit"]), r["variant"], float(r["activation"])
-                    except (KeyError, ValueError) as err:
-                        raise ValueError(f"corrupt prototypes table {summary}: {err}") from err
-                    png = d / f"unit_{unit:04d}_{variant}.png"
-                    if png.is_file():
-                        index.setdefault((r.get("layer", ""), unit), []).append(Prototype(png, variant, act, d.name))
+        summary = d / "summary.csv"
+        if not summary.is_file():
+            raise FileNotFoundError(f"prototypes directory {d} has no summary.csv (not a `semlens maximize` output)")
+        with open(summary, newline="") as f:
+            for r in csv.DictReader(f):
+                try:
+                    unit, variant, act = int(r["unit"]), r["variant"], float(r["activation"])
+                except (KeyError, TypeError, ValueError) as err:
+                    raise ValueError(f"corrupt prototypes table {summary}: {err!r}") from err
+                png = d / f"unit_{unit:04d}_{variant}.png"
+                if png.is_file():
+                    index.setdefault((r.get("layer", ""), unit), []).append(Prototype(png, variant, act, d.name))
         return index
 
     def prototypes_of(self, layer: str, unit: int) -> list[Prototype]:
@@ -281,21 +292,36 @@ class UnitMedia:
             raise ValueError(f"corrupt embedding file {path}: {err}") from err
         return meta
 
-    def _embedding(self, d: Path) -> tuple[Any, torch.Tensor, dict[tuple[int, int], str]]:
-        """(embedding, loadings (G, k, d), (class, x-feature) -> concept name), loaded once."""
+    def _embedding(self, d: Path) -> tuple[Any, torch.Tensor, dict[tuple[int, int], str]] | str:
+        """(embedding, loadings (G, k, d), (class, x-feature) -> concept name), loaded once; or why it cannot be
+        (a message naming the file, also kept)."""
         with self._lock:
             if d not in self._embeddings:
+                from safetensors import SafetensorError
+
                 from semlens.embed.io import load_embedding
 
-                emb = load_embedding(d)
-                names: dict[tuple[int, int], str] = {}
-                table = d / "xfeatures.csv"
-                if table.is_file():
-                    with open(table, newline="") as f:
-                        for r in csv.DictReader(f):
-                            names[(int(r["class"]), int(r["xfeature"]))] = r["concept"]
-                self._embeddings[d] = (emb, encoder_loadings(emb), names)
+                try:
+                    emb = load_embedding(d)
+                    names: dict[tuple[int, int], str] = {}
+                    table = d / "xfeatures.csv"
+                    if table.is_file():
+                        with open(table, newline="") as f:
+                            for r in csv.DictReader(f):
+                                names[(int(r["class"]), int(r["xfeature"]))] = r["concept"]
+                    self._embeddings[d] = (emb, encoder_loadings(emb), names)
+                except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+                    self._embeddings[d] = f"x-features of {d} left out: {err}"
             return self._embeddings[d]
+
+    def notes_for(self, layer: str) -> list[str]:
+        """Why attached outputs are left out of ``layer``'s cards (unreadable directories or embeddings)."""
+        out = list(self.notes)
+        for d in self.embedding_dirs:
+            loaded = self._embeddings.get(d)
+            if isinstance(loaded, str) and self.embedding_info[d].get("layer") == layer:
+                out.append(loaded)
+        return out
 
     def xfeatures_of(self, layer: str, unit: int, k: int = 5) -> list[XFeature]:
         """The ``k`` x-features loading most (by |loading|) on ``unit``, over the attached embeddings of ``layer``."""
@@ -303,7 +329,10 @@ class UnitMedia:
         for d in self.embedding_dirs:
             if self.embedding_info[d].get("layer") != layer:
                 continue
-            emb, load, names = self._embedding(d)
+            loaded = self._embedding(d)
+            if isinstance(loaded, str):
+                continue  # said by notes_for
+            emb, load, names = loaded
             if not 0 <= unit < load.shape[2]:
                 continue
             for g in range(load.shape[0]):
