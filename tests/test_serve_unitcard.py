@@ -167,6 +167,10 @@ def test_outlines_lie_exactly_on_the_mask_and_region_boundaries(dissected):
             image = np.kron(image, np.ones((scale, scale, 1))).astype(np.uint8)
             assert np.array_equal(arr[plain], image[plain])
     assert sum(m for m, _ in drawn) >= 4 and sum(r for _, r in drawn) >= 4  # most top images show both outlines
+    # a model without the dissected layer (a dissection of another model): the concept outline alone
+    other = nn.Sequential(nn.Conv2d(3, 1, 1))
+    arr = _rgb(media.top_png(("other",), "conv", 0, 0, "red", thr[0], lambda: (other, lock)))
+    assert not _where(arr, REGION_RGB).any() and _where(arr, CONCEPT_RGB).any()
     # cached: the second call returns the same bytes without rendering
     first = media.top_png(("v1",), "conv", 0, 0, "red", thr[0], lambda: (net, lock))
     assert media.top_png(("v1",), "conv", 0, 0, "red", thr[0], None) is first

@@ -241,7 +241,10 @@ class UnitMedia:
             net, lock = model()
             with lock:
                 device = next(net.parameters()).device
-                region = activation_region(net, batch.images.to(device), layer, unit, threshold, seg)[0]
+                try:
+                    region = activation_region(net, batch.images.to(device), layer, unit, threshold, seg)[0]
+                except (KeyError, IndexError, RuntimeError):  # a dissection of another model: the mask alone
+                    region = None
         png = outlined_png(batch.images[0], torch.as_tensor(mask), region)
         with self._lock:
             self._pngs[(*key, layer, unit, rank)] = png
