@@ -277,9 +277,9 @@ class CorrectionProject:
         cfg = dict(raw)
         for key in _PATH_KEYS:
             if cfg.get(key):
-                cfg[key] = str(self.dir / cfg[key])
+                cfg[key] = os.path.normpath(self.dir / cfg[key])
         for key in _PATH_LIST_KEYS:
-            cfg[key] = [str(self.dir / p) for p in cfg.get(key) or []]
+            cfg[key] = [os.path.normpath(self.dir / p) for p in cfg.get(key) or []]
         return cfg
 
     @staticmethod
