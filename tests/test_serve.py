@@ -494,6 +494,8 @@ def test_a_project_whose_data_is_gone_gets_a_page_naming_the_file(project, tmp_p
         status, text = _get(s.url + "/v/1/")
         assert status == 404 and "Missing file" in text and "index.csv" in text and "Traceback" not in text
         assert _get(s.url + "/v/1/layer/features.conv5/")[0] == 200  # what needs no data still works
+        status, text = _get(s.url + "/v/1/layer/features.conv5/unit/0")
+        assert status == 200 and 'id="top-note"' in text and "top images unavailable" in text and "not found" in text
     finally:
         s.stop()
 

@@ -201,7 +201,10 @@ class UnitMedia:
             entries = self.top.of(layer, unit)[:k]
         except KeyError as err:
             return [], f"top images unavailable: {err.args[0]}"
-        self.dataset  # noqa: B018 - parse the index once (fills self._rows)
+        try:
+            self.dataset  # noqa: B018 - parse the index once (fills self._rows)
+        except (OSError, ValueError) as err:  # the project's data is gone or corrupt: the card says so
+            return [], f"top images unavailable: {err}"
         rows = self._rows or {}
         out = []
         for rank, (row, value, name) in enumerate(entries):
