@@ -38,3 +38,8 @@ def test_serve_step_writes_a_project_the_web_app_opens(tmp_path, monkeypatch):
     probs = model(view.corrector(1)._images([sample])).softmax(-1)[0]
     top = ctx.artifacts["concepts_test"].class_names[int(probs.argmax())]
     assert view.describe(1, sample).startswith(top)
+    # the demo's dissection stores each unit's top images: its unit cards show them, outlined
+    layer = model.conv_layers[-1]
+    tops, note = view.media.top_images(layer, 0)
+    assert note == "" and len(tops) == 8 and not any(t.missing for t in tops)
+    assert view.top_image_png(1, layer, 0, 0)[:8] == b"\x89PNG\r\n\x1a\n"

@@ -101,6 +101,15 @@ def test_cli_dissect_on_hand_written_broden_matches_library(tmp_path, monkeypatc
         layers = list(csv.DictReader(f))
     assert [int(r["unique_detectors"]) for r in layers] == [r["unique_detectors"] for r in expected.layer_rows()]
     assert (out / "report.html").is_file() and not (out / ".checkpoint").exists()
+    from semlens.units.top_images import load_top_images
+    from semlens.world import BrodenDataset
+
+    top = load_top_images(out / "top_images.safetensors")  # each unit's top images, by image file name
+    files = BrodenDataset(tmp_path / "broden").images
+    for layer in ("0", "2"):
+        assert torch.equal(top.indices[layer], expected.layers[layer].top_images)
+        assert torch.allclose(top.values[layer], expected.layers[layer].top_values.float())
+    assert top.names == {i: files[i] for i in torch.cat(list(top.indices.values())).flatten().tolist() if i >= 0}
     bad = CliRunner().invoke(app, args[:-2] + ["--layers", "nope"])
     assert bad.exit_code == 2 and "nope" in bad.output
 
@@ -116,3 +125,5 @@ def test_cli_dissect_on_hand_written_broden_matches_library(tmp_path, monkeypatc
     assert "terminate called" not in proc.stderr
     for name in ("units.csv", "layers.csv"):
         assert (two / name).read_text() == (out / name).read_text(), name
+    sharded = load_top_images(two / "top_images.safetensors")
+    assert sharded.names == top.names and all(torch.equal(sharded.indices[k], top.indices[k]) for k in top.indices)

@@ -494,5 +494,153 @@ def test_a_project_whose_data_is_gone_gets_a_page_naming_the_file(project, tmp_p
         status, text = _get(s.url + "/v/1/")
         assert status == 404 and "Missing file" in text and "index.csv" in text and "Traceback" not in text
         assert _get(s.url + "/v/1/layer/features.conv5/")[0] == 200  # what needs no data still works
+        status, text = _get(s.url + "/v/1/layer/features.conv5/unit/0")
+        assert status == 200 and 'id="top-note"' in text and "top images unavailable" in text and "not found" in text
     finally:
         s.stop()
+
+
+# ---- unit cards: top images, prototypes, x-features ---------------------------------------------------------------
+def _pixel_unit(project, layer: str = "features.conv5") -> int:
+    """A unit of ``layer`` labelled with a pixel-level concept (not a scene: its mask would be the whole image)."""
+    import csv
+
+    rows = [r for r in csv.DictReader(open(project["diss"] / "units.csv")) if r["layer"] == layer]
+    return next(int(r["unit"]) for r in rows if r["category"] != "scene")
+
+
+def _png(url: str):
+    """The RGB pixels (H, W, 3) uint8 of a PNG the server answers with."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    with urllib.request.urlopen(url, timeout=60) as r:
+        assert r.headers["content-type"] == "image/png"
+        return np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))
+
+
+def test_unit_card_top_images_outline_the_concept_mask_and_the_units_region(server, project):
+    """Every top image served for a card: its magenta pixels are exactly the boundary of the unit's concept mask,
+    its cyan pixels exactly the boundary of the unit's thresholded activation (where the mask's does not cover it),
+    both computed here from the data, the model and units.csv."""
+    import csv
+
+    import numpy as np
+    import torch.nn.functional as F
+    from scipy.ndimage import binary_erosion
+
+    from semlens.layers import capture_activations
+    from semlens.serve.unit_media import CONCEPT_RGB, REGION_RGB
+    from semlens.world import BrodenDataset
+
+    layer, unit = "features.conv5", _pixel_unit(project)
+    row = next(r for r in csv.DictReader(open(project["diss"] / "units.csv"))
+               if r["layer"] == layer and int(r["unit"]) == unit)
+    status, html = _get(server.url + f"/v/1/layer/{layer}/unit/{unit}")
+    assert status == 200
+    srcs = re.findall(rf'src="(/v/1/layer/{re.escape(layer)}/unit/{unit}/top/(\d+)\.png)" alt="top image \d+: ([^"]+)"',
+                      html)
+    assert len(srcs) == 8 and [int(r) for _, r, _ in srcs] == list(range(8))
+    ds = BrodenDataset(project["data"])
+    numbers = [n for n, name, _ in ds.labels if name == row["concept"] and n > 0]
+    model = server.app.app.state.pages.view.corrector(1).model
+    cross = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
+
+    def edge(m):
+        return m & ~binary_erosion(m, structure=cross, border_value=0)
+
+    for src, _, name in srcs:
+        arr = _png(server.url + src)
+        batch = ds.load_batch([ds.images.index(name)])
+        s = arr.shape[0] // ds.image_size[0]
+        assert s * ds.image_size[0] >= 192 and arr.shape[:2] == (s * ds.image_size[0], s * ds.image_size[1])
+        image = np.kron((batch.images[0] * 255).round().byte().permute(1, 2, 0).numpy(), np.ones((s, s, 1), np.uint8))
+        for colour in (CONCEPT_RGB, REGION_RGB):  # the outline colours occur nowhere in the image itself
+            assert not (image == np.array(colour, np.uint8)).all(-1).any()
+        mask = np.zeros(ds.seg_size, bool)
+        for maps in batch.pixel.values():
+            mask |= np.isin(maps[0].numpy(), numbers).any(0)
+        with torch.no_grad(), capture_activations(model, layer) as acts:
+            model(batch.images)
+        act = F.interpolate(acts[layer][:, unit:unit + 1], size=ds.seg_size, mode="bilinear", align_corners=False)
+        region = (act[0, 0] > float(row["threshold"])).numpy()
+        up = np.ones((s, s), bool)
+        concept_edge, region_edge = edge(np.kron(mask, up)), edge(np.kron(region, up))
+        assert np.array_equal((arr == np.array(CONCEPT_RGB, np.uint8)).all(-1), concept_edge), name
+        assert np.array_equal((arr == np.array(REGION_RGB, np.uint8)).all(-1), region_edge & ~concept_edge), name
+        rest = ~(concept_edge | region_edge)
+        assert np.array_equal(arr[rest], image[rest])
+    assert _get(server.url + f"/v/1/layer/{layer}/unit/{unit}/top/8.png")[0] == 404
+    assert _get(server.url + f"/v/1/layer/{layer}/unit/999/top/0.png")[0] == 404
+
+
+def test_unit_card_without_top_images_file_says_why(project, tmp_path):
+    old = tmp_path / "diss"
+    shutil.copytree(project["diss"], old)
+    (old / "top_images.safetensors").unlink()  # a dissection written before the file existed
+    s = Server(project["proj"], old)
+    try:
+        status, html = _get(s.url + "/v/1/layer/features.conv5/unit/0")
+        assert status == 200 and 'id="top-note"' in html and "has no top_images.safetensors" in html
+        assert "/top/" not in html and 'id="unit-card"' in html
+        status, html = _get(s.url + "/v/1/layer/features.conv5/")
+        assert status == 200 and 'loading="lazy"' not in html  # no thumbnails to load
+        assert _get(s.url + "/v/1/layer/features.conv5/unit/0/top/0.png")[0] == 404
+    finally:
+        s.stop()
+
+
+def test_attached_prototypes_and_xfeatures_show_on_the_card(project, tmp_path, server):
+    """`semlens maximize` and `semlens embed fit` outputs attached to a project appear on its unit cards; the
+    project without them shows notes instead."""
+    status, html = _get(server.url + "/v/1/layer/features.conv5/unit/0")
+    assert 'id="no-prototypes"' in html and 'id="no-xfeatures"' in html and "/prototype/" not in html
+    weights = str(project["root"] / "run" / "model.safetensors")
+    am, emb = tmp_path / "am", tmp_path / "emb"
+    _cli("maximize", "--weights", weights, "--layer", "features.conv5", "--units", "0-1", "--data",
+         str(project["data"]), "--out", str(am), "--steps", "3", "--views", "0", "--limit", "40", "--device", "cpu")
+    _cli("embed", "fit", "--weights", weights, "--layer", "features.conv5", "--data", str(project["data"]), "--out",
+         str(emb), "--method", "pca", "--k", "3", "--target", "all", "--device", "cpu")
+    proj = tmp_path / "proj"
+    shutil.copytree(project["proj"], proj)
+    shutil.copytree(project["data"], tmp_path / "data")
+    out = _cli("feedback", "attach", "-p", str(proj), "--prototypes", str(am), "--embedding", str(emb))
+    assert "prototypes" in out and "embeddings" in out
+    cfg = json.loads((proj / ".semlens" / "project.json").read_text())
+    assert cfg["prototypes"] == ["../am"] and cfg["embeddings"] == ["../emb"]  # relative: the project can move
+    r = CliRunner().invoke(cli, ["feedback", "attach", "-p", str(proj), "--embedding", str(am)])
+    assert r.exit_code != 0 and "embedding.json" in r.output  # a maximize output is not an embedding
+    s = Server(proj, project["diss"])
+    try:
+        status, html = _get(s.url + "/v/1/layer/features.conv5/unit/1")
+        assert status == 200 and 'id="prototypes"' in html and 'id="xfeatures"' in html
+        src = re.search(r'src="(/v/1/layer/features.conv5/unit/1/prototype/0.png)"', html).group(1)
+        assert _png(s.url + src).shape[0] >= 192
+        from semlens.serve.unit_media import encoder_loadings
+
+        view = s.app.app.state.pages.view
+        emb_obj, load, _ = view.media._embedding(emb)
+        rows = re.findall(r"<tr><td>x(\d+)</td>", html)
+        assert [int(i) for i in rows] == load[0, :, 1].abs().argsort(descending=True)[:3].tolist()
+        assert torch.equal(load, encoder_loadings(emb_obj))
+        status, html = _get(s.url + "/v/1/layer/features.conv5/unit/5")  # not maximized: x-features only
+        assert 'id="no-prototypes"' in html and 'id="xfeatures"' in html
+        status, html = _get(s.url + "/v/1/layer/features.conv4/unit/0")  # another layer than the embedding's
+        assert 'id="no-xfeatures"' in html
+        assert _get(s.url + "/v/1/layer/features.conv5/unit/5/prototype/0.png")[0] == 404
+    finally:
+        s.stop()
+
+
+def test_browser_unit_card_images_all_load(page, server, project):
+    layer, unit = "features.conv5", _pixel_unit(project)
+    page.goto(server.url + f"/v/1/layer/{layer}/")
+    assert page.locator("#units img[loading=lazy]").count() == page.locator("#units .card").count()
+    page.goto(server.url + f"/v/1/layer/{layer}/unit/{unit}")
+    assert page.locator("#top-images img").count() == 8
+    page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+    widths = page.evaluate("Array.from(document.images).map(i => [i.src, i.naturalWidth])")
+    assert widths and all(w > 0 for _, w in widths), widths
+    assert all(w >= 192 for src, w in widths if "/top/" in src)

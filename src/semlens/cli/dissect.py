@@ -19,7 +19,8 @@ def register(app: typer.Typer) -> None:
         layers: str = typer.Option(..., help="Comma-separated dotted layer names, or 'all-conv' for the "
                                              "model's conv_layers."),
         out: Path = typer.Option(..., help="Output directory: units.csv, layers.csv, dissection.json, "
-                                 "unit_names.safetensors (for `semlens feedback init`), report.html."),
+                                 "unit_names.safetensors (for `semlens feedback init`), top_images.safetensors "
+                                 "(for `semlens serve`'s unit cards), report.html."),
         weights: Path = typer.Option(None, help=".safetensors (config's model_kwargs are used) or .pt weights."),
         random_init: bool = typer.Option(False, help="Dissect an untrained model on purpose (no --weights)."),
         batch_size: int = typer.Option(32, help="Images per batch."),
@@ -77,4 +78,5 @@ def register(app: typer.Typer) -> None:
                 for row in result.layer_rows():
                     typer.echo(f"{row['layer']}: {row['unique_detectors']} unique detectors, "
                                f"{row['detectors']}/{row['units']} detector units")
-                typer.echo(f"wrote {paths['units']}, {paths['layers']}, {paths['names']}, {out / 'report.html'}")
+                typer.echo(f"wrote {paths['units']}, {paths['layers']}, {paths['names']}, {paths['top_images']}, "
+                           f"{out / 'report.html'}")

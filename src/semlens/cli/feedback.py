@@ -15,6 +15,12 @@ _PROJECT = typer.Option(Path("."), "--project", "-p", help="Project directory (h
 
 
 _DEVICE = typer.Option("auto", "--device", help="'auto', 'cpu' or 'cuda'.")
+_DISSECTION = typer.Option(None, "--dissection", help="A `semlens dissect` output directory: the web app's layer "
+                           "pages and unit cards (top images).")
+_PROTOTYPES = typer.Option(None, "--prototypes", help="A `semlens maximize` output directory: prototypes on the web "
+                           "app's unit cards (repeatable).")
+_EMBEDDING = typer.Option(None, "--embedding", help="A `semlens embed` output directory: x-features on the web app's "
+                          "unit cards (repeatable).")
 
 
 def _project(path: Path):
@@ -54,6 +60,9 @@ def init(
     layer: str = typer.Option("", help="classifier: the dissected layer whose units are enhanced."),
     topics: Path = typer.Option(None, help="captioner: topic model JSON (default: the neuron table's, else "
                                 "WEIGHTS' .topics.json)."),
+    dissection: Path = _DISSECTION,
+    prototypes: list[Path] = _PROTOTYPES,
+    embedding: list[Path] = _EMBEDDING,
     project: Path = _PROJECT,
 ) -> None:
     """Create a correction project: store unit names and concept references, register WEIGHTS as the base version."""
@@ -74,11 +83,31 @@ def init(
             artefacts = classifier_artefacts(model, weights, data, names, layer)
         else:
             raise ValueError(f"unknown model kind {kind!r}; known: classifier, captioner")
-        settings = {"data": str(data), "layer": layer, "topics": str(topics) if topics else ""}
+        settings = {"data": str(data), "layer": layer, "topics": str(topics) if topics else "",
+                    "dissection": str(dissection) if dissection else "",
+                    "prototypes": [str(d) for d in prototypes or []], "embeddings": [str(d) for d in embedding or []]}
         p = CorrectionProject.init(project, kind=kind, model=model, weights=weights, artefacts=artefacts,
                                    **{k: v for k, v in settings.items() if v})
         v = p.store.current_version()
     _print(f"project ready in {project}; base version {v.id}")
+
+
+@feedback_app.command("attach")
+def attach(
+    dissection: Path = _DISSECTION,
+    prototypes: list[Path] = _PROTOTYPES,
+    embedding: list[Path] = _EMBEDDING,
+    project: Path = _PROJECT,
+) -> None:
+    """Record output directories shown by `semlens serve`: a dissection, AM prototypes, embeddings (x-features)."""
+    with user_errors():
+        if dissection is None and not prototypes and not embedding:
+            raise ValueError("name something to attach: --dissection, --prototypes or --embedding")
+        recorded = _project(project).attach(dissection=dissection, prototypes=prototypes or [],
+                                            embeddings=embedding or [])
+    for key, value in recorded.items():
+        if value:
+            _print(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
 
 
 @feedback_app.command("add")

@@ -231,6 +231,25 @@ CORRECTORS: dict[str, Callable[[dict[str, Any], Path, Path, Path, torch.device],
 
 DEFAULT_PARAMS = {"mu": 1e-2, "steps": 50, "lr": 1e-4}  # Dong et al. 2017 (correction propagation)
 _PATH_KEYS = ("data", "topics", "dissection")  # stored relative to the project directory
+#: lists of output directories shown on the web app's unit cards (``semlens maximize`` / ``semlens embed``), each
+#: stored relative to the project directory
+_PATH_LIST_KEYS = ("prototypes", "embeddings")
+
+
+def _check_outputs(dirs: dict[str, Any]) -> None:
+    """Refuse a directory given as prototypes / embeddings that is not a maximize / embed output."""
+    expected = {"prototypes": ("summary.csv", "maximize"), "embeddings": ("embedding.json", "embed")}
+    for key, (name, command) in expected.items():
+        bad = [d for d in dirs.get(key) or [] if Path(d).is_dir() and not (Path(d) / name).is_file()]
+        if bad:
+            raise FileNotFoundError(f"{bad[0]} has no {name}: not a `semlens {command}` output")
+
+
+def _relative(path: str | os.PathLike, project_dir: str | os.PathLike, key: str) -> str:
+    """``path`` relative to the project directory (it must exist)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"--{key} {path} not found")
+    return os.path.relpath(Path(path).resolve(), Path(project_dir).resolve())
 
 
 class CorrectionProject:
@@ -249,10 +268,19 @@ class CorrectionProject:
         if self.config.get("kind") not in CORRECTORS:
             raise FeedbackStoreError(f"{self.config_path}: unknown model kind {self.config.get('kind')!r}; "
                                      f"known: {', '.join(CORRECTORS)}")
-        for key in _PATH_KEYS:  # stored relative to the project directory, so a project can be moved
-            if self.config.get(key):
-                self.config[key] = str(self.dir / self.config[key])
+        self.config = self._absolute(self.config)
         self.store = FeedbackStore(self.dir)
+
+    def _absolute(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """``project.json``'s settings with its paths (stored relative to the project directory, so a project can
+        be moved) made paths from here."""
+        cfg = dict(raw)
+        for key in _PATH_KEYS:
+            if cfg.get(key):
+                cfg[key] = os.path.normpath(self.dir / cfg[key])
+        for key in _PATH_LIST_KEYS:
+            cfg[key] = [os.path.normpath(self.dir / p) for p in cfg.get(key) or []]
+        return cfg
 
     @staticmethod
     def refuse_existing(project_dir: str | os.PathLike) -> Path:
@@ -281,11 +309,13 @@ class CorrectionProject:
         missing = [k for k in required if not cfg.get(k)]
         if missing:
             raise ValueError(f"a {kind} project needs {', '.join('--' + k for k in missing)}")
+        _check_outputs(cfg)
         for key in _PATH_KEYS:
             if cfg.get(key):
-                if not Path(cfg[key]).exists():
-                    raise FileNotFoundError(f"--{key} {cfg[key]} not found")
-                cfg[key] = os.path.relpath(Path(cfg[key]).resolve(), Path(project_dir).resolve())
+                cfg[key] = _relative(cfg[key], project_dir, key)
+        for key in _PATH_LIST_KEYS:
+            if cfg.get(key):
+                cfg[key] = [_relative(p, project_dir, key) for p in cfg[key]]
         store_dir = path.parent / "artefacts"
         hashes = {"names": _store(store_dir, artefacts.save_names),
                   "references": _store(store_dir, artefacts.references.save)}
@@ -296,6 +326,33 @@ class CorrectionProject:
         project = cls(project_dir)
         project.store.register_base(weights, params={"source": str(Path(weights).resolve())}, artefacts=hashes)
         return project
+
+    def attach(self, *, dissection: str | os.PathLike | None = None,
+               prototypes: Sequence[str | os.PathLike] = (), embeddings: Sequence[str | os.PathLike] = ()
+               ) -> dict[str, Any]:
+        """Record output directories the web app shows: a ``semlens dissect`` output (replaces the recorded one),
+        ``semlens maximize`` outputs (prototypes) and ``semlens embed`` outputs (x-features), added to those
+        recorded (a directory recorded already is kept once). Each must exist and is stored relative to the
+        project directory. ``project.json`` is replaced atomically; returns the recorded paths (absolute)."""
+        from semlens.outputs import atomic_write
+
+        _check_outputs({"prototypes": prototypes, "embeddings": embeddings})
+        if dissection is not None and not (Path(dissection) / "units.csv").is_file():
+            raise FileNotFoundError(f"--dissection {dissection} is not a dissection output (no units.csv)")
+        raw = json.loads(self.config_path.read_text())
+        if dissection is not None:
+            raw["dissection"] = _relative(dissection, self.dir, "dissection")
+        for key, dirs in (("prototypes", prototypes), ("embeddings", embeddings)):
+            recorded = list(raw.get(key) or [])
+            for d in dirs:
+                rel = _relative(d, self.dir, key)
+                if rel not in recorded:
+                    recorded.append(rel)
+            if recorded:
+                raw[key] = recorded
+        atomic_write(self.config_path, lambda tmp: tmp.write_text(json.dumps(raw, indent=2, sort_keys=True)))
+        self.config = self._absolute(raw)
+        return {k: self.config.get(k) for k in ("dissection", *_PATH_LIST_KEYS)}
 
     def artefact_paths(self, version: Any) -> tuple[Path, Path]:
         """The names and references files recorded for ``version`` (their content checked against the hashes)."""

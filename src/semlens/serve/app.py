@@ -12,6 +12,7 @@ from typing import Any
 
 import jinja2
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
@@ -23,11 +24,17 @@ from semlens.correct.store import FeedbackStoreError
 from semlens.serve.jobs import ApplyBusy, ApplyRunner
 from semlens.serve.project_view import NotFound, ProjectView
 from semlens.serve.security import CSRF_COOKIE, Forbidden, TokenAndSizeMiddleware, check_csrf, csrf_token
+from semlens.serve.unit_media import CONCEPT_RGB, REGION_RGB
 
 __all__ = ["create_app"]
 
 HERE = Path(__file__).resolve().parent
 HEATMAP_SIDE = 224  # px: heatmaps are upscaled (nearest neighbour) to at least this long side
+
+
+def media_colour(rgb: tuple[int, int, int]) -> str:
+    """CSS hex of an outline colour."""
+    return "#" + "".join(f"{c:02x}" for c in rgb)
 
 
 def _int(value: str, what: str) -> int:
@@ -96,7 +103,8 @@ class Pages:
         units = self.view.units(name, q.get("concept", ""), q.get("category", ""), min_iou)
         layer = self.view.layer(name)
         return self.render(request, "layer.html", version=version, layer=layer, units=units,
-                           concept=q.get("concept", ""), category=q.get("category", ""), min_iou=min_iou)
+                           concept=q.get("concept", ""), category=q.get("category", ""), min_iou=min_iou,
+                           thumbs=self.view.media.top is not None)
 
     async def unit(self, request: Request) -> Response:
         version = self.version_of(request)
@@ -105,8 +113,26 @@ class Pages:
         sample = request.query_params.get("sample", "")
         if sample:
             self.view.check_sample(sample)
+        media = self.view.media
+        tops, top_note = media.top_images(name, unit.unit)
         return self.render(request, "unit.html", version=version, unit=unit, layer=self.view.layer(name),
-                           threshold=self.view.iou_threshold, sample=sample)
+                           threshold=self.view.iou_threshold, sample=sample, tops=tops, top_note=top_note,
+                           prototypes=media.prototypes_of(name, unit.unit),
+                           xfeatures=media.xfeatures_of(name, unit.unit), media_notes=media.notes_for(name),
+                           colours={"concept": media_colour(CONCEPT_RGB), "region": media_colour(REGION_RGB)})
+
+    async def top_image(self, request: Request) -> Response:
+        p = request.path_params
+        args = (_int(p["version"], "version"), p["layer"], _int(p["unit"], "unit"), _int(p["rank"], "rank"))
+        png = self.view.media.cached(args)
+        if png is None:  # rendered (a forward pass) off the event loop
+            png = await run_in_threadpool(self.view.top_image_png, *args)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    async def prototype(self, request: Request) -> Response:
+        p = request.path_params
+        path = self.view.prototype_path(p["layer"], _int(p["unit"], "unit"), _int(p["index"], "prototype"))
+        return FileResponse(path, media_type="image/png")
 
     async def sample(self, request: Request) -> Response:
         version = self.version_of(request)
@@ -246,6 +272,8 @@ def create_app(project_dir: str | Path, *, dissection: str | Path | None = None,
         Route(f"{v}/", pages.overview),
         Route(f"{v}/layer/{{layer}}/", pages.layer),
         Route(f"{v}/layer/{{layer}}/unit/{{unit}}", pages.unit),
+        Route(f"{v}/layer/{{layer}}/unit/{{unit}}/top/{{rank}}.png", pages.top_image),
+        Route(f"{v}/layer/{{layer}}/unit/{{unit}}/prototype/{{index}}.png", pages.prototype),
         Route(f"{v}/sample/{{sample}}", pages.sample),
         Route(f"{v}/sample/{{sample}}/heatmap.png", pages.heatmap),
         Route("/img/sample/{sample}.png", pages.sample_image),

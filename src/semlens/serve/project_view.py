@@ -21,6 +21,7 @@ import torch
 
 from semlens.correct.project import CorrectionProject, Corrector
 from semlens.correct.store import ModelVersion, Remark
+from semlens.serve.unit_media import UnitMedia
 
 __all__ = ["ProjectView", "UnitRow", "LayerRow", "NotFound", "SAMPLE_ID"]
 
@@ -40,6 +41,7 @@ class UnitRow:
     concept: str
     category: str
     iou: float
+    threshold: float = float("nan")  # the dissection's activation threshold T_k (layer units; NaN = not recorded)
 
 
 @dataclass(frozen=True)
@@ -76,14 +78,18 @@ class ProjectView:
         self._correctors: dict[int, Corrector] = {}
         self._sample_ids: list[str] | None = None
         self._captions: dict[str, list[str]] | None = None
+        cfg = self.project.config
+        self.media = UnitMedia(self.dissection, Path(cfg["data"]) if self.kind == "classifier" else None,
+                               [Path(p) for p in cfg.get("prototypes", [])],
+                               [Path(p) for p in cfg.get("embeddings", [])], cfg.get("class_names"))
 
     # ---- tables -------------------------------------------------------------------------------------------
     def _read_units(self) -> list[UnitRow]:
         if self.dissection is None:
             return []
         with open(self.dissection / "units.csv", newline="") as f:
-            return [UnitRow(r["layer"], int(r["unit"]), r["concept"], r.get("category", ""), float(r["iou"]))
-                    for r in csv.DictReader(f)]
+            return [UnitRow(r["layer"], int(r["unit"]), r["concept"], r.get("category", ""), float(r["iou"]),
+                            float(r.get("threshold") or "nan")) for r in csv.DictReader(f)]
 
     def _read_info(self) -> dict:
         summary = self.dissection / "dissection.json" if self.dissection is not None else None
@@ -131,6 +137,25 @@ class ProjectView:
             if u.unit == unit:
                 return u
         raise NotFound(f"layer {layer!r} has no unit {unit} (units 0..{self.layer(layer).units - 1})")
+
+    def top_image_png(self, version_id: int, layer: str, unit: int, rank: int) -> bytes:
+        """PNG of the unit's top image ``rank`` with its concept mask and (under model version ``version_id``) its
+        thresholded activation region outlined (:meth:`UnitMedia.top_png`); rendered once, then cached."""
+        row = self.unit(layer, unit)
+        self.version(version_id)
+
+        def model() -> tuple[torch.nn.Module, threading.Lock]:
+            return self.corrector(version_id).model, self._lock
+
+        return self.media.top_png((version_id,), layer, unit, rank, row.concept, row.threshold, model)
+
+    def prototype_path(self, layer: str, unit: int, i: int) -> Path:
+        """The file of the unit's ``i``-th prototype (from the attached maximize outputs)."""
+        self.unit(layer, unit)
+        protos = self.media.prototypes_of(layer, unit)
+        if not 0 <= i < len(protos):
+            raise NotFound(f"unit {unit} of layer {layer!r} has no prototype {i} ({len(protos)} attached)")
+        return protos[i].path
 
     # ---- store --------------------------------------------------------------------------------------------
     def versions(self) -> list[ModelVersion]:

@@ -65,6 +65,8 @@ from semlens.units import dissect_kernels
 from semlens.units.backend import Backend
 from semlens.units.names import UnitNames, save_unit_names
 from semlens.units.quantile import QuantileEstimator, make_quantile_estimator
+from semlens.units.top_images import FILE_NAME as TOP_IMAGES_FILE
+from semlens.units.top_images import TopImages, save_top_images
 from semlens.units.upsample import _SparseUpsampler, bilinear_axis  # noqa: F401 - bilinear_axis: public here too
 
 __all__ = [
@@ -201,6 +203,8 @@ class DissectionResult:
     seg_size: tuple[int, int]
     exact_thresholds: dict[str, bool]
     model: str = ""  # model_signature of the dissected model ("" = unknown)
+    image_names: dict[int, str] = field(default_factory=dict)  # dataset row -> image file (rows in top_images)
+    data: str = ""  # the dataset directory ("" = in-memory data)
 
     def detectors(self, layer: str) -> torch.Tensor:
         """(C,) bool: units whose best IoU exceeds the threshold."""
@@ -246,13 +250,20 @@ class DissectionResult:
         return UnitNames(layer, torch.arange(d.units), tuple(self.concept_names[c] for c in d.best_concept.tolist()),
                          d.best_iou.clone(), self.model)
 
+    def top_images(self) -> TopImages:
+        """Every layer's top images per unit with the file names of the dataset rows they refer to."""
+        return TopImages({n: d.top_images for n, d in self.layers.items()},
+                         {n: d.top_values for n, d in self.layers.items()}, dict(self.image_names), self.data)
+
     def save(self, out: str | os.PathLike) -> dict[str, Path]:
-        """Write ``units.csv``, ``layers.csv``, ``dissection.json`` and the names file ``unit_names.safetensors``
-        (read by ``semlens feedback init``) to ``out``; return their paths."""
+        """Write ``units.csv``, ``layers.csv``, ``dissection.json``, the names file ``unit_names.safetensors``
+        (read by ``semlens feedback init``) and ``top_images.safetensors`` (each unit's top images, read by
+        ``semlens serve``; :mod:`semlens.units.top_images`) to ``out``; return their paths."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"units": out / "units.csv", "layers": out / "layers.csv", "json": out / "dissection.json"}
         paths["names"] = save_unit_names(out / "unit_names.safetensors", [self.unit_names(n) for n in self.layers])
+        paths["top_images"] = save_top_images(out / TOP_IMAGES_FILE, self.top_images())
         _write_csv(paths["units"], self.unit_rows(), ["layer", "unit", "concept", "category", "iou", "threshold"])
         _write_csv(paths["layers"], self.layer_rows())
         summary = {
@@ -1057,11 +1068,17 @@ class _Run:
                 top_values=tally.top_val[name].cpu(),
             )
         exact = {m: self.thr_pass.estimators[g].exact for m, g in group_of.items()}
+        files = getattr(self.dataset, "images", None)  # a Broden directory's image file names (index.csv order)
+        rows = sorted({int(i) for d in results.values() for i in d.top_images.flatten().tolist() if i >= 0})
+        names = {i: str(files[i]) for i in rows} if isinstance(files, Sequence) and not isinstance(files, str) \
+            else {}
+        root = getattr(self.dataset, "root", None)
         return DissectionResult(
             layers=results, concept_numbers=[c[0] for c in concepts], concept_names=[c[1] for c in concepts],
             concept_categories=[c[2] for c in concepts], categories=cats, label_pixels=label_pixels,
             annotated_images=annotated, n_images=self.n, quantile=self.quantile, iou_threshold=self.iou_threshold,
-            seg_size=self.seg, exact_thresholds=exact, model=model_signature(self.model),
+            seg_size=self.seg, exact_thresholds=exact, model=model_signature(self.model), image_names=names,
+            data=str(root) if root is not None else "",
         )
 
 

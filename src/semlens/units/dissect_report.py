@@ -14,7 +14,8 @@ from semlens.report import Section
 from semlens.streaming import forward_until
 from semlens.units.dissect import DissectionResult
 
-__all__ = ["unique_detector_figure", "unit_cards_figure", "dissection_sections", "best_units"]
+__all__ = ["unique_detector_figure", "unit_cards_figure", "dissection_sections", "best_units", "activation_region",
+           "concept_mask"]
 
 CATEGORY_COLORS = {"color": "#d62728", "object": "#1f77b4", "part": "#2ca02c", "material": "#8c564b",
                    "texture": "#9467bd", "scene": "#ff7f0e"}
@@ -59,7 +60,17 @@ def best_units(result: DissectionResult, count: int = 6) -> list[tuple[str, int]
     return chosen
 
 
-def _concept_mask(batch: Any, number: int, seg: tuple[int, int]) -> torch.Tensor:
+def activation_region(model: nn.Module, x: torch.Tensor, layer: str, unit: int, threshold: float,
+                      seg: tuple[int, int], transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+                      ) -> torch.Tensor:
+    """(B, sh, sw) bool on the CPU: where ``unit`` of ``layer`` exceeds ``threshold`` on images ``x`` (B, 3, H, W)
+    as dissection binarises it (the map upsampled bilinearly, ``align_corners=False``, to the mask size ``seg``)."""
+    with frozen(model), torch.no_grad():
+        act = forward_until(model, transform(x) if transform else x, [layer])[layer][:, unit:unit + 1].float()
+        return (F.interpolate(act, size=seg, mode="bilinear", align_corners=False) > threshold)[:, 0].cpu()
+
+
+def concept_mask(batch: Any, number: int, seg: tuple[int, int]) -> torch.Tensor:
     """(B, sh, sw) bool: pixels carrying concept ``number`` (whole image for image-level labels)."""
     b = batch.images.shape[0]
     out = torch.zeros(b, *seg, dtype=torch.bool)
@@ -99,12 +110,11 @@ def unit_cards_figure(result: DissectionResult, model: nn.Module, dataset: Any, 
             idx = [i for i in d.top_images[u, :images].tolist() if i >= 0]
             batch = dataset.load_batch(idx)
             x = batch.images.to(device, torch.float32)
-            act = forward_until(model, transform(x) if transform else x, [name])[name][:, u:u + 1].float()
             size = tuple(batch.images.shape[-2:])
-            region = F.interpolate(act, size=result.seg_size, mode="bilinear", align_corners=False) > d.thresholds[u]
-            region = F.interpolate(region.float(), size=size, mode="nearest")[:, 0].cpu()
+            region = activation_region(model, x, name, u, float(d.thresholds[u]), result.seg_size, transform)
+            region = F.interpolate(region[:, None].float(), size=size, mode="nearest")[:, 0].cpu()
             c = int(d.best_concept[u])
-            concept = F.interpolate(_concept_mask(batch, result.concept_numbers[c], result.seg_size)[:, None].float(),
+            concept = F.interpolate(concept_mask(batch, result.concept_numbers[c], result.seg_size)[:, None].float(),
                                     size=size, mode="nearest")[:, 0]
             img = batch.images.cpu().permute(0, 2, 3, 1).clamp(0, 1)
             colour, colour_name = _mask_colour(result.concept_names[c], result.concept_categories[c])
