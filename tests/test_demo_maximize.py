@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
 
 import numpy as np
 import torch
 
 from semlens.experiments.demo import DemoContext
-from semlens.experiments.demo_steps import s10_world, s45_maximize
+from semlens.experiments.demo_steps import s10_world, s45_maximize, s80_serve
 
 
 def test_maximize_step_writes_prototypes_of_the_best_named_units(tmp_path, monkeypatch):
@@ -40,3 +42,14 @@ def test_maximize_step_writes_prototypes_of_the_best_named_units(tmp_path, monke
         assert all(r["layer"] == layer and r["variant"] == folder for r in rows)
         assert all(np.isfinite(float(r["ratio"])) for r in rows)
         assert len(list(out.glob("unit_*_*.png"))) == 3
+
+    # the serve step attaches them: the web app's unit card of a maximised unit shows both prototypes
+    from semlens.serve.project_view import ProjectView
+
+    s80_serve.run(ctx)
+    project = tmp_path / "demo" / "projects" / "classifier"
+    stored = json.loads((project / ".semlens" / "project.json").read_text())["prototypes"]
+    assert stored == [os.path.join("..", "..", "maximize", f) for f in ("plain", "expert")]  # relative: movable
+    view = ProjectView(project)
+    protos = view.media.prototypes_of(layer, best[0])
+    assert sorted(p.variant for p in protos) == ["expert", "plain"] and all(p.path.is_file() for p in protos)

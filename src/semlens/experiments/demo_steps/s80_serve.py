@@ -28,8 +28,9 @@ def run(ctx: DemoContext) -> list[Section]:
         shutil.rmtree(project)
     artefacts = classifier_artefacts("", weights, data, dissection / "unit_names.safetensors", layer,
                                      device=ctx.device)
+    prototypes = [str(p) for p in ctx.artifacts.get("prototypes_dirs", {}).values()]  # the maximize step's outputs
     CorrectionProject.init(project, kind="classifier", model="", weights=weights, artefacts=artefacts,
-                           data=str(data), layer=layer, dissection=str(dissection))
+                           data=str(data), layer=layer, dissection=str(dissection), prototypes=prototypes)
     command = f"semlens serve -p {project}"
     ctx.artifacts["serve_command"] = command
     sec = Section("Browse and correct the demo classifier in the web app")
