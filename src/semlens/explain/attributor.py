@@ -476,7 +476,9 @@ def attribute(model: nn.Module, x: torch.Tensor, target: Target, method: str = D
     Args:
         model: ``nn.Module`` mapping ``x`` ``(N, ...)`` to logits ``(N, n_outputs)`` (explain logits, not softmax).
         x: input batch, float, finite. Images: ``(N, C, H, W)`` in [0, 1].
-        target: class index (int), one index per sample (``(N,)``), or an ``(N, n_outputs)`` output weighting.
+        target: class index (int), one index per sample (``(N,)``), or an ``(N, n_outputs)`` output weighting; an
+            ``(m, N, n_outputs)`` stack of ``m`` weightings returns ``(m, N, ...)`` from one forward (see
+            :meth:`Attributor.__call__`).
             The explained quantity is ``sum(weighting * logits)``: for a class index the LRP relevance at the output is
             the logit itself (Zennit starts from 1 instead, so its heatmaps are ours divided by the logit).
         method: see :func:`list_methods` (default ``epsilon-plus-flat``) — ``gradient``, ``sensitivity``,
