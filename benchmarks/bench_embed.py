@@ -3,14 +3,16 @@
 1. Fitting: one-vs-all SRAEs for 12 classes on ``d``-dimensional activations, trained side by side as one batched
    network, against the reference approach of one SRAE per class fitted in turn (baseline, same run). Printed:
    activation vectors per second (vectors × epochs × classes / seconds) and the speed-up.
-2. Heatmaps: all ``k`` x-feature maps of a batch (one batched LRP backward through the SRAE encoder into an
-   alexnet-like) ÷ one LRP pass of the CNN over the same batch (baseline), for maps at the input pixels, maps
-   stopped at a conv layer (``--heat-layer``), and maps at the explained layer itself (``xfeature_layer_maps``: one
-   plain forward, LRP only through pool → encoder; the XNN paper stops Excitation Backprop at a conv layer).
-   Full-resolution maps replicate the batch ``k`` times, so their ratio is about ``k``: each map needs its own
-   backward through the CNN (the LRP backward is linear in its seed, but ``k`` seeds cost ``k`` transposed convs).
+2. Heatmaps: all ``k`` x-feature maps of a batch (one forward of the CNN + SRAE encoder, then ``k`` LRP backward
+   passes through it, one per x-feature) ÷ one LRP pass of the CNN over the same batch (baseline, same run), for
+   maps at the input pixels, maps stopped at a conv layer (``--heat-layer``), and maps at the explained layer itself
+   (``xfeature_layer_maps``: one plain forward, LRP only through pool → encoder; the XNN paper stops Excitation
+   Backprop at a conv layer). Also timed: the one-call ``xfeature_heatmaps`` (model probed per call) and the former
+   implementation (batch replicated ``k`` times: ``k`` forwards too). The floor of the input-map ratio is
+   ``(F + k·B) / (F + B)``: the forward is shared, but each map needs its own transposed convolutions (an LRP rule's
+   forward evaluates each conv twice, its backward once, so in conv FLOPs ``(2 + k) / 3`` ≈ 2.3 for ``k = 5``).
 
-    python benchmarks/bench_embed.py [--quick] [--device cpu|cuda|auto] [--repeats N]
+    python benchmarks/bench_embed.py [--quick] [--device cpu|cuda|auto] [--repeats N] [--cpu-time]
 """
 
 from __future__ import annotations
@@ -26,8 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _timing import median_time  # noqa: E402
 from semlens.embed import SRAE, ActivationStore  # noqa: E402
-from semlens.embed.heatmaps import xfeature_heatmaps, xfeature_layer_maps  # noqa: E402
-from semlens.explain import Attributor  # noqa: E402
+from semlens.embed.heatmaps import (  # noqa: E402
+    XFeatureExplainer,
+    xfeature_heatmaps,
+    xfeature_layer_maps,
+    xfeature_model,
+)
+from semlens.explain import Attributor, Epsilon, preset  # noqa: E402
 from semlens.models import build_model  # noqa: E402
 from semlens.runtime import resolve_device  # noqa: E402
 
@@ -53,7 +60,8 @@ def bench_fit(n: int, d: int, classes: int, k: int, epochs: int, device: str) ->
     print(f"  speed-up           : {single / batched:.2f}x")
 
 
-def bench_heatmaps(batch: int, k: int, repeats: int, device: torch.device, method: str, heat_layer: str) -> None:
+def bench_heatmaps(batch: int, k: int, repeats: int, device: torch.device, method: str, heat_layer: str,
+                   cpu_time: bool = False) -> None:
     torch.manual_seed(0)
     net = build_model("alexnet-like", num_classes=12, image_size=64).to(device).eval()
     x = torch.rand(batch, 3, 64, 64, device=device)
@@ -61,21 +69,37 @@ def bench_heatmaps(batch: int, k: int, repeats: int, device: torch.device, metho
 
     store = collect_activations(net, "features.relu5", torch.rand(256, 3, 64, 64), batch_size=64, device=device)
     emb = SRAE(k=k, target=[3], epochs=1, pretrain_epochs=1, max_rounds=1).fit(store)
-    with Attributor(net, method) as attr:
-        base = median_time(lambda: attr(x, 3), repeats, device)
-        base_layer = median_time(lambda: attr(x, 3, layer=heat_layer), repeats, device)
-        base_own = median_time(lambda: attr(x, 3, layer="features.relu5"), repeats, device)
-    own = median_time(lambda: xfeature_layer_maps(net, "features.relu5", emb, x, 3, method=method), repeats, device)
-    full = median_time(lambda: xfeature_heatmaps(net, "features.relu5", emb, x, 3, method=method), repeats, device)
-    stop = median_time(lambda: xfeature_heatmaps(net, "features.relu5", emb, x, 3, method=method,
-                                                 heat_layer=f"model.{heat_layer}"), repeats, device)
-    print(f"heatmaps alexnet-like 64px, batch {batch}, k={k}, {method}, device {device} (median of {repeats})")
-    print(f"  one LRP pass, input maps        : {base * 1e3:8.1f} ms (baseline)")
-    print(f"  k x-feature maps, input         : {full * 1e3:8.1f} ms  ratio {full / base:.2f}")
-    print(f"  one LRP pass, maps at {heat_layer:<10}: {base_layer * 1e3:8.1f} ms (baseline)")
-    print(f"  k x-feature maps at {heat_layer:<10}  : {stop * 1e3:8.1f} ms  ratio {stop / base_layer:.2f}")
-    print(f"  one LRP pass, maps at relu5     : {base_own * 1e3:8.1f} ms (baseline)")
-    print(f"  k x-feature maps at relu5 (xfeature_layer_maps): {own * 1e3:8.1f} ms  ratio {own / base_own:.2f} "
+
+    def timed(fn) -> float:
+        return median_time(fn, repeats, device, cpu_time=cpu_time)
+
+    xnet, _ = xfeature_model(net, "features.relu5", emb, 3)
+    composite = preset(method).with_rules({"weigh": Epsilon(0.0)})
+    replicas = torch.eye(k, device=device).repeat_interleave(batch, 0)  # (k*N, k): replica i seeds x-feature i
+    with Attributor(net, method) as attr, XFeatureExplainer(net, "features.relu5", emb, 3, method) as xf, \
+            Attributor(xnet, composite=composite) as old:
+        base = timed(lambda: attr(x, 3))
+        warm = timed(lambda: xf(x))
+        # the former implementation: the batch replicated k times, so the CNN also runs forward k times
+        replicated = timed(lambda: old(x.repeat(k, 1, 1, 1), replicas))
+        base_layer = timed(lambda: attr(x, 3, layer=heat_layer))
+        stop = timed(lambda: xf(x, heat_layer=f"model.{heat_layer}"))
+        base_own = timed(lambda: attr(x, 3, layer="features.relu5"))
+    once = timed(lambda: xfeature_heatmaps(net, "features.relu5", emb, x, 3, method=method))
+    own = timed(lambda: xfeature_layer_maps(net, "features.relu5", emb, x, 3, method=method))
+    clock = "CPU time" if cpu_time and device.type == "cpu" else "wall time"
+    print(f"heatmaps alexnet-like 64px, batch {batch}, k={k}, {method}, device {device} (median of {repeats}, "
+          f"{clock})")
+    print(f"  one LRP pass, input maps                     : {base * 1e3:8.1f} ms (baseline)")
+    print(f"  k x-feature maps, input (XFeatureExplainer)  : {warm * 1e3:8.1f} ms  ratio {warm / base:.2f}")
+    print(f"  k x-feature maps, input (xfeature_heatmaps)  : {once * 1e3:8.1f} ms  ratio {once / base:.2f} "
+          "(one call: model probed each time)")
+    print(f"  k x-feature maps, input (batch replicated k x): {replicated * 1e3:7.1f} ms  "
+          f"ratio {replicated / base:.2f} (former implementation)")
+    print(f"  one LRP pass, maps at {heat_layer:<16}      : {base_layer * 1e3:8.1f} ms (baseline)")
+    print(f"  k x-feature maps at {heat_layer:<16}        : {stop * 1e3:8.1f} ms  ratio {stop / base_layer:.2f}")
+    print(f"  one LRP pass, maps at relu5                  : {base_own * 1e3:8.1f} ms (baseline)")
+    print(f"  k x-feature maps at relu5 (xfeature_layer_maps): {own * 1e3:6.1f} ms  ratio {own / base_own:.2f} "
           f"({own / base:.2f} of an input-map pass)")
 
 
@@ -85,16 +109,19 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--heat-layer", default="features.conv3")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time heatmaps by this process's CPU time (robust to other jobs on a shared machine)")
     args = ap.parse_args()
     device = resolve_device(args.device)
     if args.quick:
         bench_fit(n=500, d=64, classes=4, k=5, epochs=1, device=str(device))
         bench_heatmaps(batch=4, k=5, repeats=2, device=device, method="excitation-backprop",
-                       heat_layer=args.heat_layer)
+                       heat_layer=args.heat_layer, cpu_time=args.cpu_time)
         return
     bench_fit(n=4000, d=256, classes=12, k=5, epochs=3, device=str(device))
     for method in ("excitation-backprop", "epsilon-plus-flat"):
-        bench_heatmaps(batch=16, k=5, repeats=args.repeats, device=device, method=method, heat_layer=args.heat_layer)
+        bench_heatmaps(batch=16, k=5, repeats=args.repeats, device=device, method=method, heat_layer=args.heat_layer,
+                       cpu_time=args.cpu_time)
 
 
 if __name__ == "__main__":

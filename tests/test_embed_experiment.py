@@ -23,3 +23,15 @@ def test_summary_and_stability_hand_computed():
     assert s["stability"][0] == pytest.approx(0.75)
     table = markdown_table(summarise(runs))
     assert "| srae | 0.850 ± 0.071 |" in table and "0.750" in table
+
+
+def test_reproduce_xnn_refuses_unknown_layers_and_methods(tmp_path):
+    from typer.testing import CliRunner
+
+    from semlens.cli.main import app
+
+    for option, value, culprit in (("--layers", "classifier.relu7,fc9", "'fc9'"), ("--methods", "srae,ica", "'ica'")):
+        res = CliRunner().invoke(app, ["reproduce", "xnn", "--out", str(tmp_path), option, value])
+        assert res.exit_code == 2, res.output
+        assert f"{option}: unknown {culprit}" in res.output
+    assert not (tmp_path / "classifier.safetensors").exists()  # refused before any work

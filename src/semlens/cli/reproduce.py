@@ -97,6 +97,9 @@ def xnn(
     k: int = typer.Option(5, help="x-features per embedding."),
     fast: bool = typer.Option(False, help="Smoke run: 1 seed, small data, 2 epochs."),
     device: str = typer.Option("cpu", help="'cpu' or 'cuda'."),
+    layers: str = typer.Option("", help="Comma-separated subset of the layers (default: features.relu5,"
+                                        "classifier.relu7)."),
+    methods: str = typer.Option("", help="Comma-separated subset of srae,srae-joint,topk,nmf,pca (default: all)."),
 ) -> None:
     """SRAE vs TopK SAE vs NMF vs PCA on the concept world (alexnet-like, last conv and penultimate layer)."""
     from dataclasses import replace
@@ -105,7 +108,15 @@ def xnn(
 
     with user_errors():
         cfg = XNNConfig.fast(str(out)) if fast else XNNConfig(out=str(out), seeds=tuple(range(seeds)))
-        result = run_xnn(replace(cfg, k=k, device=device))
+        cfg = replace(cfg, k=k, device=device)
+        for name, value, allowed in (("layers", layers, cfg.layers), ("methods", methods, cfg.methods)):
+            chosen = tuple(v.strip() for v in value.split(",") if v.strip())
+            unknown = [v for v in chosen if v not in allowed]
+            if unknown:
+                raise ValueError(f"--{name}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
+            if chosen:
+                cfg = replace(cfg, **{name: chosen})
+        result = run_xnn(cfg)
     typer.echo(markdown_table(result["summary"]))
 
 

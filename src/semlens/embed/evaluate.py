@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from semlens.embed.activations import as_loader, check_finite, pool_activation
 from semlens.embed.base import Embedding
-from semlens.embed.heatmaps import concept_mass, distinctness, positive_map, xfeature_heatmaps
+from semlens.embed.heatmaps import XFeatureExplainer, concept_mass, distinctness, positive_map
 from semlens.embed.metrics import FVE, R2, ContributionStats, Firing
 from semlens.layers import capture_activations, frozen, patch_activations
 
@@ -118,16 +118,17 @@ def concept_recovery(model: nn.Module, layer: str, emb: Embedding, images: torch
             continue
         mass = torch.zeros(emb.k, n_concepts, dtype=torch.float64)
         contrib = torch.zeros(emb.k, dtype=torch.float64)
-        for part in idx.split(batch_size):
-            heat, con = xfeature_heatmaps(model, layer, emb, images[part], c, method=method)
-            pos = positive_map(heat.cpu())
-            size = next(iter(pixel_labels.values())).shape[-2:]
-            if pos.shape[-2:] != size:  # segmentation at another resolution: pool the maps onto it
-                pos = torch.nn.functional.interpolate(pos, size=tuple(size), mode="area")
-            s, p = distinctness(pos)
-            iou_sum, iou_pairs = iou_sum + s, iou_pairs + p
-            mass += concept_mass(pos, {k: v[part] for k, v in pixel_labels.items()}, n_concepts).double().sum(0)
-            contrib += con.cpu().double().sum(0)
+        with XFeatureExplainer(model, layer, emb, c, method=method) as xf:  # model prepared once per class
+            for part in idx.split(batch_size):  # streamed: one batch of maps at a time
+                heat, con = xf(images[part])
+                pos = positive_map(heat.cpu())
+                size = next(iter(pixel_labels.values())).shape[-2:]
+                if pos.shape[-2:] != size:  # segmentation at another resolution: pool the maps onto it
+                    pos = torch.nn.functional.interpolate(pos, size=tuple(size), mode="area")
+                s, p = distinctness(pos)
+                iou_sum, iou_pairs = iou_sum + s, iou_pairs + p
+                mass += concept_mass(pos, {k: v[part] for k, v in pixel_labels.items()}, n_concepts).double().sum(0)
+                contrib += con.cpu().double().sum(0)
         mass /= len(idx)
         contrib /= len(idx)
         best = mass.max(1)

@@ -1,12 +1,21 @@
 """Heatmaps of x-features: LRP (or Excitation Backprop) from each contribution ``w_i x_i`` through the embedding's
-encoder into the CNN, for all ``k`` x-features of a batch in one batched backward.
+encoder into the CNN, for all ``k`` x-features of a batch in one forward and one batched backward.
 
 :class:`XFeatureModel` is an ``nn.Module`` of standard layers mapping images ``(N, 3, H, W)`` to the contributions
 ``(N, k)`` of one explained class (the model's forward with the layer's output captured, average pooling for conv
-maps, the encoder with the standardisation folded into its first layer, and a diagonal layer ``w ⊙ x``). The batch is
-replicated ``k`` times and replica ``i`` seeds only output ``i`` (weighting ``one-hot(i)``), so one forward and one
-backward of the project's :class:`~semlens.explain.Attributor` give every map; with conservative rules
-(``zero_params="bias"`` or ``excitation-backprop``) the map of x-feature ``i`` sums to ``w_i x_i``.
+maps, the encoder with the standardisation folded into its first layer, and a diagonal layer ``w ⊙ x``).
+
+Every LRP rule's backward is linear in the relevance it receives once the forward has fixed its ratios (``z / z'``
+with the stabilisers, the ReLU gates, the max-pool winners), so the ``k`` maps are one forward of the batch and one
+backward batched over the ``k`` seeds ``one-hot(i)`` (:class:`~semlens.explain.Attributor` with an ``(k, N, k)``
+target). The CNN runs forward once, not ``k`` times; its backward runs ``k`` times (each map needs its own transposed
+convolutions), so the cost is about ``(F + k·B) / (F + B)`` of one LRP pass (``F``, ``B``: forward and backward of an
+LRP pass). With conservative rules (``zero_params="bias"`` or ``excitation-backprop``) the map of x-feature ``i`` sums
+to ``w_i x_i``, and since relevance is linear in the seed the ``k`` maps sum to the map of the rebuilt decision
+``Σ_i w_i x_i``.
+
+:class:`XFeatureExplainer` keeps the model prepared (probed, BatchNorm folded, rules bound) for many batches;
+:func:`xfeature_heatmaps` is the one-call form.
 """
 
 from __future__ import annotations
@@ -21,11 +30,16 @@ from semlens.embed.base import Embedding
 from semlens.explain import PRESETS, Attributor, Epsilon, preset
 from semlens.layers import get_module
 
-__all__ = ["XFeatureModel", "xfeature_heatmaps", "xfeature_layer_maps", "concept_mass", "distinctness"]
+__all__ = ["XFeatureModel", "XFeatureExplainer", "xfeature_heatmaps", "xfeature_layer_maps", "concept_mass",
+           "distinctness"]
 
 
 class XFeatureModel(nn.Module):
-    """Images ``(N, 3, H, W)`` → contributions ``(N, k)`` of one class (see module docstring)."""
+    """Images ``(N, 3, H, W)`` → contributions ``(N, k)`` of one class (see module docstring).
+
+    After each forward, ``pooled`` holds the (pooled) layer activations ``(N, d)`` and ``contributions`` the output
+    ``(N, k)``, both detached, so a caller gets them from the attribution's own forward.
+    """
 
     def __init__(self, model: nn.Module, layer: str, encoder: nn.Module, weight: torch.Tensor) -> None:
         super().__init__()
@@ -34,14 +48,17 @@ class XFeatureModel(nn.Module):
         self.layer = layer
         self.encoder = encoder
         self.weigh = self.diagonal(weight)
+        self.pooled: torch.Tensor | None = None
+        self.contributions: torch.Tensor | None = None
 
     @staticmethod
     def diagonal(weight: torch.Tensor) -> nn.Linear:
         """``x ↦ w ⊙ x`` as a bias-free ``nn.Linear`` (so LRP sees a standard layer)."""
         k = weight.shape[0]
-        lin = nn.Linear(k, k, bias=False).to(weight.device)
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        lin = nn.Linear(k, k, bias=False, device=weight.device, dtype=dtype)
         with torch.no_grad():
-            lin.weight.copy_(torch.diag(weight.float()))
+            lin.weight.copy_(torch.diag(weight.to(dtype)))
         return lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,47 +72,101 @@ class XFeatureModel(nn.Module):
             self.model(x)
         finally:
             handle.remove()
-        return self.weigh(self.encoder(pool_activation(store["a"])))
+        z = pool_activation(store["a"])
+        out = self.weigh(self.encoder(z))
+        self.pooled, self.contributions = z.detach(), out.detach()
+        return out
 
 
 def xfeature_model(model: nn.Module, layer: str, emb: Embedding, target: int) -> tuple[XFeatureModel, int]:
     """The :class:`XFeatureModel` explaining class ``target`` and the embedding group it uses."""
     g, o = emb.group_of(target)
     w = emb.head_weights()[0][g, :, o]
-    dev = next(model.parameters()).device
-    return XFeatureModel(model, layer, emb.encoder_module(g).to(dev), w.to(dev)), g
+    p = next(model.parameters())  # encoder and weighting follow the model's device and dtype
+    enc = emb.encoder_module(g).to(device=p.device, dtype=p.dtype)
+    return XFeatureModel(model, layer, enc, w.to(device=p.device, dtype=p.dtype)), g
+
+
+def _check_method(method: str) -> None:
+    if method not in PRESETS:
+        raise ValueError(f"x-feature heatmaps need an LRP method; got {method!r} (choose from {', '.join(PRESETS)})")
+
+
+def _seeds(k: int, n: int, like: torch.Tensor) -> torch.Tensor:
+    """``(k, N, k)`` output weightings: replica ``i`` seeds x-feature ``i`` of every sample."""
+    return torch.eye(k, dtype=like.dtype, device=like.device).unsqueeze(1).expand(k, n, k).contiguous()
+
+
+def _silence(emb: Embedding, g: int, pooled: torch.Tensor, heat: torch.Tensor,
+             contrib: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the maps and contributions of x-features a TopK embedding did not select (``heat`` ``(N, k, ...)``)."""
+    if emb.method != "topk":
+        return heat, contrib
+    mask = emb.active_mask(pooled.cpu())[:, g].to(device=heat.device, dtype=heat.dtype)  # (N, k)
+    return heat * mask.view(*mask.shape, *([1] * (heat.ndim - 2))), contrib * mask
+
+
+class XFeatureExplainer:
+    """Heatmaps of every x-feature of class ``target`` for many batches, with the model prepared once.
+
+    A context manager: on entry it builds the :class:`XFeatureModel` and an :class:`~semlens.explain.Attributor`
+    whose probe, BatchNorm folding and rule binding happen on the first batch and are reused while the input shape
+    stays the same; on exit every edit of the model is undone. ``method``: an LRP preset (``excitation-backprop`` as
+    in the paper); ``params``: its parameters (e.g. ``zero_params="bias"``). The diagonal ``w ⊙ x`` gets LRP-0, which
+    passes relevance unchanged (a positive-weight rule would drop ``w_i < 0``).
+
+    Example::
+
+        with XFeatureExplainer(model, "features.relu5", srae, target=3) as xf:
+            for x in batches:
+                heat, contrib = xf(x)        # (N, k, 3, H, W), (N, k)
+    """
+
+    def __init__(self, model: nn.Module, layer: str, emb: Embedding, target: int,
+                 method: str = "excitation-backprop", **params: Any) -> None:
+        _check_method(method)
+        self.net, self.group = xfeature_model(model, layer, emb, target)
+        self.emb, self.k = emb, emb.k
+        self.composite = preset(method, **params).with_rules({"weigh": Epsilon(0.0)})
+        self._attr: Attributor | None = None
+
+    def __enter__(self) -> XFeatureExplainer:
+        self._attr = Attributor(self.net, composite=self.composite).__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        attr, self._attr = self._attr, None
+        if attr is not None:
+            attr.__exit__(*exc)
+
+    def __call__(self, x: torch.Tensor, heat_layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps and contributions for the image batch ``x`` ``(N, 3, H, W)``.
+
+        Returns ``(heat, contributions)``: ``heat`` ``(N, k, *shape)`` with ``shape`` the input's (``(3, H, W)``) or
+        ``heat_layer``'s output shape (a name inside :class:`XFeatureModel`, e.g. ``"model.features.conv3"``, to stop
+        at a conv layer as the paper does); ``contributions`` ``(N, k)`` = ``w_i x_i`` (zero for x-features a TopK
+        embedding did not select, whose maps are zero too). Relevance units: those of the logit (LRP's relevance of
+        an output is its value).
+        """
+        if self._attr is None:
+            raise RuntimeError("use XFeatureExplainer as a context manager: `with XFeatureExplainer(...) as xf:`")
+        p = next(self.net.parameters())
+        rel = self._attr(x, _seeds(self.k, x.shape[0], p), layer=heat_layer)  # (k, N, ...): one batched backward
+        assert self.net.pooled is not None and self.net.contributions is not None
+        heat = rel.transpose(0, 1)  # (N, k, ...) view
+        return _silence(self.emb, self.group, self.net.pooled, heat, self.net.contributions)
 
 
 def xfeature_heatmaps(model: nn.Module, layer: str, emb: Embedding, x: torch.Tensor, target: int,
                       method: str = "excitation-backprop", heat_layer: str | None = None,
                       **params: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Heatmaps of every x-feature of class ``target`` for the image batch ``x`` ``(N, 3, H, W)``.
+    """Heatmaps of every x-feature of class ``target`` for the image batch ``x`` ``(N, 3, H, W)``, in one call.
 
-    Returns ``(heat, contributions)``: ``heat`` ``(N, k, *shape)`` with ``shape`` the input's (``(3, H, W)``) or
-    ``heat_layer``'s output shape (e.g. ``"model.features.conv3"`` to stop at a conv layer as the paper does);
-    ``contributions`` ``(N, k)`` = ``w_i x_i`` (zero for x-features a TopK embedding did not select).
+    Same results as :class:`XFeatureExplainer` (see there for shapes and units); use that class to explain many
+    batches without preparing the model each time.
     """
-    if method not in PRESETS:
-        raise ValueError(f"x-feature heatmaps need an LRP method; got {method!r} (choose from {', '.join(PRESETS)})")
-    net, g = xfeature_model(model, layer, emb, target)
-    n, k = x.shape[0], emb.k
-    # the diagonal weighting w ⊙ x passes relevance unchanged (LRP-0): a positive-weight rule would drop w_i < 0
-    composite = preset(method, **params).with_rules({"weigh": Epsilon(0.0)})
-    with Attributor(net, composite=composite) as attr:
-        with torch.no_grad():
-            contrib = net(x)
-        if emb.method == "topk":
-            from semlens.layers import capture_activations
-
-            with capture_activations(model, layer) as cap, torch.no_grad():
-                model(x)
-            mask = emb.active_mask(pool_activation(cap[layer]).cpu())[:, g].to(x.device)
-        else:
-            mask = torch.ones(n, k, device=x.device)
-        weighting = torch.eye(k, device=x.device).repeat_interleave(n, 0) * mask.repeat(k, 1)  # (k*N, k)
-        rel = attr(x.repeat(k, *([1] * (x.ndim - 1))), weighting, layer=heat_layer)
-    heat = rel.reshape(k, n, *rel.shape[1:]).transpose(0, 1)
-    return heat, contrib * mask
+    with XFeatureExplainer(model, layer, emb, target, method, **params) as xf:
+        return xf(x, heat_layer=heat_layer)
 
 
 class _Pool(nn.Module):
@@ -110,33 +181,27 @@ def xfeature_layer_maps(model: nn.Module, layer: str, emb: Embedding, x: torch.T
     """x-feature maps at the explained layer itself (the paper stops Excitation Backprop at a conv layer).
 
     One plain forward of the model captures the layer's output ``a`` ``(N, C, h, w)``; LRP then runs only through
-    pool → encoder → ``w ⊙ x`` on ``a`` replicated ``k`` times. Returns ``(maps (N, k, C, h, w), contributions
-    (N, k))``; the maps equal those of :func:`xfeature_heatmaps` with ``heat_layer="model." + layer`` and sum to
-    ``w_i x_i`` under conservative rules. Upsample ``maps.sum(2)`` to the image for display.
+    pool → encoder → ``w ⊙ x`` on ``a``, one forward and one backward batched over the ``k`` seeds. Returns
+    ``(maps (N, k, C, h, w), contributions (N, k))``; the maps equal those of :func:`xfeature_heatmaps` with
+    ``heat_layer="model." + layer`` and sum to ``w_i x_i`` under conservative rules. Upsample ``maps.sum(2)`` to the
+    image for display.
     """
     from semlens.layers import capture_activations, frozen
 
-    if method not in PRESETS:
-        raise ValueError(f"x-feature heatmaps need an LRP method; got {method!r} (choose from {', '.join(PRESETS)})")
+    _check_method(method)
     with frozen(model), capture_activations(model, layer) as cap, torch.no_grad():
         model(x)
     a = cap[layer]
     g, o = emb.group_of(target)
-    w = emb.head_weights()[0][g, :, o].to(a.device)
-    enc = emb.encoder_module(g).to(a.device)
+    w = emb.head_weights()[0][g, :, o].to(device=a.device, dtype=a.dtype)
+    enc = emb.encoder_module(g).to(device=a.device, dtype=a.dtype)
     head = nn.Sequential(_Pool(), enc, XFeatureModel.diagonal(w))
-    n, k = a.shape[0], emb.k
-    if emb.method == "topk":
-        mask = emb.active_mask(pool_activation(a).cpu())[:, g].to(a.device)
-    else:
-        mask = torch.ones(n, k, device=a.device)
     composite = preset(method, **params).with_rules({"2": Epsilon(0.0)})
     with Attributor(head, composite=composite) as attr:
+        rel = attr(a, _seeds(emb.k, a.shape[0], a))
         with torch.no_grad():
             contrib = head(a)
-        weighting = torch.eye(k, device=a.device).repeat_interleave(n, 0) * mask.repeat(k, 1)
-        rel = attr(a.repeat(k, *([1] * (a.ndim - 1))), weighting)
-    return rel.reshape(k, n, *rel.shape[1:]).transpose(0, 1), contrib * mask
+    return _silence(emb, g, pool_activation(a), rel.transpose(0, 1), contrib)
 
 
 def positive_map(heat: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,8 @@ class SRAE(Embedding):
         restart: what a rejected SRAE is retrained from: ``"fresh"`` (default; a new layer-wise pretraining with
             another seed, so x-features that died in the last pretraining get another chance) or ``"pretrained"``
             (the first round's pretrained weights; only the loss weights change).
+        revive_dead: how many times a pretraining stage redraws units that fire on no vector of the split (default
+            3; 0: never), see :meth:`_pretrain`.
         standardize_target: divide each explained logit by its standard deviation before the faithfulness MSE
             (default False: raw logits, centred, as in the reference code, so ``α_pred`` weighs logit units).
         seed, device: reproducibility and placement.
@@ -77,8 +79,9 @@ class SRAE(Embedding):
                  reconstruction: str = "dimension", epochs: int = 20, pretrain_epochs: int = 2, batch_size: int = 50,
                  lr: float = 1e-3, weight_decay: float = 1e-4, dropout: float = 0.02, max_rounds: int = 5,
                  min_positive: int = 2, accept_ratio: float = 0.3, standardize_target: bool = False,
-                 restart: str = "fresh", seed: int = 0, device: str = "cpu") -> None:
+                 restart: str = "fresh", revive_dead: int = 3, seed: int = 0, device: str = "cpu") -> None:
         self.k = k
+        self.revive_dead = revive_dead
         self.restart = restart
         self.standardize_target = standardize_target
         self.target = target
@@ -113,8 +116,8 @@ class SRAE(Embedding):
             raise ValueError(f"reconstruction must be one of {RECONSTRUCTION_VARIANTS}, got {self.reconstruction!r}")
         if self.restart not in ("fresh", "pretrained"):
             raise ValueError(f"restart must be 'fresh' or 'pretrained', got {self.restart!r}")
-        if self.max_rounds < 1 or self.epochs < 0 or self.pretrain_epochs < 0:
-            raise ValueError("max_rounds must be >= 1 and epochs, pretrain_epochs >= 0")
+        if self.max_rounds < 1 or self.epochs < 0 or self.pretrain_epochs < 0 or self.revive_dead < 0:
+            raise ValueError("max_rounds must be >= 1 and epochs, pretrain_epochs, revive_dead >= 0")
 
     # ------------------------------------------------------------------ fit
     def fit(self, data: ActivationStore | Any, y: Any = None) -> SRAE:
@@ -126,6 +129,7 @@ class SRAE(Embedding):
         self.n_out_ = 1 if self.mode == "one-vs-all" else len(self.classes_)
         self._target_moments(store)
         self._hidden = self.hidden or default_hidden(store.dim, self.k)
+        self.pretrain_revived_: list[list[int]] = []
         self.pretrained_ = self._pretrained(store, list(range(groups)), gen)
         self.network_ = self.pretrained_.subset(list(range(groups)))
         self._acceptance_loop(store, groups)
@@ -168,24 +172,74 @@ class SRAE(Embedding):
         return ((yv - self.y_mean_.to(self._dev)) / self.y_scale_.to(self._dev)).unsqueeze(0)
 
     def _pretrain(self, store: ActivationStore, hidden: tuple[int, int], gen: torch.Generator) -> SRAENet:
-        """Greedy layer-wise pretraining of three plain autoencoders (MSE, Adam 1e-3); one copy."""
+        """Greedy layer-wise pretraining of three plain autoencoders (MSE, Adam 1e-3); one copy.
+
+        A ReLU unit that fires on no vector of the split after a stage is dead for good (zero gradient), and since the
+        one pretraining is copied to every class, a dead x-feature is dead in all of them: each SRAE then has fewer
+        than ``k`` x-features to pass the acceptance test with. Such units are redrawn (``revive_dead``): new random
+        weights, the bias set so that the unit fires on half of the split, a fresh optimiser, one more epoch of the
+        stage; at most ``revive_dead`` times per stage. ``pretrain_revived_`` gets one entry per pretraining (round 1
+        and each fresh restart): the number of redrawn units per stage.
+        """
         net = SRAENet(1, store.dim, self.k, self.n_out_, hidden, 0.0, gen).to(self._dev)
         pairs = [(net.enc[0], net.dec[2], False), (net.enc[1], net.dec[1], True), (net.enc[2], net.dec[0], True)]
+        revived = [0, 0, 0]
         for stage, (enc, dec, relu_out) in enumerate(pairs):
-            opt = torch.optim.Adam(list(enc.parameters()) + list(dec.parameters()), lr=1e-3)
-            for _ in range(self.pretrain_epochs):
-                for z, _, _ in store.batches(self.batch_size, shuffle=True, generator=gen):
-                    with torch.no_grad():
-                        h = self.standardize(z.to(self._dev)).unsqueeze(0)
-                        for j in range(stage):
-                            h = torch.relu(net.enc[j](h))
-                    rec = dec(torch.relu(enc(h)))
-                    rec = torch.relu(rec) if relu_out else rec
-                    loss = ((rec - h) ** 2).mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+            epochs = self.pretrain_epochs
+            for attempt in range(self.revive_dead + 1):
+                opt = torch.optim.Adam(list(enc.parameters()) + list(dec.parameters()), lr=1e-3)
+                for _ in range(epochs):
+                    for z, _, _ in store.batches(self.batch_size, shuffle=True, generator=gen):
+                        h = self._stage_input(net, z, stage)
+                        rec = dec(torch.relu(enc(h)))
+                        rec = torch.relu(rec) if relu_out else rec
+                        loss = ((rec - h) ** 2).mean()
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                if not self.pretrain_epochs or attempt == self.revive_dead:
+                    break
+                dead = self._dead_units(store, net, stage)
+                if not bool(dead.any()):
+                    break
+                self._redraw(store, net, stage, dead, gen)
+                revived[stage] += int(dead.sum())
+                epochs = 1
+        self.pretrain_revived_.append(revived)
         return net
+
+    def _stage_input(self, net: SRAENet, z: torch.Tensor, stage: int) -> torch.Tensor:
+        """Input ``(1, B, width)`` of pretraining stage ``stage``: standardised ``z`` through the earlier encoders."""
+        with torch.no_grad():
+            h = self.standardize(z.to(self._dev)).unsqueeze(0)
+            for j in range(stage):
+                h = torch.relu(net.enc[j](h))
+        return h
+
+    def _dead_units(self, store: ActivationStore, net: SRAENet, stage: int) -> torch.Tensor:
+        """``(width,)`` bool: units of encoder ``stage`` that fire (> 0) on no vector of the split (streamed)."""
+        fired = torch.zeros(net.enc[stage].weight.shape[-1], dtype=torch.bool, device=self._dev)
+        with torch.no_grad():
+            for z, _, _ in store.batches(4096):
+                fired |= (net.enc[stage](self._stage_input(net, z, stage))[0] > 0).any(0)
+        return ~fired
+
+    def _redraw(self, store: ActivationStore, net: SRAENet, stage: int, dead: torch.Tensor,
+                gen: torch.Generator) -> None:
+        """New weights for the ``dead`` units of encoder ``stage`` (and their decoder rows), biases at the median of
+        their pre-activation over the first 4 096 vectors, so each fires on about half of the data."""
+        enc, dec = net.enc[stage], net.dec[2 - stage]
+        n_in, idx = enc.weight.shape[1], dead.nonzero().flatten()
+        bound = 1.0 / n_in ** 0.5
+        with torch.no_grad():
+            w = (torch.rand(n_in, len(idx), generator=gen) * 2 - 1) * bound
+            enc.weight[0, :, idx] = w.to(enc.weight)
+            z, _, _ = next(store.batches(4096))
+            pre = self._stage_input(net, z, stage)[0] @ enc.weight[0, :, idx]
+            enc.bias[0, 0, idx] = -pre.median(0).values
+            out_bound = 1.0 / dec.weight.shape[1] ** 0.5
+            rows = (torch.rand(len(idx), dec.weight.shape[2], generator=gen) * 2 - 1) * out_bound
+            dec.weight[0, idx, :] = rows.to(dec.weight)
 
     def _fit_head(self, store: ActivationStore, net: SRAENet, groups: list[int]) -> None:
         """Least-squares head on the pretrained codes (streamed normal equations, ridge 1e-4)."""
