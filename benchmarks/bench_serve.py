@@ -8,8 +8,12 @@ process, and prints:
 - undo after one apply (target <= 1 s);
 - the baseline measured in the same run: p50 of the static stylesheet (the server's floor per request),
   and each page's p50 as a ratio to it.
+Then the same for a captioner project (a small one built from the built-in clips, or --captioner-project DIR,
+e.g. demo-out/projects/captioner): first page, the sample view (caption, reference captions, topic neurons
+through time) p50/p95, recording a remark "misses topic T" p50/p95, undo after one apply.
 
     python benchmarks/bench_serve.py [--requests 200] [--project DIR --dissection DIR]
+        [--kind both|classifier|captioner] [--captioner-project DIR]
 """
 
 from __future__ import annotations
@@ -43,8 +47,18 @@ def build_project(root: Path) -> tuple[Path, Path]:
     _cli("dissect", "--model", "alexnet-like", "--weights", w, "--data", str(data), "--layers", "all-conv",
          "--out", str(diss), "--workers", "1", "--device", "cpu", "--iou-threshold", "0.01")
     _cli("feedback", "init", "--model", "alexnet-like", "--weights", w, "--data", str(data), "--names",
-         str(diss / "units.csv"), "--layer", "features.conv5", "-p", str(proj))
+         str(diss / "units.csv"), "--layer", _named_layer(diss / "units.csv"), "-p", str(proj))
     return proj, diss
+
+
+def _named_layer(units_csv: Path, min_iou: float = 0.04) -> str:
+    """The deepest conv layer with a unit whose IoU passes ``min_iou`` (the project's threshold for a concept a
+    remark can name), so that the remark benchmark has a concept; features.conv5 when none has."""
+    best: dict[str, float] = {}
+    for r in csv.DictReader(open(units_csv)):
+        best[r["layer"]] = max(best.get(r["layer"], 0.0), float(r["iou"]))
+    named = [layer for layer, iou in best.items() if iou > min_iou]
+    return named[-1] if named else "features.conv5"
 
 
 def _port() -> int:
@@ -89,26 +103,15 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--project", type=Path)
     ap.add_argument("--dissection", type=Path)
+    ap.add_argument("--kind", choices=("both", "classifier", "captioner"), default="both")
+    ap.add_argument("--captioner-project", type=Path, help="a captioner project (default: a small one is built)")
     args = ap.parse_args()
+    if args.kind == "captioner":
+        return bench_captioner(args.requests, args.captioner_project)
     tmp = tempfile.TemporaryDirectory()
     proj, diss = (args.project, args.dissection) if args.project else build_project(Path(tmp.name))
-    port = _port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEMLENS_PROGRESS": "0"}
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "semlens", "serve", "-p", str(proj), "--dissection", str(diss),
-                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, url, first, html, cookie, csrf = _start(proj, "--dissection", str(diss))
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/v/1/", timeout=5) as r:
-                    cookie = r.headers.get("set-cookie", "").split(";")[0]
-                    html = r.read().decode()
-                break
-            except OSError:
-                time.sleep(0.02)
-        first = time.perf_counter() - start
-        csrf = re.search(r'name="csrf" value="([^"]+)"', html).group(1)
         rows = list(csv.DictReader(open(diss / "units.csv")))
         layers: dict[str, int] = {}
         for r in rows:
@@ -117,30 +120,112 @@ def main() -> None:
         unit = f"{url}/v/1/layer/features.conv5/unit/{rows[-1]['unit']}"
         n = args.requests
         _get(url + "/v/1/sample/000001")  # load the version's model once
+        concept = _concept(url, cookie)  # read once: the remark's timing is the POST's alone
         results = {
             "stylesheet (baseline)": timed(lambda: _get(url + "/static/app.css"), n),
             "unit card": timed(lambda: _get(unit), n),
             f"unit grid ({layers[big]} units of {big})": timed(lambda: _get(f"{url}/v/1/layer/{big}/"), n),
             "sample page (prediction)": timed(lambda: _get(url + "/v/1/sample/000001", cookie), max(n // 4, 5)),
             "record a remark (POST)": timed(lambda: _post(url + "/remarks", {
-                "csrf": csrf, "sample": "000002", "missing": _concept(url, cookie), "text": "bench"}, cookie), n),
+                "csrf": csrf, "sample": "000002", "missing": concept, "text": "bench"}, cookie), n),
         }
-        _post(url + "/apply", {"csrf": csrf, "steps": "5"}, cookie)
-        while b'"running"' in _get(url + "/apply/status.json"):
-            time.sleep(0.05)
-        t = time.perf_counter()
-        _post(url + "/undo", {"csrf": csrf}, cookie)
-        undo = time.perf_counter() - t
+        undo = apply_then_undo(url, csrf, cookie)
     finally:
         proc.terminate()
         proc.wait(10)
+    report("", first, results, undo)
+    if args.kind == "both":
+        bench_captioner(args.requests, args.captioner_project)
+
+
+def apply_then_undo(url: str, csrf: str, cookie: str) -> float:
+    """Apply the open remarks (5 steps), wait for it, then time the undo POST (seconds)."""
+    _post(url + "/apply", {"csrf": csrf, "steps": "5"}, cookie)
+    while b'"running"' in _get(url + "/apply/status.json"):
+        time.sleep(0.05)
+    t = time.perf_counter()
+    _post(url + "/undo", {"csrf": csrf}, cookie)
+    return time.perf_counter() - t
+
+
+def report(title: str, first: float, results: dict[str, list[float]], undo: float) -> None:
+    """Print the first-page time, p50/p95 (ms) of each request and its p50 over the stylesheet's, and undo."""
     base = statistics.median(results["stylesheet (baseline)"])
-    print(f"first page {first:.2f} s after process start (target <= 3 s)")
+    print(f"{title}first page {first:.2f} s after process start (target <= 3 s)")
     print(f"{'request':44s} {'p50 ms':>8s} {'p95 ms':>8s} {'p50 / baseline':>15s}")
     for name, xs in results.items():
         print(f"{name:44s} {1e3 * statistics.median(xs):8.1f} {1e3 * pct(xs, 95):8.1f} "
               f"{statistics.median(xs) / base:14.1f}x")
     print(f"undo after one apply: {1e3 * undo:.0f} ms (target <= 1000 ms)")
+
+
+def build_captioner_project(root: Path) -> Path:
+    """A captioner project of the demo captioner's size: 120 built-in clips of 8 frames (features: each frame
+    average-pooled to 4 x 4, 48 numbers), LSTM-I with 8 topics, hidden 48, trained 3 epochs; neurons named by PDM."""
+    from semlens.world import generate_clips, pooled_frame_features, write_clip_corpus
+
+    clips = generate_clips(n=120, frames=8, size=32, seed=0)
+    corpus = write_clip_corpus(clips, root / "corpus", features=pooled_frame_features(clips.frames, grid=4),
+                               write_frames=False)
+    run, proj = root / "caprun", root / "capproj"
+    _cli("caption", "train", "--corpus", str(corpus), "--out", str(run), "--lam", "10", "--topics", "8",
+         "--epochs", "3", "--batch-size", "32", "--lr", "0.003", "--hidden", "48", "--embed", "32",
+         "--decoder-hidden", "48", "--attention", "32", "--dropout", "0.2", "--device", "cpu")
+    _cli("feedback", "init", "--kind", "captioner", "--weights", str(run / "model.safetensors"), "--data",
+         str(corpus), "-p", str(proj))
+    return proj
+
+
+def _start(proj: Path, *extra: str) -> tuple[subprocess.Popen, str, float, str, str, str]:
+    """Start ``semlens serve`` on a free loopback port and wait for the first page: (process, url, seconds from
+    process start to the first page, the page, forgery cookie, forgery token)."""
+    port = _port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEMLENS_PROGRESS": "0"}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "semlens", "serve", "-p", str(proj), "--port", str(port), *extra],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/v/1/", timeout=5) as r:
+                cookie = r.headers.get("set-cookie", "").split(";")[0]
+                html = r.read().decode()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"semlens serve -p {proj} exited with {proc.returncode}") from None
+            time.sleep(0.02)
+    first = time.perf_counter() - start
+    csrf = re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+    return proc, url, first, html, cookie, csrf
+
+
+def bench_captioner(n: int, project: Path | None = None) -> None:
+    """Point 4 latencies on a captioner project (``project`` or a small one built now): first page after start,
+    the sample view (caption decoded, reference captions, topic neurons through time) p50/p95, recording a
+    remark "misses topic T" (POST) p50/p95, each over ``n`` requests; undo after one apply."""
+    tmp = tempfile.TemporaryDirectory()
+    proj = project or build_captioner_project(Path(tmp.name))
+    proc, url, first, html, cookie, csrf = _start(proj)
+    try:
+        samples = re.findall(r'href="/v/1/sample/([^"]+)"', html)
+        if not samples:
+            raise RuntimeError(f"the overview of {proj} lists no clips")
+        page = _get(f"{url}/v/1/sample/{samples[0]}", cookie).decode()  # loads the version's model once
+        topic = re.search(r'<select name="missing" id="missing"><option>([^<]+)</option>', page).group(1)
+        i = iter(range(10 ** 9))
+        results = {
+            "stylesheet (baseline)": timed(lambda: _get(url + "/static/app.css"), n),
+            "sample view (caption, references, neurons)": timed(
+                lambda: _get(f"{url}/v/1/sample/{samples[next(i) % len(samples)]}", cookie), n),
+            "record a remark 'misses topic' (POST)": timed(lambda: _post(url + "/remarks", {
+                "csrf": csrf, "sample": samples[1 % len(samples)], "missing": topic, "text": "bench"}, cookie), n),
+        }
+        undo = apply_then_undo(url, csrf, cookie)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    report(f"\ncaptioner project ({len(samples)} clips listed): ", first, results, undo)
 
 
 def _concept(url: str, cookie: str) -> str:
