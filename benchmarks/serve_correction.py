@@ -104,6 +104,11 @@ def setup(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     clean, data, diss = out / "clean.safetensors", out / "reference", out / "dissection"
     kwargs = {"num_classes": 12, "image_size": args.size}
+    made_with = {k: getattr(args, k) for k in ("train", "epochs", "size", "reference", "seed")}
+    record = out / "setup.json"
+    if record.is_file() and json.loads(record.read_text()) != made_with:
+        raise SystemExit(f"{out} holds a clean model made with {record.read_text().strip()}, not "
+                         f"{json.dumps(made_with)}; choose another --out")
     if not clean.is_file():
         t0 = time.perf_counter()
         train = generate_concepts(args.train, size=args.size, seed=args.seed + 1, masks=False)
@@ -115,6 +120,7 @@ def setup(out: Path, args: argparse.Namespace) -> dict[str, Any]:
                           model_config={"model": MODEL, "model_kwargs": kwargs, "class_names": train.class_names})
         trainer.fit()
         trainer.save(clean)
+        record.write_text(json.dumps(made_with))
         print(f"trained the clean model on {args.train} images, {args.epochs} epochs: "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
     model = load(MODEL, clean, device="cpu", **kwargs).eval()
@@ -174,8 +180,10 @@ def correct_through_app(proj: Path, samples: list[str], concept: str, args: argp
     """Serve ``proj``, post one remark per sample from its page, apply, wait; the apply job's final status."""
     port = _free_port()
     env = {**os.environ, "SEMLENS_PROGRESS": "0", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    server = subprocess.Popen([sys.executable, "-m", "semlens", "serve", "-p", str(proj), "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = proj.parent / "serve.log"
+    with open(log, "wb") as sink:
+        server = subprocess.Popen([sys.executable, "-m", "semlens", "serve", "-p", str(proj), "--port", str(port)],
+                                  env=env, stdout=sink, stderr=subprocess.STDOUT)
     b = Browser(f"http://127.0.0.1:{port}")
     try:
         deadline = time.time() + 60
@@ -185,7 +193,8 @@ def correct_through_app(proj: Path, samples: list[str], concept: str, args: argp
                 break
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
-                    raise SystemExit(f"the server did not start: {server.stderr.read().decode()[-2000:]}") from None
+                    raise SystemExit(f"the server did not start; its log ({log}):\n"
+                                     f"{log.read_text()[-2000:]}") from None
                 time.sleep(0.1)
         for sid in samples:
             page = b.get(f"/v/1/sample/{sid}")
