@@ -1,5 +1,4 @@
-"""Demo step: the demo classifier and the demo captioner as correction projects, ready to browse and correct with
-``semlens serve``."""
+"""Demo step: the demo classifier and captioner as correction projects to browse and correct with semlens serve."""
 
 from __future__ import annotations
 
