@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/semlens demo --out $(DEMO_OUT)
 	@echo "report: $(DEMO_OUT)/report.html"
 	@echo "browse and correct the demo classifier: $(VENV)/bin/semlens serve -p $(DEMO_OUT)/projects/classifier"
+	@echo "browse and correct the demo captioner:  $(VENV)/bin/semlens serve -p $(DEMO_OUT)/projects/captioner"
 
 # Debian's chromium for the browser tests (the report's check, the web app's scenarios); installed when
 # missing (as root, as in CI). Without it the browser tests fail: they are part of the suite.

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
+import urllib.request
 
 import torch
 
@@ -43,3 +46,69 @@ def test_serve_step_writes_a_project_the_web_app_opens(tmp_path, monkeypatch):
     tops, note = view.media.top_images(layer, 0)
     assert note == "" and len(tops) == 8 and not any(t.missing for t in tops)
     assert view.top_image_png(1, layer, 0, 0)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _tiny_caption_step(ctx: DemoContext) -> None:
+    """What the caption step leaves for the serve step, from 30 tiny clips and a captioner trained 2 epochs."""
+    from semlens.captioning import analyze_neurons, train_captioner
+    from semlens.experiments.dong import prepare_clips
+    from semlens.world import generate_clips, pooled_frame_features
+
+    clips = generate_clips(n=30, frames=4, size=32, seed=0, captions_per_clip=4)
+    prep = prepare_clips(clips, pooled_frame_features(clips.frames, grid=2), 3, seed=0, standardize=True)
+    model, _ = train_captioner(prep, lam=1.0, epochs=2, batch_size=16, lr=1e-2, hidden=8, embed=8,
+                               decoder_hidden=8, attention=4, dropout=0.0, device="cpu")
+    weights = model.save(ctx.path("caption", "lstm-i.safetensors"))
+    ctx.artifacts.update({"clips": clips, "caption_models": {"LSTM-I": model}, "caption_prepared": prep,
+                          "caption_neurons": analyze_neurons(model, prep)["names"],
+                          "caption_weights": {"LSTM-I": weights}})
+
+
+def test_serve_step_writes_a_captioner_project_whose_sample_page_shows_its_caption(tmp_path, monkeypatch):
+    import uvicorn
+
+    from semlens.serve import create_app
+    from semlens.serve.project_view import ProjectView
+    from test_serve import _free_port
+
+    ctx = DemoContext(out=tmp_path / "demo", device=torch.device("cpu"), seed=0)
+    _tiny_caption_step(ctx)
+    monkeypatch.setattr(s80_serve, "_classifier_project", lambda ctx: None)  # the classifier part is tested above
+    for _ in range(2):  # a second demo run into the same folder makes the project anew
+        sections = s80_serve.run(ctx)
+    project = tmp_path / "demo" / "projects" / "captioner"
+    assert ctx.artifacts["serve_command_captioner"] == f"semlens serve -p {project}"
+    assert "semlens serve" in "".join(sections[1].blocks)
+    cfg = json.loads((project / ".semlens" / "project.json").read_text())
+    assert cfg["kind"] == "captioner" and cfg["data"] == os.path.join("..", "captioner-corpus")
+    view = ProjectView(project)
+    clips = ctx.artifacts["clips"]
+    assert view.sample_ids() == sorted(clips.video_ids) and view.current_version().id == 1
+    sample = clips.video_ids[0]
+    model, prep = ctx.artifacts["caption_models"]["LSTM-I"], ctx.artifacts["caption_prepared"]
+    data = next(d for d in (prep.train, prep.val, prep.test) if sample in d.video_ids)
+    k = data.video_ids.index(sample)
+    ids = model.decode_states(*model.encode(data.feats[k:k + 1], data.lengths[k:k + 1]), beam=1)
+    caption = model.vocab.decode(ids[0].tolist())
+    assert view.describe(1, sample) == caption  # the stored features are those the captioner was trained on
+    assert view.reference_captions(sample) == list(clips.captions[0])
+    table = ctx.artifacts["caption_neurons"]
+    assert view.concepts() == [t for i, t in enumerate(table.topic_names) if table.neurons_of(i)]
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(project), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=60) as r:
+            assert r.status == 200 and "Captioner project" in r.read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v/1/sample/{sample}", timeout=60) as r:
+            page = r.read().decode()
+        assert f'<b id="prediction">{caption}</b>' in page and 'id="neurons"' in page
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -213,8 +213,8 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(browser, server):
+def _loopback_page(browser) -> Iterator:
+    """A fresh browser page; after the test, fails if the page requested anything but loopback."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     pg = context.new_page()
     requests: list[str] = []
@@ -224,6 +224,11 @@ def page(browser, server):
     context.close()
     off = [u for u in requests if urllib.parse.urlsplit(u).hostname not in ("127.0.0.1", "localhost")]
     assert not off, f"the page made requests off the machine: {off}"
+
+
+@pytest.fixture
+def page(browser, server):
+    yield from _loopback_page(browser)
 
 
 def test_browser_layer_filter_and_unit_card(page, server, project):
@@ -455,36 +460,47 @@ def _csrf(url: str) -> tuple[str, str]:
     return cookie, token
 
 
-def test_captioner_sample_view_shows_caption_references_and_topic_neurons(tmp_path):
-    """A captioner project: the sample page shows the version's caption, the human captions and the named
-    topic neurons' activation at every frame (the values equal the encoder's states)."""
+@pytest.fixture(scope="module")
+def captioner_project(tmp_path_factory) -> Path:
+    """A tiny captioner project: 36 clips of 4 frames (8 features), 3 topics, an LSTM-I of width 8."""
     from test_captioner_cli import write_corpus
 
-    corpus = write_corpus(tmp_path / "corpus")
-    run = tmp_path / "run"
+    root = tmp_path_factory.mktemp("serve-captioner")
+    corpus = write_corpus(root / "corpus")
+    run = root / "run"
     _cli("caption", "train", "--corpus", str(corpus), "--out", str(run), "--lam", "2", "--topics", "3",
          "--epochs", "3", "--batch-size", "16", "--lr", "0.01", "--hidden", "8", "--embed", "8",
          "--decoder-hidden", "8", "--attention", "4", "--dropout", "0", "--device", "cpu")
     _cli("feedback", "init", "--kind", "captioner", "--weights", str(run / "model.safetensors"),
-         "--data", str(corpus), "--project", str(tmp_path / "proj"))
-    s = Server(tmp_path / "proj", None)
-    try:
-        view = s.app.app.state.pages.view
-        status, text = _get(s.url + "/v/1/sample/v30")
-        assert status == 200, text[-2000:]
-        assert view.describe(1, "v30") in text
-        for caption in view.reference_captions("v30")[:5]:
-            assert caption.replace("'", "&#39;") in text
-        rows = view.topic_neurons(1, "v30")
-        assert rows and 'id="neurons"' in text and f"v:{rows[0]['neuron']}" in text
-        corr = view.corrector(1)
-        feats, lengths = corr._feats(["v30"])
-        states, _ = corr.model.encode(feats, lengths)
-        want = states[0, : int(lengths[0]), int(rows[0]["neuron"])]
-        assert torch.allclose(torch.tensor(rows[0]["values"]), want, atol=1e-3)
-        assert _get(s.url + "/v/1/sample/v999")[0] == 404
-    finally:
-        s.stop()
+         "--data", str(corpus), "--project", str(root / "proj"))
+    return root / "proj"
+
+
+@pytest.fixture(scope="module")
+def captioner_server(captioner_project) -> Iterator[Server]:
+    s = Server(captioner_project, None)
+    yield s
+    s.stop()
+
+
+def test_captioner_sample_view_shows_caption_references_and_topic_neurons(captioner_server):
+    """A captioner project: the sample page shows the version's caption, the human captions and the named
+    topic neurons' activation at every frame (the values equal the encoder's states)."""
+    s = captioner_server
+    view = s.app.app.state.pages.view
+    status, text = _get(s.url + "/v/1/sample/v30")
+    assert status == 200, text[-2000:]
+    assert view.describe(1, "v30") in text
+    for caption in view.reference_captions("v30")[:5]:
+        assert caption.replace("'", "&#39;") in text
+    rows = view.topic_neurons(1, "v30")
+    assert rows and 'id="neurons"' in text and f"v:{rows[0]['neuron']}" in text
+    corr = view.corrector(1)
+    feats, lengths = corr._feats(["v30"])
+    states, _ = corr.model.encode(feats, lengths)
+    want = states[0, : int(lengths[0]), int(rows[0]["neuron"])]
+    assert torch.allclose(torch.tensor(rows[0]["values"]), want, atol=1e-3)
+    assert _get(s.url + "/v/1/sample/v999")[0] == 404
 
 
 def test_a_project_whose_data_is_gone_gets_a_page_naming_the_file(project, tmp_path):
@@ -644,3 +660,39 @@ def test_browser_unit_card_images_all_load(page, server, project):
     widths = page.evaluate("Array.from(document.images).map(i => [i.src, i.naturalWidth])")
     assert widths and all(w > 0 for _, w in widths), widths
     assert all(w >= 192 for src, w in widths if "/top/" in src)
+
+
+@pytest.fixture
+def caption_page(browser, captioner_server):
+    yield from _loopback_page(browser)
+
+
+def test_browser_captioner_sample_view_and_a_missed_topic_remark(caption_page, captioner_server, captioner_project):
+    """Open a clip of a captioner project in Chromium: its caption, reference captions and topic neurons with
+    their activation through time; say the caption misses a topic, see the remark listed and stored."""
+    from semlens.correct.store import FeedbackStore
+
+    page, view = caption_page, captioner_server.app.app.state.pages.view
+    page.goto(captioner_server.url + "/")
+    page.click("a.thumb >> text=v31")
+    page.wait_for_url(re.compile(r"/v/1/sample/v31$"))
+    assert page.locator("#prediction").inner_text() == view.describe(1, "v31")
+    assert page.locator("#references li").all_inner_texts() == view.reference_captions("v31")[:5]
+    rows = view.topic_neurons(1, "v31")
+    cells = page.locator("#neurons tbody tr")
+    assert cells.count() == len(rows) > 0
+    assert cells.first.locator("td").first.inner_text() == f"v:{rows[0]['neuron']}"
+    assert cells.first.locator("td").nth(1).inner_text() == rows[0]["topic_name"]
+    n_frames = len(rows[0]["values"])
+    line = cells.first.locator("svg polyline")
+    assert len(line.get_attribute("points").split()) == n_frames  # one point per frame
+    assert f"over {n_frames} frames" in cells.first.locator("svg").get_attribute("aria-label")
+    topic = view.concepts()[-1]
+    page.select_option("#missing", topic)
+    page.fill("#text", "the caption never says it")
+    page.click("#submit-remark")
+    page.wait_for_url(re.compile(r"/v/1/sample/v31$"))
+    listed = page.locator("#sample-remarks").inner_text()
+    assert f"misses {topic}: the caption never says it (open)" in listed
+    stored = [r for r in FeedbackStore(captioner_project).remarks() if r.sample_id == "v31"]
+    assert [(r.kind, r.target, r.status) for r in stored] == [("missing_topic", topic, "open")]

@@ -41,8 +41,10 @@ def run(ctx: DemoContext) -> list[Section]:
     res = compare_models(prep, st, [ctx.seed], ctx.device, action_labels=action,
                          log=lambda m: console.print(f"[dim]caption[/] {m}"))
     prep.topics.save(ctx.path("caption", "topics.json"))
+    weights = {m: ctx.path("caption", f"{m.lower()}.safetensors") for m in MODELS}
     for m in MODELS:
-        res["last"][m]["model"].save(ctx.path("caption", f"{m.lower()}.safetensors"))
+        res["last"][m]["model"].save(weights[m])
+    ctx.artifacts["caption_weights"] = weights
     ctx.artifacts["caption_models"] = {m: res["last"][m]["model"] for m in MODELS}
     ctx.artifacts["caption_prepared"] = prep
     ctx.artifacts["caption_neurons"] = res["last"]["LSTM-I"]["analysis_own_f"]["names"]  # named with its own f
