@@ -33,7 +33,10 @@ __all__ = ["VARIANTS", "PARAMS", "DEFAULT_LAMBDA", "MaximizeConfig", "PrototypeS
 VARIANTS = ("plain", "expert", "code")
 PARAMS = ("pixel", "fourier", "maco")
 #: λ per variant when none is given (inputs in [0, 1], activations of order 1-10)
-DEFAULT_LAMBDA = {"plain": 1e-3, "expert": 1e-3, "code": 1e-4}
+#: default λ per variant (inputs in [0, 1], objectives of order 1). The expert's is *per input dimension*:
+#: λ = DEFAULT_LAMBDA["expert"] / D with D = C·H·W, because log p(x) sums over D dimensions (a fixed 1e-3
+#: outweighed a unit's activation on 64×64 inputs, and the prototype stayed at the data mean).
+DEFAULT_LAMBDA = {"plain": 1e-3, "expert": 1.0, "code": 1e-4}
 
 
 @dataclass
@@ -53,9 +56,12 @@ class MaximizeConfig:
     seed: int = 0
     anchor: Tensor | None = None  # (C, H, W) or (U, C, H, W): local AM around examples x0
 
-    @property
-    def lam_value(self) -> float:
-        return DEFAULT_LAMBDA[self.variant] if self.lam is None else float(self.lam)
+    def lam_value(self, dims: int) -> float:
+        """λ for inputs of ``dims`` = C·H·W numbers: ``lam`` when given, else the variant's default (the
+        expert's divided by ``dims``)."""
+        if self.lam is not None:
+            return float(self.lam)
+        return DEFAULT_LAMBDA[self.variant] / dims if self.variant == "expert" else DEFAULT_LAMBDA[self.variant]
 
 
 def parse_units(text: str) -> list[int]:
@@ -87,7 +93,7 @@ def build_variant(cfg: MaximizeConfig, stats: ImageStats,
     """Parameterisation and regulariser of ``cfg.variant``; a variant needing a prior refuses ``None``."""
     if cfg.variant not in VARIANTS:
         raise ValueError(f"unknown variant {cfg.variant!r}: use one of {', '.join(VARIANTS)}")
-    lam = cfg.lam_value
+    lam = cfg.lam_value(stats.mean.numel())
     if cfg.variant == "plain":
         anchor = stats.mean if cfg.anchor is None else cfg.anchor
         return _image_param(cfg.param, stats, anchor), l2_penalty(lam, anchor)
