@@ -38,7 +38,7 @@ def test_captioner_feedback_round_trip(tmp_path, monkeypatch):
     # stored artefacts: a remark neither re-reads the corpus for topics nor re-names the neurons
     monkeypatch.setattr("semlens.captioning.prepare", lambda *a, **k: 1 / 0)
     monkeypatch.setattr("semlens.captioning.analyze_neurons", lambda *a, **k: 1 / 0)
-    r = _run("feedback", "add", "v30", "--missing", topic, "--author", "ana", *proj)
+    r = _run("feedback", "add", "v30", "--missing", topic, "--author", "ana", "--preview", *proj)
     assert r.exit_code == 0, r.output
     assert "prediction now" in r.output and f"units named {topic!r}: v:" in r.output
     bad = _run("feedback", "add", "v999", "--missing", topic, *proj)

@@ -63,7 +63,7 @@ def test_feedback_round_trip(workdir):
     r = _run(workdir, "init", "--model", "fbmodel_semlens:make", "--weights", str(workdir / "model.safetensors"),
              "--data", str(workdir / "data"), "--names", str(workdir / "units.csv"), "--layer", "2")
     assert r.returncode == 0, r.stderr
-    r = _run(workdir, "add", "000000", "--missing", "red", "--author", "ana")
+    r = _run(workdir, "add", "000000", "--missing", "red", "--author", "ana", "--preview")
     assert r.returncode == 0, r.stderr
     assert "units named 'red': 2:3" in r.stdout and "prediction now" in r.stdout
     bad = _run(workdir, "add", "999999", "--missing", "red")
@@ -109,7 +109,9 @@ def test_feedback_reads_stored_artefacts_and_refuses_another_models_names(workdi
     assert _run(proj, "versions").returncode == 0  # (its table lists these hashes; its width follows the terminal)
     # a changed artefact file is noticed
     refs_path.write_bytes(refs_path.read_bytes() + b" ")
-    bad = _run(proj, "add", "000001", "--missing", "red")
+    bad = _run(proj, "add", "000001", "--missing", "red", "--preview")  # (without --preview the remark is stored:
+    assert bad.returncode == 2 and "references file of model version 2" in bad.stderr  # it needs no artefact)
+    bad = _run(proj, "apply", "--steps", "2")
     assert bad.returncode == 2 and "references file of model version 2" in bad.stderr
     # names stored for another model are refused at init, in one line
     other = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 9, 3, padding=1))
@@ -122,3 +124,41 @@ def test_feedback_reads_stored_artefacts_and_refuses_another_models_names(workdi
                str(tmp_path / "other.safetensors"), "--layer", "2")
     assert bad.returncode == 2 and "made for another model" in bad.stderr and bad.stderr.count("\n") <= 2
     assert fbmodel_semlens.make  # the user model module stays importable
+
+
+def test_add_records_a_remark_without_loading_the_model(workdir, tmp_path):
+    """`feedback add` checks the sample's file and the stored targets (.semlens/targets.json, written at init from
+    the corrector itself) and never imports torch; a project without targets.json falls back to the corrector."""
+    import json
+    import subprocess
+
+    from semlens.correct.project import CorrectionProject
+    from semlens.correct.store import FeedbackStore
+
+    proj = tmp_path / "p"
+    r = _run(proj, "init", "--model", "fbmodel_semlens:make", "--weights", str(workdir / "model.safetensors"),
+             "--data", str(workdir / "data"), "--names", str(workdir / "units.csv"), "--layer", "2")
+    assert r.returncode == 0, r.stderr
+    stored = json.loads((proj / ".semlens" / "targets.json").read_text())
+    assert stored["kind"] == "missing_concept" and "red" in stored["targets"]
+    assert stored["targets"] == CorrectionProject(proj).corrector().targets()
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['semlens', 'feedback', 'add', '000001', '--missing', 'red', '-p', {str(proj)!r}]\n"
+            "try:\n    runpy.run_module('semlens', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code\n"
+            "print('torch imported:', 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=workdir,
+                         env={**__import__("os").environ, "SEMLENS_PROGRESS": "0"})
+    assert out.returncode == 0, out.stderr
+    assert "remark 1 stored (against version 1)" in out.stdout and "torch imported: False" in out.stdout
+    assert [(r.sample_id, r.kind, r.target) for r in FeedbackStore(proj).remarks()] == [
+        ("000001", "missing_concept", "red")]
+    # what the file test or the stored targets cannot vouch for goes through the corrector's checks and errors
+    for sample, target, message in (("999999", "red", "unknown sample id"), ("../000001", "red", "unknown sample id"),
+                                    ("000001", "rde", "Did you mean: red")):
+        bad = _run(proj, "add", sample, "--missing", target)
+        assert bad.returncode == 2 and message in bad.stderr
+    (proj / ".semlens" / "targets.json").unlink()  # a project made before targets.json existed
+    assert _run(proj, "add", "000002", "--missing", "red").returncode == 0
+    assert json.loads((proj / ".semlens" / "targets.json").read_text()) == stored  # written again on the way
+    assert len(FeedbackStore(proj).remarks()) == 2

@@ -116,21 +116,31 @@ def add(
     missing: str = typer.Option(..., "--missing", help="The concept (classifier) or topic (captioner) missed."),
     text: str = typer.Option("", help="Free text kept with the remark."),
     author: str = typer.Option(None, help="Author (default: $USER)."),
+    preview: bool = typer.Option(False, "--preview", help="Also show the current prediction, the units named "
+                                 "after the concept and the prediction with them enhanced (loads the model)."),
     device: str = _DEVICE,
     project: Path = _PROJECT,
 ) -> None:
-    """Record a remark; show the current prediction, the units involved and the enhanced prediction."""
+    """Record a remark (checked against the project's data and unit names without loading the model)."""
     with user_errors():
-        p = _project(project)
+        if not preview:
+            from semlens.correct.quick import quick_add
+
+            remark = quick_add(project, sample, missing, author=author, text=text)
+            if remark is not None:
+                _print(f"remark {remark.id} stored (against version {remark.model_version})")
+                return
+        p = _project(project)  # an older project, or a check only the corrector can explain
         from semlens.runtime import resolve_device
 
         corr = p.corrector(resolve_device(device))
         corr.check(sample, missing)
         remark = p.store.add_remark(sample, corr.remark_kind, missing, author=author, text=text)
         _print(f"remark {remark.id} stored (against version {remark.model_version})")
-        _print(f"  prediction now:        {corr.describe(sample)}")
-        _print(f"  units named {missing!r}: {', '.join(corr.unit_names(missing))}")
-        _print(f"  with enhancement:      {corr.describe(sample, [missing])}")
+        if preview:
+            _print(f"  prediction now:        {corr.describe(sample)}")
+            _print(f"  units named {missing!r}: {', '.join(corr.unit_names(missing))}")
+            _print(f"  with enhancement:      {corr.describe(sample, [missing])}")
 
 
 @feedback_app.command("list")

@@ -26,6 +26,7 @@ import torch
 
 from semlens.artefacts import ArtefactError, content_hash
 from semlens.checkpoint import read_config, save_weights
+from semlens.correct.quick import REMARK_KINDS, TARGETS_FILE, sample_file
 from semlens.correct.references import ConceptReferences
 from semlens.correct.store import FeedbackStore, FeedbackStoreError, Remark, suggest
 from semlens.models import load, weights_config
@@ -72,6 +73,10 @@ class Corrector(Protocol):
 
     def check(self, sample_id: str, target: str) -> None: ...
 
+    def targets(self) -> list[str]:
+        """The concepts (classifier) or topics (captioner) a remark can name: those some unit carries."""
+        ...
+
     def describe(self, sample_id: str, enhanced: Sequence[str] = ()) -> str: ...
 
     def unit_names(self, target: str) -> list[str]: ...
@@ -92,7 +97,7 @@ class ClassifierProjectCorrector:
     names_path: Path
     references_path: Path
     device: torch.device
-    remark_kind: str = "missing_concept"
+    remark_kind: str = REMARK_KINDS["classifier"]
 
     def __post_init__(self) -> None:
         from semlens.correct.classifier import ClassifierCorrector
@@ -123,7 +128,8 @@ class ClassifierProjectCorrector:
         from semlens.world import read_images
 
         suffix, root = self.config.get("image_suffix"), Path(self.config["data"])
-        if suffix is not None and all((root / "images" / f"{s}{suffix}").is_file() for s in sample_ids):
+        files = [sample_file("classifier", self.config, s) for s in sample_ids]
+        if all(f is not None and f.is_file() for f in files):
             return read_images(root, [f"{s}{suffix}" for s in sample_ids], self.config.get("image_size"))
         ids = {Path(name).stem: i for i, name in enumerate(self.dataset.images)}
         for s in sample_ids:
@@ -134,6 +140,19 @@ class ClassifierProjectCorrector:
     def check(self, sample_id: str, target: str) -> None:
         self._images([sample_id])
         self.engine.units(target)
+
+    def targets(self) -> list[str]:
+        thr = float(self.config.get("min_iou", 0.04))
+        carried = sorted({c for c, i in zip(self.names.concepts, self.names.ious.tolist(), strict=True) if i > thr})
+        return [c for c in carried if self._nameable(c)]
+
+    def _nameable(self, concept: str) -> bool:
+        """Whether a remark naming ``concept`` passes :meth:`check` (detectors and a reference activation)."""
+        try:
+            self.engine.units(concept)
+        except (KeyError, ValueError):
+            return False
+        return True
 
     def _class_name(self, k: int) -> str:
         names = self.config["class_names"] if "class_names" in self.config else self.dataset.class_names
@@ -171,7 +190,7 @@ class CaptionerProjectCorrector:
     names_path: Path
     references_path: Path
     device: torch.device
-    remark_kind: str = "missing_topic"
+    remark_kind: str = REMARK_KINDS["captioner"]
 
     def __post_init__(self) -> None:
         from semlens.correct.captioner import CaptionCorrector
@@ -195,7 +214,7 @@ class CaptionerProjectCorrector:
 
         root = Path(self.config["data"])
         for s in sample_ids:
-            if not (root / "features" / f"{s}.npy").is_file():
+            if not sample_file("captioner", self.config, s).is_file():
                 known = self.sample_ids()
                 raise KeyError(f"unknown sample id {s!r}.{suggest(s, known)}")
         return pad_features([read_features(root, s, self.model.config.feature_dim) for s in sample_ids])
@@ -203,6 +222,10 @@ class CaptionerProjectCorrector:
     def check(self, sample_id: str, target: str) -> None:
         self._feats([sample_id])
         self.engine.neurons(target)
+
+    def targets(self) -> list[str]:
+        names = self.engine.names
+        return [t for i, t in enumerate(names.topic_names) if names.neurons_of(i)]
 
     def describe(self, sample_id: str, enhanced: Sequence[str] = ()) -> str:
         feats, lengths = self._feats([sample_id])
@@ -325,6 +348,7 @@ class CorrectionProject:
         os.replace(tmp, path)
         project = cls(project_dir)
         project.store.register_base(weights, params={"source": str(Path(weights).resolve())}, artefacts=hashes)
+        project.corrector()  # stores targets.json: `feedback add` then checks remarks without the model
         return project
 
     def attach(self, *, dissection: str | os.PathLike | None = None,
@@ -373,7 +397,20 @@ class CorrectionProject:
         v = self.store.version(version) if version is not None else self.store.current_version()
         if v is None or v.weights is None:
             raise FeedbackStoreError("the project has no model version")
-        return CORRECTORS[self.config["kind"]](self.config, v.weights, *self.artefact_paths(v), torch.device(device))
+        corr = CORRECTORS[self.config["kind"]](self.config, v.weights, *self.artefact_paths(v), torch.device(device))
+        if not (self.dir / TARGETS_FILE).is_file():  # a project made before targets.json existed
+            self.write_targets(corr)
+        return corr
+
+    def write_targets(self, corrector: Corrector) -> Path:
+        """Store what a remark can name (``corrector.targets()``; fixed by the project's unit names) in
+        ``.semlens/targets.json``, so ``feedback add`` checks a remark without loading the model."""
+        from semlens.outputs import atomic_write
+
+        path = self.dir / TARGETS_FILE
+        text = json.dumps({"kind": REMARK_KINDS[self.config["kind"]], "targets": corrector.targets()}, indent=1)
+        atomic_write(path, lambda tmp: tmp.write_text(text))
+        return path
 
     def apply(self, device: str | torch.device = "cpu", progress: Progress | None = None, **params: Any) -> Any:
         """Apply all open remarks: correction propagation from the current version -> new version, made through

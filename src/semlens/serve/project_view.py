@@ -229,14 +229,8 @@ class ProjectView:
             return corr.describe(sample_id, enhanced)
 
     def concepts(self) -> list[str]:
-        """Concepts a remark can name: those with a detector in the corrected layer (classifier projects)."""
-        layer = self.project.config.get("layer")
-        if self.kind == "classifier" and layer:
-            thr = float(self.project.config.get("min_iou", 0.04))
-            names = self.corrector(self.current_version().id).names  # type: ignore[attr-defined]
-            return sorted({c for c, i in zip(names.concepts, names.ious.tolist(), strict=True) if i > thr})
-        names = self.corrector(self.current_version().id).engine.names  # type: ignore[attr-defined]
-        return [t for i, t in enumerate(names.topic_names) if names.neurons_of(i)]  # topics some neuron carries
+        """Concepts (classifier) or topics (captioner) a remark can name: those some unit of the project carries."""
+        return self.corrector(self.current_version().id).targets()
 
     def relevance(self, version_id: int, sample_id: str, method: str, unit: tuple[str, int] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
