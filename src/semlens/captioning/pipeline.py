@@ -1,5 +1,8 @@
-"""Captioning pipeline facade (Dong et al. 2017): frame features -> topics -> LSTM-B / LSTM-I ->
-coco-caption scores -> neuron names (PDM) -> selectivity and transfer.
+"""The captioner's pipeline end to end (Dong et al., CVPR 2017): frame features -> topics -> LSTM-B / LSTM-I
+-> coco-caption scores -> neuron names (PDM) -> selectivity. Each stage lives in its own module of this
+package (:mod:`~semlens.captioning.topics`, :mod:`~semlens.captioning.features`, :mod:`~semlens.captioning.model`,
+:mod:`~semlens.captioning.training`, :mod:`~semlens.captioning.naming`, :mod:`~semlens.captioning.evaluation`);
+this module chains them.
 
 Typical use::
 
@@ -21,19 +24,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from semlens.layers import capture_activations, frozen
-from semlens.models.captioner import AttentiveCaptioner, CaptionerConfig, Vocabulary
-from semlens.runtime import progress, resolve_device
-from semlens.stats import linear_probe
-from semlens.train.caption_trainer import (
+from semlens.captioning.model import AttentiveCaptioner, CaptionerConfig, Vocabulary
+from semlens.captioning.naming import LinearTopicMap, NeuronTopics, contains_topic, name_neurons, topic_selectivity
+from semlens.captioning.topics import TopicModel
+from semlens.captioning.training import (
     CaptionData,
     CaptionTrainConfig,
     CaptionTrainer,
     fit_topic_head,
     mean_representations,
 )
-from semlens.units.pdm import LinearTopicMap, NeuronTopics, contains_topic, name_neurons, topic_selectivity
-from semlens.units.topics import TopicModel
+from semlens.layers import capture_activations, frozen
+from semlens.runtime import progress, resolve_device
+from semlens.stats import linear_probe
 
 __all__ = ["extract_frame_features", "Prepared", "prepare", "prepare_corpus", "train_captioner", "generate",
            "evaluate_captioner", "analyze_neurons", "linear_probe", "topic_activation_profile", "correction_artefacts"]
@@ -207,7 +210,7 @@ def generate(model: AttentiveCaptioner, data: CaptionData, beam: int = 5, batch_
 def evaluate_captioner(model: AttentiveCaptioner, data: CaptionData, beam: int = 5, meteor: bool = True
                        ) -> dict[str, float]:
     """coco-caption scores of the model's captions on ``data`` against all references."""
-    from semlens.evaluate.captioning import score_captions
+    from semlens.captioning.evaluation import score_captions
 
     cands = generate(model, data, beam=beam)
     refs = dict(zip(data.video_ids, data.captions, strict=True))
@@ -244,7 +247,7 @@ def analyze_neurons(model: AttentiveCaptioner, prep: Prepared, refit_head: bool 
     training videos and predicts held-out topics worse than a constant) instead of the model's own f.
     Default: refit only when the model was trained
     without the interpretive loss (LSTM-B, whose own f is untrained). PDM uses the closed form for the
-    softmax-linear f (``method``, see :func:`semlens.units.pdm.prediction_difference`).
+    softmax-linear f (``method``, see :func:`semlens.captioning.naming.prediction_difference`).
     Returns names, selectivity, v̄ per split, the topic-prediction error on ``split`` and activation profiles.
     """
     if split not in ("val", "test"):
