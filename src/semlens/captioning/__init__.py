@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from semlens.captioning.evaluation import score_captions
-    from semlens.captioning.features import encode_frames
+    from semlens.captioning.features import encode_frames, extract_frame_features
     from semlens.captioning.model import AttentiveCaptioner, CaptionerConfig, Vocabulary, VocabularyMismatchError
     from semlens.captioning.naming import LinearTopicMap, NeuronTopics, name_neurons, topic_selectivity
     from semlens.captioning.pipeline import (
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
         analyze_neurons,
         correction_artefacts,
         evaluate_captioner,
-        extract_frame_features,
         generate,
         linear_probe,
         prepare,
@@ -55,14 +54,13 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "topics": ("TopicModel",),
-    "features": ("encode_frames",),
+    "features": ("extract_frame_features", "encode_frames"),
     "model": ("AttentiveCaptioner", "CaptionerConfig", "Vocabulary", "VocabularyMismatchError"),
     "training": ("CaptionData", "CaptionTrainConfig", "CaptionTrainer", "InterpretiveLoss"),
     "naming": ("LinearTopicMap", "NeuronTopics", "name_neurons", "topic_selectivity"),
     "evaluation": ("score_captions",),
-    "pipeline": ("extract_frame_features", "Prepared", "prepare", "prepare_corpus", "train_captioner", "generate",
-                 "evaluate_captioner", "analyze_neurons", "linear_probe", "topic_activation_profile",
-                 "correction_artefacts"),
+    "pipeline": ("Prepared", "prepare", "prepare_corpus", "train_captioner", "generate", "evaluate_captioner",
+                 "analyze_neurons", "linear_probe", "topic_activation_profile", "correction_artefacts"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 
