@@ -12,10 +12,10 @@ import argparse
 import torch
 
 from _timing import median_time  # noqa: E402
-from semlens.models.captioner import AttentiveCaptioner, CaptionerConfig, Vocabulary
+from semlens.captioning.model import AttentiveCaptioner, CaptionerConfig, Vocabulary
+from semlens.captioning.naming import LinearTopicMap, name_neurons
+from semlens.captioning.training import CaptionData, CaptionTrainConfig, CaptionTrainer, mean_representations
 from semlens.runtime import resolve_device
-from semlens.train.caption_trainer import CaptionData, CaptionTrainConfig, CaptionTrainer, mean_representations
-from semlens.units.pdm import LinearTopicMap, name_neurons
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:

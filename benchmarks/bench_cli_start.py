@@ -78,7 +78,7 @@ def _build_projects(work: Path, quick: bool) -> dict[str, tuple[Path, list[str]]
 
     with open(work / "dissect" / "units.csv") as f:
         concept = next(r["concept"] for r in csv.DictReader(f))
-    from semlens.units.topics import TopicModel
+    from semlens.captioning.topics import TopicModel
 
     topic = TopicModel.load(work / "cap" / "model.topics.json").topic_names()[0]
     clip = sorted(p.stem for p in (work / "clips" / "features").glob("*.npy"))[0]

@@ -91,8 +91,8 @@ def main() -> None:
     print(f"generate_clips with 20 captions each: {n_cap / t_full:,.1f} clips/s")
 
     # 4. frame encoding with the reference CNN on the chosen device
+    from semlens.captioning.features import encode_frames
     from semlens.models import build_model
-    from semlens.world.features import encode_frames
 
     dev = resolve_device(args.device)
     model = build_model("alexnet-like", num_classes=12).to(dev)

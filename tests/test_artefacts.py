@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from semlens.artefacts import ArtefactError, content_hash, model_signature
+from semlens.captioning.naming import NeuronTopics
+from semlens.captioning.topics import TopicModel
 from semlens.correct.references import ConceptReferences
 from semlens.correct.store import FeedbackStore
 from semlens.units.names import UnitNames, save_unit_names
-from semlens.units.pdm import NeuronTopics
-from semlens.units.topics import TopicModel
 
 
 def _net(width: int = 8) -> nn.Module:

@@ -1,4 +1,4 @@
-"""coco-caption evaluation wrapper (semlens.evaluate.captioning); one scoring call here (tokenizer + METEOR
+"""coco-caption evaluation wrapper (semlens.captioning.evaluation); one scoring call here (tokenizer + METEOR
 JVMs), one more in the CLI test."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from semlens.evaluate.captioning import METRICS, PUBLISHED_DONG, format_table, paper_table, score_captions
+from semlens.captioning.evaluation import METRICS, PUBLISHED_DONG, format_table, paper_table, score_captions
 
 
 def test_scores_hand_computed_bleu():

@@ -7,8 +7,7 @@ import itertools
 import pytest
 import torch
 
-from semlens.checkpoint import CheckpointError
-from semlens.models.captioner import (
+from semlens.captioning.model import (
     BOS,
     EOS,
     PAD,
@@ -18,14 +17,15 @@ from semlens.models.captioner import (
     VocabularyMismatchError,
     pad_features,
 )
-from semlens.train.caption_trainer import (
+from semlens.captioning.training import (
     CaptionData,
     CaptionTrainConfig,
     CaptionTrainer,
+    caption_nll,
     fit_topic_head,
     validation_cider,
 )
-from semlens.train.interpretive import caption_nll
+from semlens.checkpoint import CheckpointError
 
 CAPS = ["a dog runs", "a cat sleeps", "the dog sleeps", "a cat runs fast"]
 
@@ -305,8 +305,7 @@ def test_fit_topic_head_on_a_copy_with_weight_decay_and_validation_stopping():
         fit_topic_head(model, data, steps=100, head=heads[name], **kw)
     assert torch.equal(model.topic_head.weight, own)  # the model's own f is untouched
     assert heads["wd"].weight.norm() < heads["plain"].weight.norm()  # the L2 penalty shrinks W
-    from semlens.train.caption_trainer import mean_representations
-    from semlens.train.interpretive import topic_loss
+    from semlens.captioning.training import mean_representations, topic_loss
 
     vv = mean_representations(model, val)
 

@@ -174,7 +174,7 @@ def test_run_dong_sweeps_lambda_on_validation_and_writes_results(tmp_path, monke
     import json
 
     import semlens.experiments.dong as dong
-    from semlens.evaluate.captioning import score_captions
+    from semlens.captioning.evaluation import score_captions
     from semlens.experiments.dong import DongSettings, choose_lambda, run_dong
 
     # METEOR starts a 2 GB JVM per call (tested in test_caption_eval); here a Java-free stand-in keeps it fast

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from semlens.captioning.model import AttentiveCaptioner, CaptionerConfig, Vocabulary
+from semlens.captioning.naming import NeuronTopics
 from semlens.correct.captioner import CaptionCorrector, caption_mentions, evaluate_caption_correction
-from semlens.models.captioner import AttentiveCaptioner, CaptionerConfig, Vocabulary
-from semlens.units.pdm import NeuronTopics
 
 CAPS = ["a dog runs", "a cat sleeps", "the dog sleeps", "a cat runs fast", "a man cooks food"]
 TOPICS = ["dog", "cat", "run"]

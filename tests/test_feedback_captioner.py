@@ -36,8 +36,8 @@ def test_captioner_feedback_round_trip(tmp_path, monkeypatch):
     assert carried, "PDM named no neuron on the tiny model"
     topic = carried[0]
     # stored artefacts: a remark neither re-reads the corpus for topics nor re-names the neurons
-    monkeypatch.setattr("semlens.captioning.prepare", lambda *a, **k: 1 / 0)
-    monkeypatch.setattr("semlens.captioning.analyze_neurons", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("semlens.captioning.pipeline.prepare", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("semlens.captioning.pipeline.analyze_neurons", lambda *a, **k: 1 / 0)
     r = _run("feedback", "add", "v30", "--missing", topic, "--author", "ana", "--preview", *proj)
     assert r.exit_code == 0, r.output
     assert "prediction now" in r.output and f"units named {topic!r}: v:" in r.output
@@ -56,8 +56,8 @@ def test_captioner_feedback_round_trip(tmp_path, monkeypatch):
 
 
 def test_captioner_project_from_a_stored_neuron_table(tmp_path):
+    from semlens.captioning.topics import TopicModel
     from semlens.correct.project import CorrectionProject
-    from semlens.units.topics import TopicModel
 
     corpus = write_corpus(tmp_path / "corpus")
     run = tmp_path / "run"

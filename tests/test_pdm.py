@@ -1,4 +1,4 @@
-"""Prediction-difference maximization and selectivity (semlens.units.pdm)."""
+"""Prediction-difference maximization and selectivity (semlens.captioning.naming)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from semlens.units.pdm import (
+from semlens.captioning.naming import (
     LinearTopicMap,
     auc,
     contains_topic,

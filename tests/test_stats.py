@@ -11,11 +11,11 @@ from semlens import stats
 
 def test_jobs_use_the_shared_statistics():
     import semlens.captioning as captioning
+    import semlens.captioning.naming as pdm
     import semlens.evaluate.compare as compare
     import semlens.evaluate.explanations as explanations
     import semlens.experiments.blocknorm as blocknorm
     import semlens.experiments.dong as dong
-    import semlens.units.pdm as pdm
 
     assert pdm.auc is stats.auc and dong.auc is stats.auc
     assert explanations.spearman is stats.spearman

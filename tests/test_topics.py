@@ -1,4 +1,4 @@
-"""LDA topics over per-video caption documents (semlens.units.topics)."""
+"""LDA topics over per-video caption documents (semlens.captioning.topics)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from semlens.units.topics import TopicModel, video_documents
+from semlens.captioning.topics import TopicModel, video_documents
 
 FAMILIES = {
     "animal": ["dog", "puppy", "cat", "kitten", "horse", "pony"],

@@ -7,10 +7,10 @@ import json
 import torch
 from typer.testing import CliRunner
 
+from semlens.captioning.features import encode_frames, load_trained
 from semlens.checkpoint import read_config
 from semlens.cli.main import app
 from semlens.world import BrodenDataset, CaptionCorpus, generate_concepts
-from semlens.world.features import encode_frames, load_trained
 
 
 def test_data_train_and_clips_commands(tmp_path):

@@ -5,11 +5,13 @@ Library layout (one home per concept):
 - :mod:`semlens.layers` — dotted-name lookup, scoped activation capture/patching, state freezing.
 - :mod:`semlens.explain` — gradients, sensitivity analysis and layer-wise relevance propagation.
 - :mod:`semlens.world` — built-in concept images and captioned clips; Broden / MSVD-style I/O.
-- :mod:`semlens.models` — reference CNNs and the captioner; the model registry.
-- :mod:`semlens.train` — trainer, regularizers, interpretive (topic) loss.
-- :mod:`semlens.units` — naming units: Network Dissection, topics and prediction-difference maximization.
+- :mod:`semlens.models` — reference CNNs; the model registry and loader.
+- :mod:`semlens.train` — trainer and regularizers.
+- :mod:`semlens.units` — naming units: Network Dissection.
+- :mod:`semlens.captioning` — the video captioner (Dong et al. 2017), one module per stage: topics, frame
+  features, model, training, naming (PDM), evaluation, and the pipeline chaining them.
 - :mod:`semlens.correct` — feedback store, activation enhancement, correction propagation.
-- :mod:`semlens.evaluate` — explanation-quality and captioning metrics.
+- :mod:`semlens.evaluate` — explanation-quality metrics and the method comparison.
 - :mod:`semlens.report` — the HTML report.
 """
 

@@ -9,6 +9,7 @@ A non-empty directory without the marker is refused unless ``overwrite=True``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import threading
@@ -19,7 +20,7 @@ from typing import Any
 
 from semlens.errors import OutputError
 
-__all__ = ["MARKER", "OutputDir", "atomic_write", "apply_umask", "distinct_stems", "file_mode"]
+__all__ = ["MARKER", "OutputDir", "atomic_write", "apply_umask", "distinct_stems", "file_mode", "save_json"]
 
 MARKER = ".semlens-output"
 _umask_lock = threading.Lock()
@@ -55,6 +56,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON with sorted keys, atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, sort_keys=True)))
 
 
 def distinct_stems(paths: Sequence[str | os.PathLike]) -> list[str]:

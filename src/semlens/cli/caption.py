@@ -20,8 +20,8 @@ def _corpus(path: Path):
 
 
 def _load(model_path: Path, device: str):
+    from semlens.captioning.topics import TopicModel
     from semlens.models import load
-    from semlens.units.topics import TopicModel
 
     model = load("captioner", model_path, device=device)
     topics_path = model_path.with_name(model_path.stem + ".topics.json")
@@ -38,7 +38,7 @@ def topics_cmd(
     seed: int = typer.Option(0),
 ) -> None:
     """Fit LDA on the training captions (one document per video) and list the topics by top words."""
-    from semlens.units.topics import TopicModel
+    from semlens.captioning.topics import TopicModel
 
     with user_errors():
         c = _corpus(corpus)
@@ -108,8 +108,8 @@ def evaluate_cmd(
     import torch
 
     from semlens.captioning import evaluate_captioner
-    from semlens.evaluate.captioning import format_table, paper_table
-    from semlens.train.caption_trainer import CaptionData
+    from semlens.captioning.evaluation import format_table, paper_table
+    from semlens.captioning.training import CaptionData
 
     with user_errors():
         m, _, _ = _load(model, device)
@@ -138,8 +138,8 @@ def neurons_cmd(
 ) -> None:
     """Name every neuron of v̄ by prediction-difference maximization; print neuron -> topic and topic -> neurons."""
     from semlens.captioning import analyze_neurons, prepare
-    from semlens.evaluate.captioning import format_table
-    from semlens.models.captioner import save_json
+    from semlens.captioning.evaluation import format_table
+    from semlens.outputs import save_json
 
     with user_errors():
         m, tm, tpath = _load(model, device)

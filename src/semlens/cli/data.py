@@ -59,8 +59,8 @@ def register(app: typer.Typer) -> None:
             cs = generate_clips(n=n, frames=frames, size=size, seed=seed, captions_per_clip=captions)
             feats = None
             if encoder is not None:
+                from semlens.captioning.features import encode_frames, load_trained
                 from semlens.runtime import resolve_device
-                from semlens.world.features import encode_frames, load_trained
 
                 dev = resolve_device(device)
                 feats = encode_frames(load_trained(encoder).to(dev), cs.frames, device=dev)

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from semlens.artefacts import model_signature
+from semlens.captioning.model import AttentiveCaptioner, tokenize
+from semlens.captioning.naming import NeuronTopics, contains_topic
 from semlens.correct.engine import PropagationResult, enhance, propagate, reference_activations
 from semlens.correct.references import ConceptReferences
 from semlens.layers import frozen, suggest
-from semlens.models.captioner import AttentiveCaptioner, tokenize
-from semlens.units.pdm import NeuronTopics, contains_topic
 
 __all__ = ["CaptionCorrector", "caption_mentions", "evaluate_caption_correction", "fit_topic_references"]
 
@@ -264,7 +264,7 @@ def evaluate_caption_correction(model: AttentiveCaptioner, names: NeuronTopics, 
         "changed_captions": sum(a != b for a, b in zip(before, after, strict=True)),
     })
     if scores:
-        from semlens.evaluate.captioning import score_captions
+        from semlens.captioning.evaluation import score_captions
 
         refs = dict(zip(test.video_ids, test.captions, strict=True))
         out["scores_before"] = score_captions(refs, dict(zip(test.video_ids, before, strict=True)), meteor=meteor)

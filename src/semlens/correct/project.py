@@ -38,7 +38,7 @@ __all__ = ["Corrector", "CorrectionProject", "CORRECTORS", "ClassifierProjectCor
 @dataclass(frozen=True)
 class Artefacts:
     """What a correction project is made from besides the weights: ``names`` (:class:`~semlens.units.names.UnitNames`
-    or a :class:`~semlens.units.pdm.NeuronTopics` table, written with ``save_names``) and ``references``."""
+    or a :class:`~semlens.captioning.naming.NeuronTopics` table, written with ``save_names``) and ``references``."""
 
     names: Any
     references: ConceptReferences
@@ -193,8 +193,8 @@ class CaptionerProjectCorrector:
     remark_kind: str = REMARK_KINDS["captioner"]
 
     def __post_init__(self) -> None:
+        from semlens.captioning.naming import NeuronTopics
         from semlens.correct.captioner import CaptionCorrector
-        from semlens.units.pdm import NeuronTopics
 
         self.model = load("captioner", self.weights, device=self.device)
         names = NeuronTopics.load(self.names_path, model=self.model)
@@ -209,7 +209,7 @@ class CaptionerProjectCorrector:
     def _feats(self, sample_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded features (B, T, F) and lengths (B,) of the clips ``features/<id>.npy`` (an unknown id raises,
         naming the closest ids)."""
-        from semlens.models.captioner import pad_features
+        from semlens.captioning.model import pad_features
         from semlens.world import read_features
 
         root = Path(self.config["data"])

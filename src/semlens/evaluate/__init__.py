@@ -1,3 +1,3 @@
 """Measuring semlens outputs: explanation-quality metrics and the method comparison runner
-(:mod:`semlens.evaluate.explanations`, :mod:`semlens.evaluate.compare`), and captioning metrics
-(:mod:`semlens.evaluate.captioning`)."""
+(:mod:`semlens.evaluate.explanations`, :mod:`semlens.evaluate.compare`). Captioning metrics live in
+:mod:`semlens.captioning.evaluation`."""

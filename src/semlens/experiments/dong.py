@@ -28,8 +28,8 @@ from semlens.captioning import (
     prepare,
     train_captioner,
 )
-from semlens.evaluate.captioning import paper_table, score_captions
-from semlens.models.captioner import save_json
+from semlens.captioning.evaluation import paper_table, score_captions
+from semlens.outputs import save_json
 from semlens.report import Report, Section, format_mean_std
 from semlens.runtime import resolve_device, seed_everything
 from semlens.stats import auc, linear_probe, mean_std, paired_gap
@@ -371,7 +371,7 @@ def sections(prep: Prepared, result: Mapping[str, Any], settings: DongSettings, 
              title: str = "Semantic interpretability for video captioning (Dong et al. 2017)",
              sweep: Sequence[Mapping[str, Any]] = ()) -> list[Section]:
     """Report sections: the table beside the paper's, topics, neuron names, selectivity, transfer, figures."""
-    from semlens.units.pdm import contains_topic
+    from semlens.captioning.naming import contains_topic
 
     summ = result["summary"]
     main = Section(title)

@@ -82,7 +82,7 @@ def load(spec: str | None = None, weights: str | os.PathLike | None = None, devi
 
 def _load_captioner(spec: str | None, weights: str | os.PathLike | None, config: dict[str, Any],
                     device: torch.device) -> nn.Module:
-    from semlens.models.captioner import AttentiveCaptioner
+    from semlens.captioning.model import AttentiveCaptioner
 
     if spec not in (None, CAPTIONER):
         raise ModelLoadError(f"{weights} holds weights of model 'captioner' (a video captioner), not {spec!r}")

@@ -1,4 +1,5 @@
-"""Training: the deterministic trainer (checkpoint/resume, extra loss terms), regularizers, interpretive loss."""
+"""Training: the deterministic trainer (checkpoint/resume, extra loss terms) and regularizers. The captioner's
+trainer and interpretive loss live in :mod:`semlens.captioning.training`."""
 
 from semlens.train.trainer import ExtraTerm, TrainConfig, Trainer
 

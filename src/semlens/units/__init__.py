@@ -1,5 +1,5 @@
-"""Naming units: Network Dissection (:mod:`semlens.units.dissect`), topics and prediction-difference
-maximization (:mod:`semlens.units.topics`, :mod:`semlens.units.pdm`)."""
+"""Naming units: Network Dissection (:mod:`semlens.units.dissect`). The captioner's neuron naming (topics,
+prediction-difference maximization) lives in :mod:`semlens.captioning.naming`."""
 
 from semlens.units.dissect import (
     DissectionError,

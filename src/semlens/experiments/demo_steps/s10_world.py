@@ -80,6 +80,7 @@ def _clip_figure(cs, k: int = 4, step: int = 3):
 def run(ctx: DemoContext) -> list[Section]:
     from torch.utils.data import TensorDataset
 
+    from semlens.captioning.features import encode_frames
     from semlens.models import build_model
     from semlens.train import TrainConfig, Trainer
     from semlens.world import (
@@ -90,7 +91,6 @@ def run(ctx: DemoContext) -> list[Section]:
         write_clip_corpus,
         write_concepts,
     )
-    from semlens.world.features import encode_frames
 
     seed = ctx.seed
     t0 = time.perf_counter()

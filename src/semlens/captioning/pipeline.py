@@ -1,5 +1,8 @@
-"""Captioning pipeline facade (Dong et al. 2017): frame features -> topics -> LSTM-B / LSTM-I ->
-coco-caption scores -> neuron names (PDM) -> selectivity and transfer.
+"""The captioner's pipeline end to end (Dong et al., CVPR 2017): frame features -> topics -> LSTM-B / LSTM-I
+-> coco-caption scores -> neuron names (PDM) -> selectivity. Each stage lives in its own module of this
+package (:mod:`~semlens.captioning.topics`, :mod:`~semlens.captioning.features`, :mod:`~semlens.captioning.model`,
+:mod:`~semlens.captioning.training`, :mod:`~semlens.captioning.naming`, :mod:`~semlens.captioning.evaluation`);
+this module chains them.
 
 Typical use::
 
@@ -19,83 +22,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from semlens.layers import capture_activations, frozen
-from semlens.models.captioner import AttentiveCaptioner, CaptionerConfig, Vocabulary
-from semlens.runtime import progress, resolve_device
-from semlens.stats import linear_probe
-from semlens.train.caption_trainer import (
+from semlens.captioning.model import AttentiveCaptioner, CaptionerConfig, Vocabulary
+from semlens.captioning.naming import LinearTopicMap, NeuronTopics, contains_topic, name_neurons, topic_selectivity
+from semlens.captioning.topics import TopicModel
+from semlens.captioning.training import (
     CaptionData,
     CaptionTrainConfig,
     CaptionTrainer,
     fit_topic_head,
     mean_representations,
 )
-from semlens.units.pdm import LinearTopicMap, NeuronTopics, contains_topic, name_neurons, topic_selectivity
-from semlens.units.topics import TopicModel
+from semlens.runtime import progress, resolve_device
+from semlens.stats import linear_probe
 
-__all__ = ["extract_frame_features", "Prepared", "prepare", "prepare_corpus", "train_captioner", "generate",
+__all__ = ["Prepared", "prepare", "prepare_corpus", "train_captioner", "generate",
            "evaluate_captioner", "analyze_neurons", "linear_probe", "topic_activation_profile", "correction_artefacts"]
-
-
-@torch.no_grad()
-def extract_frame_features(cnn: nn.Module, frames: torch.Tensor, layer: str | Sequence[str] | None = None,
-                           batch_size: int = 256, device: str | torch.device | None = None,
-                           pool: str = "mean", grid: int = 0, grid_layers: Sequence[str] | None = None
-                           ) -> torch.Tensor:
-    """Per-frame features of a frozen CNN: (N, T, 3, S, S) uint8 or float [0, 1] -> (N, T, F) float32.
-
-    ``layer``: dotted name (or list of names, concatenated in order) whose outputs are used; default the
-    CNN's last entry of ``conv_layers``. 4-D maps (C, h, w) are pooled over space: ``pool="mean"`` (C values
-    per layer) or ``"meanmax"`` (spatial mean then max: 2C values; small objects survive max pooling but are
-    diluted by the mean). ``grid > 0`` appends a coarse spatial layout: the map average-pooled to a
-    ``grid`` x ``grid`` grid (``adaptive_avg_pool2d``; C·grid² values, channel-major, cells row-major),
-    for the layers in ``grid_layers`` (default: every 4-D layer), so position, size and motion of an
-    object stay visible (global pooling discards where it is). Frames go through the CNN in batches of
-    ``batch_size``; the CNN's mode and ``requires_grad`` flags are restored afterwards.
-    """
-    if frames.dim() != 5 or frames.shape[2] != 3:
-        raise ValueError(f"frames must be (N, T, 3, S, S); got {tuple(frames.shape)}")
-    if pool not in {"mean", "meanmax"}:
-        raise ValueError(f"unknown pool {pool!r}; use 'mean' or 'meanmax'")
-    if layer is None:
-        layers = getattr(cnn, "conv_layers", None)
-        if not layers:
-            raise ValueError("give layer= (the CNN has no conv_layers attribute)")
-        layer = layers[-1]
-    names = [layer] if isinstance(layer, str) else list(layer)
-    if not names:
-        raise ValueError("layer must name at least one module")
-    if grid < 0:
-        raise ValueError(f"grid must be >= 0; got {grid}")
-    gridded = set(names if grid_layers is None else grid_layers) if grid else set()
-    if not gridded <= set(names):
-        raise ValueError(f"grid_layers {sorted(gridded - set(names))} are not among the layers {names}")
-    dev = resolve_device(device) if device is not None else next(cnn.parameters()).device
-    N, T = frames.shape[:2]
-    flat = frames.reshape(N * T, *frames.shape[2:])
-    out: list[torch.Tensor] = []
-
-    def pooled(name: str, a: torch.Tensor) -> torch.Tensor:
-        if a.dim() != 4:
-            return a.flatten(1)
-        if grid and min(a.shape[2:]) < grid:
-            raise ValueError(f"layer {name!r} maps are {tuple(a.shape[2:])}, smaller than grid={grid}")
-        flat = a.flatten(2)
-        parts = [flat.mean(2), flat.amax(2)] if pool == "meanmax" else [flat.mean(2)]
-        if name in gridded:
-            parts.append(nn.functional.adaptive_avg_pool2d(a, grid).flatten(1))
-        return torch.cat(parts, 1)
-
-    with frozen(cnn), capture_activations(cnn, names, transform=pooled) as acts:
-        starts = range(0, N * T, batch_size)
-        for s in progress(starts, total=len(starts), desc="frame features"):
-            x = flat[s: s + batch_size].to(dev)
-            x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-            cnn(x)
-            out.append(torch.cat([acts[n].float().cpu() for n in names], 1))
-    return torch.cat(out).reshape(N, T, -1)
 
 
 @dataclass
@@ -207,7 +149,7 @@ def generate(model: AttentiveCaptioner, data: CaptionData, beam: int = 5, batch_
 def evaluate_captioner(model: AttentiveCaptioner, data: CaptionData, beam: int = 5, meteor: bool = True
                        ) -> dict[str, float]:
     """coco-caption scores of the model's captions on ``data`` against all references."""
-    from semlens.evaluate.captioning import score_captions
+    from semlens.captioning.evaluation import score_captions
 
     cands = generate(model, data, beam=beam)
     refs = dict(zip(data.video_ids, data.captions, strict=True))
@@ -244,7 +186,7 @@ def analyze_neurons(model: AttentiveCaptioner, prep: Prepared, refit_head: bool 
     training videos and predicts held-out topics worse than a constant) instead of the model's own f.
     Default: refit only when the model was trained
     without the interpretive loss (LSTM-B, whose own f is untrained). PDM uses the closed form for the
-    softmax-linear f (``method``, see :func:`semlens.units.pdm.prediction_difference`).
+    softmax-linear f (``method``, see :func:`semlens.captioning.naming.prediction_difference`).
     Returns names, selectivity, v̄ per split, the topic-prediction error on ``split`` and activation profiles.
     """
     if split not in ("val", "test"):

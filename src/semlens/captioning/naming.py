@@ -33,7 +33,7 @@ from semlens.artefacts import ArtefactError, load_artefact, model_signature, sav
 from semlens.stats import auc
 
 if TYPE_CHECKING:
-    from semlens.units.topics import TopicModel
+    from semlens.captioning.topics import TopicModel
 
 __all__ = ["NeuronTopics", "LinearTopicMap", "prediction_difference", "name_neurons", "auc", "topic_selectivity",
            "contains_topic"]
@@ -246,7 +246,7 @@ class NeuronTopics:
     @staticmethod
     def load_topic_model(path: str | os.PathLike) -> TopicModel:
         """The topic model stored with the table at ``path`` (an error when it was saved without one)."""
-        from semlens.units.topics import TopicModel
+        from semlens.captioning.topics import TopicModel
 
         tensors, h = load_artefact(path, _KIND, _VERSION)
         if "topic_model" not in h:

@@ -9,7 +9,6 @@ frames (padded frames beyond it are ignored everywhere), ``tokens`` (B, L) int64
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -142,7 +141,7 @@ class AttentiveCaptioner(nn.Module):
     """BiLSTM encoder -> soft-attention LSTM decoder, plus topic head ``f(v̄) = softmax(W_f v̄ + b_f)``.
 
     LSTM-B and LSTM-I share this architecture; they differ only in the training loss
-    (see :mod:`semlens.train.interpretive`).
+    (see :mod:`semlens.captioning.training`).
     """
 
     def __init__(self, config: CaptionerConfig):
@@ -382,12 +381,3 @@ class AttentiveCaptioner(nn.Module):
             raise CheckpointError(f"{path} does not fit its own config: {err}") from err
         return model.to(map_location)
 
-
-def save_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write JSON atomically (helper shared by the captioning modules)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-    return path

@@ -6,7 +6,7 @@ video is its posterior document-topic proportion vector ``s`` (K,) on the simple
 their top words.
 
 Text handling (saved with the model): captions are lower-cased and split into word tokens with
-:func:`semlens.models.captioner.tokenize` (punctuation dropped); scikit-learn's English stop-word list
+:func:`semlens.captioning.model.tokenize` (punctuation dropped); scikit-learn's English stop-word list
 plus ``extra_stop_words`` is removed; words appearing in fewer than ``min_df`` documents are dropped.
 """
 
@@ -24,7 +24,8 @@ from scipy.special import psi
 from sklearn.decomposition import LatentDirichletAllocation
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
 
-from semlens.models.captioner import save_json, tokenize
+from semlens.captioning.model import tokenize
+from semlens.outputs import save_json
 
 __all__ = ["TopicModel", "video_documents"]
 
