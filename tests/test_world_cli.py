@@ -50,6 +50,31 @@ def test_data_train_and_clips_commands(tmp_path):
     frames = corpus.frames("clip00002")
     direct = encode_frames(model, frames[None])[0]
     assert torch.allclose(corpus.features("clip00002"), direct, atol=1e-5)
+    seen = []  # the same, read by hand: what the last Linear layer receives
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    handle = last.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0]))
+    with torch.no_grad():
+        model(frames.float() / 255 if frames.dtype == torch.uint8 else frames)
+    handle.remove()
+    assert torch.allclose(direct, seen[0].flatten(1), atol=1e-6)
+
+    # the descriptor of `reproduce dong` (its default settings) from the command line: the one frame encoder
+    from semlens.captioning.features import extract_frame_features
+    from semlens.experiments.dong import DongSettings
+
+    st = DongSettings()
+    dong = tmp_path / "clips-dong"
+    r = runner.invoke(app, ["data", "clips", "--out", str(dong), "--n", "6", "--frames", "4", "--size", "32",
+                            "--encoder", str(out / "model.safetensors"), "--device", "cpu", "--frame-layers",
+                            ",".join(st.frame_layers), "--pool", st.frame_pool, "--grid", str(st.frame_grid),
+                            "--grid-layers", ",".join(st.frame_grid_layers)])
+    assert r.exit_code == 0, r.output
+    expected = extract_frame_features(model, frames[None], layer=list(st.frame_layers), pool=st.frame_pool,
+                                      grid=st.frame_grid, grid_layers=st.frame_grid_layers)[0]
+    got = CaptionCorpus(dong).features("clip00002")
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
+    r = runner.invoke(app, ["data", "clips", "--out", str(tmp_path / "x"), "--n", "2", "--pool", "meanmax"])
+    assert r.exit_code == 2 and "give --encoder too" in r.output
 
     r = runner.invoke(app, ["train", "--data", str(tmp_path / "missing"), "--out", str(out)])
     assert r.exit_code == 2 and "not found" in r.output

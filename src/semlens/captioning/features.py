@@ -1,12 +1,14 @@
 """Features stage of the captioner: per-frame descriptors of a video's frames from a frozen CNN.
 
-:func:`extract_frame_features` pools one or several layers' maps (mean, mean+max, optional coarse grid) and
-is the descriptor of ``semlens reproduce dong``; :func:`encode_frames` keeps the input of a trained CNN's
-last Linear layer (``semlens data clips --encoder``); :func:`load_trained` rebuilds such a CNN.
+:func:`extract_frame_features` is the one frame descriptor: it pools one or several layers' outputs (or
+inputs) — mean, mean+max, optional coarse grid — and serves ``semlens reproduce dong``, the demo and
+``semlens data clips --encoder``; :func:`encode_frames` is its default for a user's CNN (the input of the last
+Linear layer); :func:`load_trained` rebuilds a CNN saved by ``semlens train``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -33,38 +35,23 @@ def _last_linear(model: nn.Module) -> str:
     return names[-1]
 
 
-@torch.no_grad()
 def encode_frames(model: nn.Module, frames: Tensor, device: str | torch.device = "cpu", layer: str | None = None,
                   batch_size: int = 256, show_progress: bool | None = None) -> Tensor:
-    """Per-frame features: the input of ``layer`` (default: the model's last Linear layer).
+    """Per-frame features: the input of ``layer`` (default: the model's last Linear layer, i.e. its penultimate
+    features) — :func:`extract_frame_features` with ``capture="input"``.
 
     frames: (N, T, 3, S, S) uint8 or float in [0, 1]. Returns (N, T, D) float32 on the CPU.
     The model's mode and parameters are restored afterwards; hooks are removed on every exit path.
     """
-    if frames.dim() != 5 or frames.shape[2] != 3:
-        raise ValueError(f"frames must be (N, T, 3, S, S), got {tuple(frames.shape)}")
-    name = layer or _last_linear(model)
-    module = get_module(model, name)
-    n, t = frames.shape[:2]
-    flat = frames.flatten(0, 1)
-    store: list[Tensor] = []
-    out = []
-    with frozen(model), HookHandles() as hooks:
-        hooks.add(module.register_forward_pre_hook(lambda _m, inp: store.append(inp[0].flatten(1).cpu())))
-        starts = range(0, flat.shape[0], batch_size)
-        for s in progress(starts, total=len(starts), desc="encode frames", enabled=show_progress):
-            x = flat[s: s + batch_size].to(device)
-            x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-            model(x)
-            out.append(store.pop())
-    return torch.cat(out).reshape(n, t, -1)
+    return extract_frame_features(model, frames, layer=layer or _last_linear(model), batch_size=batch_size,
+                                  device=device, capture="input", show_progress=show_progress)
 
 
 @torch.no_grad()
 def extract_frame_features(cnn: nn.Module, frames: torch.Tensor, layer: str | Sequence[str] | None = None,
                            batch_size: int = 256, device: str | torch.device | None = None,
-                           pool: str = "mean", grid: int = 0, grid_layers: Sequence[str] | None = None
-                           ) -> torch.Tensor:
+                           pool: str = "mean", grid: int = 0, grid_layers: Sequence[str] | None = None,
+                           capture: str = "output", show_progress: bool | None = None) -> torch.Tensor:
     """Per-frame features of a frozen CNN: (N, T, 3, S, S) uint8 or float [0, 1] -> (N, T, F) float32.
 
     ``layer``: dotted name (or list of names, concatenated in order) whose outputs are used; default the
@@ -73,13 +60,20 @@ def extract_frame_features(cnn: nn.Module, frames: torch.Tensor, layer: str | Se
     diluted by the mean). ``grid > 0`` appends a coarse spatial layout: the map average-pooled to a
     ``grid`` x ``grid`` grid (``adaptive_avg_pool2d``; C·grid² values, channel-major, cells row-major),
     for the layers in ``grid_layers`` (default: every 4-D layer), so position, size and motion of an
-    object stay visible (global pooling discards where it is). Frames go through the CNN in batches of
-    ``batch_size``; the CNN's mode and ``requires_grad`` flags are restored afterwards.
+    object stay visible (global pooling discards where it is). ``capture="input"`` uses what the layers
+    receive instead of what they return (the input of a model's last Linear layer is its penultimate features:
+    :func:`encode_frames`). Frames go through the CNN in batches of ``batch_size``; the CNN's mode and
+    ``requires_grad`` flags are restored afterwards, and its hooks removed on every exit path.
+
+    This is the one frame descriptor of the captioner: ``semlens reproduce dong``, the demo and
+    ``semlens data clips --encoder`` (with ``--frame-layers/--pool/--grid/--grid-layers``) all call it.
     """
     if frames.dim() != 5 or frames.shape[2] != 3:
         raise ValueError(f"frames must be (N, T, 3, S, S); got {tuple(frames.shape)}")
     if pool not in {"mean", "meanmax"}:
         raise ValueError(f"unknown pool {pool!r}; use 'mean' or 'meanmax'")
+    if capture not in {"output", "input"}:
+        raise ValueError(f"unknown capture {capture!r}; use 'output' or 'input'")
     if layer is None:
         layers = getattr(cnn, "conv_layers", None)
         if not layers:
@@ -109,9 +103,17 @@ def extract_frame_features(cnn: nn.Module, frames: torch.Tensor, layer: str | Se
             parts.append(nn.functional.adaptive_avg_pool2d(a, grid).flatten(1))
         return torch.cat(parts, 1)
 
-    with frozen(cnn), capture_activations(cnn, names, transform=pooled) as acts:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(frozen(cnn))
+        if capture == "output":
+            acts = stack.enter_context(capture_activations(cnn, names, transform=pooled))
+        else:
+            acts, hooks = {}, stack.enter_context(HookHandles())
+            for n in names:
+                hooks.add(get_module(cnn, n).register_forward_pre_hook(
+                    lambda _m, inp, n=n: acts.__setitem__(n, pooled(n, inp[0]))))
         starts = range(0, N * T, batch_size)
-        for s in progress(starts, total=len(starts), desc="frame features"):
+        for s in progress(starts, total=len(starts), desc="frame features", enabled=show_progress):
             x = flat[s: s + batch_size].to(dev)
             x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
             cnn(x)

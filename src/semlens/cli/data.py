@@ -47,10 +47,20 @@ def register(app: typer.Typer) -> None:
         encoder: str = typer.Option(None, help="Optional frame encoder weights (.safetensors written by "
                                                "'semlens train'): write per-frame features from its penultimate "
                                                "layer to features/ instead of raw frames."),
+        frame_layers: str = typer.Option(None, help="With --encoder: comma-separated layers whose outputs make the "
+                                         "descriptor (default: the input of the last Linear layer). `reproduce dong`"
+                                         " uses features.conv2,features.conv5 --pool meanmax --grid 2 "
+                                         "--grid-layers features.conv5."),
+        pool: str = typer.Option("mean", help="With --frame-layers: 'mean' or 'meanmax' over space."),
+        grid: int = typer.Option(0, help="With --frame-layers: also a grid x grid average-pooled layout (0: none)."),
+        grid_layers: str = typer.Option(None, help="With --grid: the layers that get it (default: all)."),
         device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda' (for --encoder)."),
         overwrite: bool = typer.Option(False, help="Write into a non-empty OUT that semlens did not create."),
     ) -> None:
         """Write N captioned clips: captions.csv, splits/*.txt, truth.csv, frames/ (and features/ with --encoder)."""
+        if encoder is None and (frame_layers or grid or grid_layers or pool != "mean"):
+            raise typer.BadParameter("--frame-layers, --pool, --grid and --grid-layers describe --encoder's "
+                                     "features: give --encoder too")
         from semlens.outputs import OutputDir
         from semlens.world import generate_clips, write_clip_corpus
 
@@ -59,10 +69,19 @@ def register(app: typer.Typer) -> None:
             cs = generate_clips(n=n, frames=frames, size=size, seed=seed, captions_per_clip=captions)
             feats = None
             if encoder is not None:
-                from semlens.captioning.features import encode_frames, load_trained
+                import torch
+
+                from semlens.captioning.features import encode_frames, extract_frame_features, load_trained
                 from semlens.runtime import resolve_device
 
                 dev = resolve_device(device)
-                feats = encode_frames(load_trained(encoder).to(dev), cs.frames, device=dev)
+                cnn = load_trained(encoder).to(dev)
+                if frame_layers:
+                    feats = extract_frame_features(
+                        cnn, torch.as_tensor(cs.frames), layer=[s.strip() for s in frame_layers.split(",")], device=dev,
+                        pool=pool, grid=grid, grid_layers=[s.strip() for s in grid_layers.split(",")] if grid_layers
+                        else None)
+                else:
+                    feats = encode_frames(cnn, cs.frames, device=dev)
             write_clip_corpus(cs, out, features=feats, write_frames=True)
             typer.echo(f"wrote {n} clips to {out} in {time.perf_counter() - t0:.1f}s")
