@@ -254,3 +254,32 @@ def test_paired_gap_matches_hand_computed_t_test():
     assert math.isnan(paired_gap([0.5], [0.6])["t"]) and paired_gap([0.5], [0.6])["wins"] == 1
     with pytest.raises(ValueError, match="equally many"):
         paired_gap([0.5, 0.6], [0.6])
+
+
+def test_frame_features_of_layer_inputs_remove_their_hooks_on_errors() -> None:
+    """capture="input" reads what a layer receives; its hooks and the CNN's mode are restored after a forward that
+    raises, as after one that succeeds."""
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3, padding=1)
+            self.head = nn.Linear(2, 3)
+
+        def forward(self, x):
+            h = self.conv(x).mean((2, 3))
+            if x.shape[0] > 4:
+                raise RuntimeError("boom")
+            return self.head(h)
+
+    torch.manual_seed(0)
+    cnn = Broken().train()
+    frames = torch.rand(1, 4, 3, 8, 8)
+    got = extract_frame_features(cnn, frames, layer="head", capture="input", batch_size=4)
+    with torch.no_grad():
+        expected = cnn.conv(frames[0]).mean((2, 3))
+    assert torch.allclose(got[0], expected, atol=1e-6)
+    with pytest.raises(RuntimeError, match="boom"):
+        extract_frame_features(cnn, torch.rand(2, 4, 3, 8, 8), layer="head", capture="input", batch_size=8)
+    assert count_hooks(cnn) == 0 and cnn.training and all(p.requires_grad for p in cnn.parameters())
+    with pytest.raises(ValueError, match="unknown capture 'inputs'"):
+        extract_frame_features(cnn, frames, layer="head", capture="inputs")

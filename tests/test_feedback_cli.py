@@ -126,7 +126,7 @@ def test_feedback_reads_stored_artefacts_and_refuses_another_models_names(workdi
     assert fbmodel_semlens.make  # the user model module stays importable
 
 
-def test_add_records_a_remark_without_loading_the_model(workdir, tmp_path):
+def test_add_records_a_remark_without_loading_the_model(workdir, tmp_path, monkeypatch):
     """`feedback add` checks the sample's file and the stored targets (.semlens/targets.json, written at init from
     the corrector itself) and never imports torch; a project without targets.json falls back to the corrector."""
     import json
@@ -162,3 +162,12 @@ def test_add_records_a_remark_without_loading_the_model(workdir, tmp_path):
     assert _run(proj, "add", "000002", "--missing", "red").returncode == 0
     assert json.loads((proj / ".semlens" / "targets.json").read_text()) == stored  # written again on the way
     assert len(FeedbackStore(proj).remarks()) == 2
+    # a project whose targets.json cannot be written (read-only) still takes remarks, through the corrector
+    (proj / ".semlens" / "targets.json").unlink()
+
+    def read_only(self, corrector):
+        raise PermissionError(13, "Permission denied", str(proj / ".semlens" / "targets.json"))
+
+    monkeypatch.setattr(CorrectionProject, "write_targets", read_only)
+    assert _run(proj, "add", "000003", "--missing", "red").returncode == 0
+    assert len(FeedbackStore(proj).remarks()) == 3 and not (proj / ".semlens" / "targets.json").exists()

@@ -399,7 +399,10 @@ class CorrectionProject:
             raise FeedbackStoreError("the project has no model version")
         corr = CORRECTORS[self.config["kind"]](self.config, v.weights, *self.artefact_paths(v), torch.device(device))
         if not (self.dir / TARGETS_FILE).is_file():  # a project made before targets.json existed
-            self.write_targets(corr)
+            try:
+                self.write_targets(corr)
+            except OSError:  # a read-only project still works; `feedback add` then checks through the corrector
+                pass
         return corr
 
     def write_targets(self, corrector: Corrector) -> Path:

@@ -78,6 +78,7 @@ class ProjectView:
         self._correctors: dict[int, Corrector] = {}
         self._sample_ids: list[str] | None = None
         self._captions: dict[str, list[str]] | None = None
+        self._targets: list[str] | None = None
         cfg = self.project.config
         self.media = UnitMedia(self.dissection, Path(cfg["data"]) if self.kind == "classifier" else None,
                                [Path(p) for p in cfg.get("prototypes", [])],
@@ -230,7 +231,9 @@ class ProjectView:
 
     def concepts(self) -> list[str]:
         """Concepts (classifier) or topics (captioner) a remark can name: those some unit of the project carries."""
-        return self.corrector(self.current_version().id).targets()
+        if self._targets is None:  # fixed by the project's unit names: asked once, not on every sample page
+            self._targets = self.corrector(self.current_version().id).targets()
+        return self._targets
 
     def relevance(self, version_id: int, sample_id: str, method: str, unit: tuple[str, int] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
