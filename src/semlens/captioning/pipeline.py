@@ -176,17 +176,21 @@ def topic_activation_profile(names: NeuronTopics, vbar: torch.Tensor, s: torch.T
     return {"in": torch.where(empty, nan, inn), "out": torch.where(empty, nan, out)}
 
 
-def analyze_neurons(model: AttentiveCaptioner, prep: Prepared, refit_head: bool | None = None,
+def analyze_neurons(model: AttentiveCaptioner, prep: Prepared, refit_head: bool = True,
                     removal: str = "zero", split: str = "test", method: str = "auto",
                     head_weight_decay: float = 1e-2) -> dict[str, Any]:
     """Name the D neurons of v̄ by PDM on the training videos and score their topic selectivity on ``split``.
 
-    ``refit_head``: name the neurons with a topic head f fitted on the frozen encoder (a copy: the model's
-    own f is untouched; L2 penalty ``head_weight_decay`` · ‖W‖², without which the head overfits the
-    training videos and predicts held-out topics worse than a constant) instead of the model's own f.
-    Default: refit only when the model was trained
-    without the interpretive loss (LSTM-B, whose own f is untrained). PDM uses the closed form for the
-    softmax-linear f (``method``, see :func:`semlens.captioning.naming.prediction_difference`).
+    This is semlens' one neuron-naming procedure, used by every path (``semlens caption neurons``,
+    ``semlens feedback init`` for a captioner, ``reproduce dong``, the demo and its web-app project):
+    a topic map f fitted on the *frozen* representation v̄ of the training videos (a copy of the model's
+    topic head: the model's own f is untouched; L2 penalty ``head_weight_decay`` · ‖W‖², without which the
+    head overfits the training videos and predicts held-out topics worse than a constant), then PDM of f
+    over v̄. Names are then a property of the representation alone, whatever λ the model was trained with
+    (an LSTM-B has no trained f at all). ``refit_head=False`` names through the model's own jointly trained f
+    instead (the paper's way, only meaningful for λ > 0; ``reproduce dong`` reports it beside the main
+    figure). PDM uses the closed form for the softmax-linear f (``method``, see
+    :func:`semlens.captioning.naming.prediction_difference`).
     Returns names, selectivity, v̄ per split, the topic-prediction error on ``split`` and activation profiles.
     """
     if split not in ("val", "test"):
@@ -194,8 +198,6 @@ def analyze_neurons(model: AttentiveCaptioner, prep: Prepared, refit_head: bool 
     data = prep.test if split == "test" else prep.val
     if data is None:
         raise ValueError("the prepared data has no validation split")
-    if refit_head is None:
-        refit_head = float(model.config.extra.get("lam", 0.0)) == 0.0
     head = model.topic_head
     head_loss = None
     if refit_head:

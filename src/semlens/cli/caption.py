@@ -129,8 +129,10 @@ def neurons_cmd(
     model: Path = typer.Option(..., help="model.safetensors (model.topics.json next to it)."),
     corpus: Path = typer.Option(..., help="MSVD-style features corpus (its train split is used for PDM)."),
     removal: str = typer.Option("zero", help="How a neuron is removed: zero, mean or marginal."),
-    refit_head: bool | None = typer.Option(None, "--refit-head/--no-refit-head",
-                                           help="Fit f on the frozen encoder first (default: only for LSTM-B)."),
+    refit_head: bool = typer.Option(True, "--refit-head/--no-refit-head",
+                                    help="Name through a topic map fitted on the frozen encoder (semlens' one "
+                                         "naming procedure); --no-refit-head: through the model's own f "
+                                         "(LSTM-I only, the paper's variant)."),
     top: int = typer.Option(20),
     out: Path = typer.Option(None, help="Write the neuron table here: X.safetensors (with its topic model, for "
                              "`semlens feedback init --names`) or X.json (names, differences, selectivity)."),

@@ -412,8 +412,9 @@ def sections(prep: Prepared, result: Mapping[str, Any], settings: DongSettings, 
     topics = Section("LDA topics of the clip captions")
     topics.table([{"topic": t, "name": n, "top words": " ".join(w)} for t, (n, w) in
                   enumerate(zip(prep.topics.topic_names(), prep.topics.top_words(8), strict=True))])
-    neurons = Section("Neurons named by prediction-difference maximization (LSTM-I, last seed, its own f)")
-    nt = last["LSTM-I"].get("analysis_own_f", last["LSTM-I"]["analysis"])["names"]
+    neurons = Section("Neurons named by prediction-difference maximization (LSTM-I, last seed; topic map fitted "
+                      "on the frozen encoder)")
+    nt = last["LSTM-I"]["analysis"]["names"]
     neurons.table(nt.topic_table(), caption="Per topic: its neurons, strongest first.")
     neurons.table(nt.table(top=15), caption="Strongest neuron -> topic assignments (strength = max_t Δ[j, t]).")
     has = contains_topic(prep.test.topics).numpy()

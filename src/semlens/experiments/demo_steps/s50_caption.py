@@ -47,7 +47,8 @@ def run(ctx: DemoContext) -> list[Section]:
     ctx.artifacts["caption_weights"] = weights
     ctx.artifacts["caption_models"] = {m: res["last"][m]["model"] for m in MODELS}
     ctx.artifacts["caption_prepared"] = prep
-    ctx.artifacts["caption_neurons"] = res["last"]["LSTM-I"]["analysis_own_f"]["names"]  # named with its own f
+    # named as on every other path (analyze_neurons: topic map fitted on the frozen encoder, then PDM)
+    ctx.artifacts["caption_neurons"] = res["last"]["LSTM-I"]["analysis"]["names"]
     out = sections(prep, res, st, [ctx.seed], title="Interpretable video captioning (Dong et al. 2017), fast demo")
     out[0].text(f"Fast demo: one seed, {feats.shape[1]} frames per clip, frame features from {source}, "
                 f"{time.perf_counter() - t0:.0f} s in all. "
