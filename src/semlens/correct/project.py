@@ -35,6 +35,15 @@ __all__ = ["Corrector", "CorrectionProject", "CORRECTORS", "ClassifierProjectCor
            "Artefacts", "classifier_artefacts"]
 
 
+def _group_by_sample(remarks: Sequence[Remark]) -> tuple[list[str], list[list[str]]]:
+    """The remarks' sample ids (sorted) and, per sample, its targets in the order they were made."""
+    by_sample: dict[str, list[str]] = {}
+    for r in remarks:
+        by_sample.setdefault(r.sample_id, []).append(r.target)
+    ids = sorted(by_sample)
+    return ids, [by_sample[s] for s in ids]
+
+
 @dataclass(frozen=True)
 class Artefacts:
     """What a correction project is made from besides the weights: ``names`` (:class:`~semlens.units.names.UnitNames`
@@ -169,11 +178,8 @@ class ClassifierProjectCorrector:
 
     def correct(self, remarks: Sequence[Remark], params: dict[str, Any], progress: Progress | None = None
                 ) -> dict[str, Any]:
-        by_sample: dict[str, list[str]] = {}
-        for r in remarks:
-            by_sample.setdefault(r.sample_id, []).append(r.target)
-        ids = sorted(by_sample)
-        res = self.engine.propagate(self._images(ids), [by_sample[s] for s in ids], mu=params["mu"],
+        ids, targets = _group_by_sample(remarks)
+        res = self.engine.propagate(self._images(ids), targets, mu=params["mu"],
                                     steps=params["steps"], lr=params["lr"],
                                     stop=_stop_reporting(progress, params["steps"]))
         return {"data_loss_first": res.data_loss[0], "data_loss_last": res.data_loss[-1], "steps": res.steps}
@@ -236,12 +242,9 @@ class CaptionerProjectCorrector:
 
     def correct(self, remarks: Sequence[Remark], params: dict[str, Any], progress: Progress | None = None
                 ) -> dict[str, Any]:
-        by_sample: dict[str, list[str]] = {}
-        for r in remarks:
-            by_sample.setdefault(r.sample_id, []).append(r.target)
-        ids = sorted(by_sample)
+        ids, targets = _group_by_sample(remarks)
         feats, lengths = self._feats(ids)
-        res = self.engine.propagate(feats, lengths, [by_sample[s] for s in ids], mu=params["mu"],
+        res = self.engine.propagate(feats, lengths, targets, mu=params["mu"],
                                     steps=params["steps"], lr=params["lr"],
                                     stop=_stop_reporting(progress, params["steps"]))
         return {"data_loss_first": res.data_loss[0], "data_loss_last": res.data_loss[-1], "steps": res.steps}
