@@ -12,8 +12,8 @@ from torch import nn
 from _dissect_helpers import LABELS, random_dataset, reference_iou, tiny_net
 from semlens.layers import UnknownLayerError, count_hooks
 from semlens.units import DissectionError, Dissector, TensorSegmentationDataset, dissect
-from semlens.units.dissect import _check_images
 from semlens.units.quantile import ExactTopQuantile, HistogramQuantileSketch
+from semlens.units.segmentation import _check_images
 
 
 def _hand_made(n: int = 8, size: int = 16, side: int = 5):
@@ -253,7 +253,7 @@ def test_concepts_repeated_across_categories_and_whole_image_labels_count_once()
 @pytest.mark.parametrize("size,seg", [((5, 5), (8, 8)), ((7, 4), (16, 13)), ((16, 16), (6, 6)), ((3, 9), (3, 9))])
 def test_sparse_upsampler_finds_exactly_the_pixels_above_threshold(size, seg):
     from _dissect_helpers import reference_upsample
-    from semlens.units.dissect import _SparseUpsampler
+    from semlens.units.upsample import _SparseUpsampler
 
     g = torch.Generator().manual_seed(size[0] * 31 + seg[1])
     acts = torch.randn(3, 4, *size, generator=g)

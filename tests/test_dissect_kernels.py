@@ -12,7 +12,9 @@ from _dissect_helpers import LABELS, random_dataset, reference_iou, tiny_net
 from semlens.units import TensorSegmentationDataset, dissect
 from semlens.units import dissect_kernels as K
 from semlens.units.backend import Backend
-from semlens.units.dissect import DissectionError, _LabelEncoder, _SparseUpsampler, bilinear_axis
+from semlens.units.dissect_passes import _LabelEncoder
+from semlens.units.segmentation import DissectionError
+from semlens.units.upsample import _SparseUpsampler, bilinear_axis
 
 
 @pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
@@ -233,7 +235,7 @@ def test_label_encoding_with_more_channels_than_the_presence_bits_equals_the_ten
 def test_top_images_by_insertion_equal_the_tensor_merge_with_ties():
     """Batches in shuffled order, values with many ties: the insertion kernel keeps the same sorted lists
     (largest first, smaller index on ties) as the tensor path."""
-    from semlens.units.dissect import _TallyPass
+    from semlens.units.dissect_passes import _TallyPass
 
     g = torch.Generator().manual_seed(2)
     C, n_img = 7, 60

@@ -114,7 +114,7 @@ def test_estimators_fed_with_each_others_floors_fold_to_numpys_quantile():
     """Two workers' estimators, each dropping what the other's bound already excludes (rows then hold fewer than
     k values), fold to the exact quantile of all batches."""
     from semlens.units import dissect_kernels as K
-    from semlens.units.dissect import _fold_state
+    from semlens.units.dissect_passes import _fold_state
 
     g = torch.Generator().manual_seed(11)
     batches = [torch.randn(5, 4, 6, 6, generator=g).round(decimals=2) + 3.0 * (i % 2 == 0) for i in range(10)]
