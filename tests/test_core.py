@@ -119,6 +119,18 @@ def test_model_spec_from_user_module(tmp_path, monkeypatch):
         build_model("no_such_package.mod:make")
 
 
+def test_model_spec_from_the_working_directory_leaves_sys_path_alone(tmp_path, monkeypatch):
+    """A module in the working directory is found without PYTHONPATH, its factory may import a sibling module when
+    called, and sys.path is the same afterwards (semlens patches no global state)."""
+    (tmp_path / "cwd_models_a.py").write_text("def make():\n    from cwd_models_b import build\n    return build()\n")
+    (tmp_path / "cwd_models_b.py").write_text("import torch.nn as nn\ndef build():\n    return nn.Linear(2, 7)\n")
+    monkeypatch.chdir(tmp_path)
+    before = list(__import__("sys").path)
+    assert build_model("cwd_models_a:make").out_features == 7
+    assert __import__("sys").path == before
+
+
+
 @pytest.mark.parametrize("n,w", [(10, 3), (2, 2), (7, 1), (1, 4)])
 def test_shards_partition_the_range(n, w):
     parts = [list(shard_indices(n, r, w)) for r in range(w)]

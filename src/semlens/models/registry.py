@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,20 @@ def _load_builtins() -> None:
     importlib.import_module("semlens.models")
 
 
+@contextlib.contextmanager
+def _importable_from(directory: str) -> Iterator[None]:
+    """``directory`` first on ``sys.path`` while a user's model module is imported (and its factory called), removed
+    after: semlens leaves the process's import path as it found it."""
+    added = directory not in sys.path
+    if added:
+        sys.path.insert(0, directory)
+    try:
+        yield
+    finally:
+        if added and directory in sys.path:
+            sys.path.remove(directory)
+
+
 def resolve_factory(spec: str) -> Callable[..., nn.Module]:
     """The factory behind ``spec``: a built-in name or ``package.module:factory``.
 
@@ -57,11 +72,9 @@ def resolve_factory(spec: str) -> Callable[..., nn.Module]:
             "and not of the form package.module:factory"
         )
     module_name, _, attr = spec.partition(":")
-    cwd = str(Path.cwd())
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
     try:
-        module = importlib.import_module(module_name)
+        with _importable_from(str(Path.cwd())):
+            module = importlib.import_module(module_name)
     except ImportError as err:
         raise ModelSpecError(f"cannot import {module_name!r} for model spec {spec!r}: {err}") from err
     factory = getattr(module, attr, None)
@@ -90,7 +103,8 @@ def build_model(spec: str, **kwargs: Any) -> nn.Module:
     ``image_size``, ``width`` ... are offered by the commands; a factory taking none of them is fine).
     """
     factory = resolve_factory(spec)
-    model = factory(**accepted_kwargs(factory, kwargs))
+    with _importable_from(str(Path.cwd())):  # a factory may import its own modules when called
+        model = factory(**accepted_kwargs(factory, kwargs))
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
