@@ -544,7 +544,7 @@ class Trainer:
         resumed = self._load_checkpoint(opt)
         if resumed is not None:
             start_epoch, start_step, running = resumed
-            if "correct" in running:  # a mid-epoch checkpoint of semlens <= 0.x: the running count of correct
+            if "correct" in running:  # a mid-epoch checkpoint written before steps logged "train_acc" sums
                 running["train_acc"] = running.pop("correct")
         for cb in self.callbacks:
             cb.on_fit_start(self)
