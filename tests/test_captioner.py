@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -176,6 +177,56 @@ def test_trainer_learns_resumes_exactly_and_interpretive_loss_works(tmp_path):
     enc = {k: v.clone() for k, v in mb.encoder.state_dict().items()}
     assert fit_topic_head(mb, data, steps=200) < 0.05
     assert all(torch.equal(v, mb.encoder.state_dict()[k]) for k, v in enc.items())
+
+
+def test_caption_trainer_is_the_one_trainer_and_equals_the_plain_loop(tmp_path):
+    """CaptionTrainer = Trainer + CaptionStep + InterpretiveLoss + CaptionBatches: the same weights as the plain
+    loop it replaced (order and dropout seeded per (seed, epoch), Adam with f in its own group, clipping)."""
+    from semlens.captioning.training import caption_nll, topic_loss
+    from semlens.train import Trainer
+
+    data = toy_data(small_model().vocab)
+    cfg = CaptionTrainConfig(epochs=3, batch_size=8, lr=1e-2, lam=2.0, captions_per_video=1, weight_decay=1e-4,
+                             topic_weight_decay=0.1, seed=4, device="cpu")
+    model = small_model(topic_dropout=0.5)
+    tr = CaptionTrainer(model, data, cfg, checkpoint_dir=tmp_path)
+    assert isinstance(tr.trainer, Trainer)
+    hist = tr.fit()
+    ref = small_model(topic_dropout=0.5)
+    head = {id(p) for p in ref.topic_head.parameters()}
+    opt = torch.optim.Adam([{"params": [p for p in ref.parameters() if id(p) not in head]},
+                            {"params": list(ref.topic_head.parameters()), "weight_decay": 1e-4 + 0.1}],
+                           lr=1e-2, weight_decay=1e-4)
+    ref.train()
+    for epoch in range(3):
+        g = torch.Generator().manual_seed(4 * 100_003 + epoch)
+        torch.manual_seed(4 * 100_003 + epoch)
+        order = torch.randperm(data.n_pairs, generator=g)
+        order = order[data.first_per_video(order, 1)]
+        assert len(order) == data.n_videos
+        for s in range(0, len(order), 8):
+            feats, lengths, tok, topics = data.batch(order[s: s + 8], torch.device("cpu"))
+            logits, v, mask = ref(feats, lengths, tok)
+            pred = ref.topics(ref.mean_rep(v, mask))
+            loss = caption_nll(logits, tok[:, 1:]).mean() + 2.0 * topic_loss(pred, topics).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), 5.0)
+            opt.step()
+    for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    assert list(hist[0]) == ["loss", "nll", "topic", "epoch", "seconds", "clips_per_s", "lam_topic"]
+    assert hist[0]["lam_topic"] == 2.0 * hist[0]["topic"] and hist[-1]["epoch"] == 2
+    # the trainer's checkpoint format; last.safetensors is a captioner file; history.json for people
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.json", "last.pt", "last.safetensors"]
+    for (k, a), b in zip(AttentiveCaptioner.load(tmp_path / "last.safetensors", vocab=model.vocab).state_dict().items(),
+                         model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    assert [h["epoch"] for h in json.loads((tmp_path / "history.json").read_text())] == [0, 1, 2]
+    # a checkpoint of the former caption trainer (last_optim.pt, no last.pt) is refused, not half-resumed
+    (tmp_path / "last.pt").rename(tmp_path / "last_optim.pt")
+    with pytest.raises(CheckpointError, match="last.pt"):
+        CaptionTrainer(small_model(topic_dropout=0.5), data, cfg, checkpoint_dir=tmp_path).fit()
 
 
 def test_topic_regularisers_dropout_and_weight_decay(tmp_path):

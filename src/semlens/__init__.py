@@ -6,7 +6,7 @@ Library layout (one home per concept):
 - :mod:`semlens.explain` — gradients, sensitivity analysis and layer-wise relevance propagation.
 - :mod:`semlens.world` — built-in concept images and captioned clips; Broden / MSVD-style I/O.
 - :mod:`semlens.models` — reference CNNs; the model registry and loader.
-- :mod:`semlens.train` — trainer and regularizers.
+- :mod:`semlens.train` — the one trainer (pluggable steps, terms, callbacks), regularizers, ``fit_module``.
 - :mod:`semlens.units` — naming units: Network Dissection.
 - :mod:`semlens.captioning` — the video captioner (Dong et al. 2017), one module per stage: topics, frame
   features, model, training, naming (PDM), evaluation, and the pipeline chaining them.

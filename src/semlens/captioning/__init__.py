@@ -5,8 +5,9 @@
   ``encode_frames``).
 - :mod:`semlens.captioning.model` — ``Vocabulary``, ``CaptionerConfig``, ``AttentiveCaptioner`` (BiLSTM encoder,
   soft-attention decoder, topic head f).
-- :mod:`semlens.captioning.training` — the interpretive loss and the caption trainer (``CaptionData``,
-  ``CaptionTrainer``), topic-head fitting, mean representations.
+- :mod:`semlens.captioning.training` — the captioner on the one :class:`semlens.train.Trainer`: its step
+  (``CaptionStep``), data (``CaptionData``, ``CaptionBatches``), the interpretive loss as an extra term
+  (``InterpretiveLoss``) and that configuration (``CaptionTrainer``); topic-head fitting, mean representations.
 - :mod:`semlens.captioning.naming` — neuron names by prediction-difference maximization (``name_neurons``,
   ``NeuronTopics``) and their topic selectivity.
 - :mod:`semlens.captioning.evaluation` — coco-caption scores (``score_captions``) and the paper's table.
@@ -50,13 +51,21 @@ if TYPE_CHECKING:
         train_captioner,
     )
     from semlens.captioning.topics import TopicModel
-    from semlens.captioning.training import CaptionData, CaptionTrainConfig, CaptionTrainer, InterpretiveLoss
+    from semlens.captioning.training import (
+        CaptionBatches,
+        CaptionData,
+        CaptionStep,
+        CaptionTrainConfig,
+        CaptionTrainer,
+        InterpretiveLoss,
+    )
 
 _EXPORTS = {
     "topics": ("TopicModel",),
     "features": ("extract_frame_features", "encode_frames"),
     "model": ("AttentiveCaptioner", "CaptionerConfig", "Vocabulary", "VocabularyMismatchError"),
-    "training": ("CaptionData", "CaptionTrainConfig", "CaptionTrainer", "InterpretiveLoss"),
+    "training": ("CaptionData", "CaptionBatches", "CaptionStep", "CaptionTrainConfig", "CaptionTrainer",
+                 "InterpretiveLoss"),
     "naming": ("LinearTopicMap", "NeuronTopics", "name_neurons", "topic_selectivity"),
     "evaluation": ("score_captions",),
     "pipeline": ("Prepared", "prepare", "prepare_corpus", "train_captioner", "generate", "evaluate_captioner",
@@ -65,11 +74,11 @@ _EXPORTS = {
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = ["TopicModel", "extract_frame_features", "encode_frames", "AttentiveCaptioner", "CaptionerConfig",
-           "Vocabulary", "VocabularyMismatchError", "CaptionData", "CaptionTrainConfig", "CaptionTrainer",
-           "InterpretiveLoss", "LinearTopicMap", "NeuronTopics", "name_neurons", "topic_selectivity",
-           "score_captions", "Prepared", "prepare", "prepare_corpus", "train_captioner", "generate",
-           "evaluate_captioner", "analyze_neurons", "linear_probe", "topic_activation_profile",
-           "correction_artefacts"]
+           "Vocabulary", "VocabularyMismatchError", "CaptionData", "CaptionBatches", "CaptionStep",
+           "CaptionTrainConfig", "CaptionTrainer", "InterpretiveLoss", "LinearTopicMap", "NeuronTopics",
+           "name_neurons", "topic_selectivity", "score_captions", "Prepared", "prepare", "prepare_corpus",
+           "train_captioner", "generate", "evaluate_captioner", "analyze_neurons", "linear_probe",
+           "topic_activation_profile", "correction_artefacts"]
 
 
 def __getattr__(name: str) -> Any:

@@ -3,10 +3,12 @@
     L = mean_k ( λ ‖f(v̄_k) − s_k‖²  −  Σ_t log p(y_t | y_<t, x_k) )
 
 with ``v̄_k`` the temporal mean of the encoder states over the valid frames of video ``k`` and ``s_k``
-its LDA topic distribution (LSTM-B is ``λ = 0``; LSTM-I is ``λ > 0``), and the training loop of the
-attentive captioner: teacher forcing over (video, sentence) pairs, padding and masking, seeded
-shuffling/dropout, model selection on validation CIDEr with early stopping, and checkpoint/resume at
-epoch boundaries.
+its LDA topic distribution (LSTM-B is ``λ = 0``; LSTM-I is ``λ > 0``), trained by the library's one
+:class:`~semlens.train.Trainer`: :class:`CaptionStep` (teacher forcing over (video, sentence) pairs, the
+caption NLL as task loss, v̄ handed on), :class:`CaptionBatches` (seeded shuffling, optional
+``captions_per_video``, padding), :class:`InterpretiveLoss` (the λ-weighted topic term, an extra term of the
+trainer) and :class:`~semlens.train.ModelSelection` on validation CIDEr. :class:`CaptionTrainer` is that
+configuration, with the captioner's settings (:class:`CaptionTrainConfig`) and history layout.
 
 A resumed run reproduces an uninterrupted run exactly (same weights), because the shuffling order and
 dropout RNG of every epoch are derived from ``(seed, epoch)`` and the best weights so far are saved.
@@ -14,12 +16,10 @@ dropout RNG of every epoch are derived from ``(seed, epoch)`` and the best weigh
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,12 @@ from torch import nn
 from semlens.captioning.model import PAD, AttentiveCaptioner, Vocabulary, pad_features, tokenize
 from semlens.checkpoint import CheckpointError
 from semlens.outputs import save_json
-from semlens.runtime import progress, resolve_device
+from semlens.runtime import resolve_device
+from semlens.train import Callback, ModelSelection, StepOutput, TrainConfig, Trainer, fit_module, full_batches
 
-__all__ = ["InterpretiveLoss", "caption_nll", "topic_loss", "CaptionData", "CaptionTrainConfig", "CaptionTrainer",
-           "mean_representations", "fit_topic_head", "validation_cider"]
+__all__ = ["InterpretiveLoss", "CaptionStep", "CaptionBatches", "caption_nll", "topic_loss", "CaptionData",
+           "CaptionTrainConfig", "CaptionTrainer", "epoch_seed", "mean_representations", "fit_topic_head",
+           "validation_cider"]
 
 
 def caption_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -52,31 +54,50 @@ def topic_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred - target) ** 2).sum(-1)
 
 
-class InterpretiveLoss(nn.Module):
-    """Caption NLL plus ``lam`` × topic loss, averaged over the batch; returns (total, parts dict).
+class InterpretiveLoss:
+    """The topic part of the interpretive loss as an extra term of :class:`~semlens.train.Trainer`:
+    ``lam`` · mean over the batch of ‖f(v̄) − s‖², with f(v̄) = ``model.topics(v̄)`` (topic dropout in training).
 
-    ``lam = 0`` gives the LSTM-B objective (the topic term is still reported, without gradient).
+    Reads the step outputs ``vbar`` (B, D) and ``topic_target`` (B, K) or ``None`` (see :class:`CaptionStep`);
+    returns ``(value, {"topic": mean ‖f(v̄) − s‖²})`` (NaN without targets). ``lam = 0`` gives the LSTM-B
+    objective: the topic loss is still computed and logged, but adds nothing (no gradient reaches f).
     """
 
+    name = "lam_topic"
+    layers: list[str] = []
+    inputs = ("vbar", "topic_target")
+
     def __init__(self, lam: float = 1.0):
-        super().__init__()
         if lam < 0:
             raise ValueError(f"lam must be >= 0; got {lam}")
         self.lam = float(lam)
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor, topic_pred: torch.Tensor,
-                topic_target: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
-        nll = caption_nll(logits, targets).mean()
-        n_words = int((targets != PAD).sum().clamp(min=1))
-        parts = {"nll": float(nll.detach()), "nll_per_word": float(nll.detach()) * targets.shape[0] / n_words,
-                 "topic": float("nan")}
-        if topic_target is None:
+    def __call__(self, model: nn.Module, acts: dict[str, torch.Tensor | None]
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        vbar, target = acts["vbar"], acts["topic_target"]
+        pred = model.topics(vbar)  # type: ignore[operator]  # (B, K); draws the topic dropout even when unused
+        if target is None:
             if self.lam > 0:
                 raise ValueError("the interpretive loss (lam > 0) needs topic targets")
-            return nll, parts
-        lt = topic_loss(topic_pred, topic_target).mean()
-        parts["topic"] = float(lt.detach())
-        return (nll + self.lam * lt if self.lam > 0 else nll), parts
+            return vbar.new_zeros(()), {"topic": float("nan")}  # type: ignore[union-attr]
+        lt = topic_loss(pred, target).mean()
+        return (self.lam * lt if self.lam > 0 else lt.new_zeros(())), {"topic": float(lt.detach())}
+
+
+class CaptionStep:
+    """The captioner's training step: teacher forcing on a batch ``(feats (B, T, F), lengths (B,), tokens (B, L),
+    topics (B, K) or None)`` of :meth:`CaptionData.batch`.
+
+    Task loss: mean over the batch of the caption NLL (:func:`caption_nll`, PAD ignored). Outputs for the
+    extra terms: ``vbar`` (B, D), the mean encoder state over the valid frames, and ``topic_target``.
+    """
+
+    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> StepOutput:
+        feats, lengths, tok, s = batch
+        logits, v, mask = model(feats, lengths, tok)
+        vbar = model.mean_rep(v, mask)  # type: ignore[operator]
+        nll = caption_nll(logits, tok[:, 1:]).mean()
+        return StepOutput(nll, int(tok.shape[0]), outputs={"vbar": vbar, "topic_target": s})
 
 
 class CaptionData:
@@ -156,8 +177,41 @@ class CaptionData:
         return self.feats[idx, : int(lengths.max())].to(device), lengths.to(device)
 
 
+class CaptionBatches:
+    """The :class:`~semlens.train.steps.BatchSource` of :class:`CaptionData`: every (video, sentence) pair is a
+    sample; epoch ``e`` shuffles the pairs with a generator seeded ``seed * 100_003 + e`` and, with
+    ``captions_per_video``, keeps only each video's first that many sentences of the shuffled order. Batches are
+    :meth:`CaptionData.batch` (padded to the batch's longest video and caption)."""
+
+    def __init__(self, data: CaptionData, seed: int = 0, captions_per_video: int | None = None) -> None:
+        self.data, self.seed, self.captions_per_video = data, seed, captions_per_video
+        counts = torch.bincount(data.owner, minlength=data.n_videos)
+        self._size = int(counts.clamp(max=captions_per_video).sum()) if captions_per_video else data.n_pairs
+
+    def __len__(self) -> int:
+        return self._size
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """(n,) sentence indices of epoch ``epoch`` in training order."""
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        order = torch.randperm(self.data.n_pairs, generator=g)
+        if self.captions_per_video:
+            order = order[self.data.first_per_video(order, self.captions_per_video)]
+        return order
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, ...]:
+        return self.data.batch(idx, device)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The captioner's seed of epoch ``epoch`` (0-based): its shuffling order and its dropout masks."""
+    return seed * 100_003 + epoch
+
+
 @dataclass
 class CaptionTrainConfig:
+    """The captioner's training settings (see :class:`CaptionTrainer`)."""
+
     epochs: int = 20
     batch_size: int = 64
     lr: float = 1e-3
@@ -171,13 +225,47 @@ class CaptionTrainConfig:
     select_every: int = 0  # evaluate validation CIDEr every this many epochs and keep the best weights (0 = off)
     patience: int | None = None  # stop after this many evaluations without improvement (None = never)
 
+    def train_config(self) -> TrainConfig:
+        """The :class:`~semlens.train.TrainConfig` of these settings (Adam, constant learning rate)."""
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer="adam",
+                           weight_decay=self.weight_decay, seed=self.seed, device=self.device,
+                           grad_clip=self.grad_clip or None)
+
+
+class _CaptionRecord(Callback):
+    """The captioner's history record: ``loss``, ``nll``, ``topic``, ``epoch`` (0-based), ``seconds``,
+    ``clips_per_s``, ``lam_topic`` (λ·topic) and, with validation data, ``val_nll`` / ``val_topic``; also writes
+    ``history.json`` next to the checkpoint."""
+
+    def __init__(self, owner: CaptionTrainer) -> None:
+        self.owner = owner
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, record: dict[str, Any]) -> None:
+        o, secs = self.owner, max(trainer.epoch_seconds, 1e-9)
+        rec = {"loss": record["loss"], "nll": record["task_loss"], "topic": record["topic"], "epoch": epoch,
+               "seconds": secs, "clips_per_s": trainer.epoch_samples / secs, "lam_topic": o.cfg.lam * record["topic"]}
+        if o.val_data is not None:
+            rec |= {f"val_{k}": v for k, v in o.evaluate_loss(o.val_data).items()}
+        record.clear()
+        record.update(rec)
+
+
+class _HistoryFile(Callback):
+    """Writes ``history.json`` (the history including the epoch just done) to the checkpoint directory."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, record: dict[str, Any]) -> None:
+        if trainer.checkpoint_dir is not None:
+            save_json([*trainer.history, record], trainer.checkpoint_dir / "history.json")
+
 
 class CaptionTrainer:
-    """Train an :class:`AttentiveCaptioner` on :class:`CaptionData` (Adam, teacher forcing).
+    """Train an :class:`AttentiveCaptioner` on :class:`CaptionData` with :class:`~semlens.train.Trainer`: Adam with the
+    topic head f in its own parameter group (weight decay + ``topic_weight_decay``), gradient clipping,
+    :class:`CaptionStep` + :class:`InterpretiveLoss`, :class:`CaptionBatches`, dropout re-seeded per epoch.
 
-    With ``checkpoint_dir``, writes ``last.safetensors`` (weights + config), ``last_optim.pt`` (optimizer,
-    epoch), ``history.json`` and (with model selection) ``best.safetensors`` after every epoch, and
-    :meth:`fit` resumes from them.
+    With ``checkpoint_dir``, the trainer writes ``last.safetensors`` (weights + captioner config, loadable with
+    :meth:`AttentiveCaptioner.load`) and ``last.pt`` (optimizer, RNG, history) after every epoch, plus
+    ``history.json`` and (with model selection) ``best.safetensors``; :meth:`fit` resumes from them.
 
     Model selection (``select_every > 0``, needs ``val``): every ``select_every`` epochs (and after the last)
     the validation videos are captioned greedily and scored with CIDEr (:func:`validation_cider`); the
@@ -187,122 +275,60 @@ class CaptionTrainer:
 
     def __init__(self, model: AttentiveCaptioner, train: CaptionData, config: CaptionTrainConfig,
                  val: CaptionData | None = None, checkpoint_dir: str | os.PathLike | None = None):
-        if train.feature_dim != model.config.feature_dim:
-            raise ValueError(f"training features have dimension {train.feature_dim}, the model expects "
-                             f"{model.config.feature_dim}")
-        for name, d in (("training", train), ("validation", val)):
-            if d is not None and d.topics is not None and d.topics.shape[1] != model.config.n_topics:
-                raise ValueError(f"{name} topic targets have {d.topics.shape[1]} topics, the model "
-                                 f"{model.config.n_topics}")
-        if config.lam > 0 and train.topics is None:
-            raise ValueError("lam > 0 (LSTM-I) needs topic targets in the training data")
-        if config.select_every < 0 or (config.patience is not None and config.patience < 1):
-            raise ValueError(f"select_every must be >= 0 and patience >= 1 or None; got {config.select_every}, "
-                             f"{config.patience}")
-        if config.select_every and val is None:
-            raise ValueError("model selection (select_every > 0) needs validation data")
+        _check_caption_setup(model, train, config, val)
         self.cfg = config
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
         self.train_data, self.val_data = train, val
         self.loss = InterpretiveLoss(config.lam)
-        if config.weight_decay < 0 or config.topic_weight_decay < 0:
-            raise ValueError(f"weight decays must be >= 0; got {config.weight_decay}, {config.topic_weight_decay}")
+        self.step = CaptionStep()
+        self.selection = (ModelSelection(lambda m: validation_cider(m, val), every=config.select_every,  # type: ignore[arg-type]
+                                         key="val_CIDEr", patience=config.patience) if config.select_every else None)
         head = {id(p) for p in model.topic_head.parameters()}
         groups = [{"params": [p for p in model.parameters() if id(p) not in head]},
                   {"params": list(model.topic_head.parameters()),
                    "weight_decay": config.weight_decay + config.topic_weight_decay}]
-        self.optim = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
-        self.dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.history: list[dict[str, float]] = []
-        self.start_epoch = 0
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.best_score = float("-inf")
-        self.best_epoch = -1
+        self.trainer = Trainer(model, CaptionBatches(train, config.seed, config.captions_per_video),
+                               config=config.train_config(), extra_terms=[self.loss], checkpoint_dir=checkpoint_dir,
+                               model_config={"captioner": model.config.to_json()}, step=self.step,
+                               param_groups=groups,
+                               callbacks=[_CaptionRecord(self), *([self.selection] if self.selection else []),
+                                          _HistoryFile()],
+                               epoch_seed=lambda e: epoch_seed(config.seed, e))
+        self.dir = self.trainer.checkpoint_dir
 
-    # ------------------------------------------------------------- checkpointing
-    def _save(self, epoch: int) -> None:
-        assert self.dir is not None
-        self.model.save(self.dir / "last.safetensors", extra={"epoch": epoch, "train": asdict(self.cfg)})
-        tmp = self.dir / "last_optim.pt.tmp"
-        torch.save({"optim": self.optim.state_dict(), "epoch": epoch}, tmp)
-        os.replace(tmp, self.dir / "last_optim.pt")
-        if self.best_epoch == epoch:
-            self.model.save(self.dir / "best.safetensors", extra={"epoch": epoch, "val_CIDEr": self.best_score})
-        save_json(self.history, self.dir / "history.json")
+    @property
+    def optim(self) -> torch.optim.Optimizer:
+        """The optimizer of the last :meth:`fit`; before that, one configured as :meth:`fit` builds it."""
+        return self.trainer.optimizer or self.trainer.make_optimizer()
 
-    def _resume(self) -> None:
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.trainer.history
+
+    @property
+    def best_epoch(self) -> int:
+        return self.selection.best_epoch if self.selection else -1
+
+    @property
+    def best_score(self) -> float:
+        return self.selection.best_score if self.selection else float("-inf")
+
+    @property
+    def best_state(self) -> dict[str, torch.Tensor] | None:
+        return self.selection.best_state if self.selection else None
+
+    def _check_checkpoint(self) -> None:
+        """Refuse a checkpoint of another captioner (config or vocabulary) or of the old trainer's format."""
         if self.dir is None or not (self.dir / "last.safetensors").is_file():
             return
+        if not (self.dir / "last.pt").is_file():
+            raise CheckpointError(f"{self.dir} holds a checkpoint without last.pt (written before semlens trained the "
+                                  "captioner with its one Trainer); it cannot be resumed: use another checkpoint_dir")
         saved = AttentiveCaptioner.load(self.dir / "last.safetensors", vocab=self.model.vocab)
         if saved.config.to_json() | {"extra": {}} != self.model.config.to_json() | {"extra": {}}:
             raise CheckpointError(f"checkpoint in {self.dir} has a different captioner config; "
                                   "use another checkpoint_dir")
-        self.model.load_state_dict(saved.state_dict())
-        try:
-            st = torch.load(self.dir / "last_optim.pt", map_location=self.device, weights_only=True)
-            self.optim.load_state_dict(st["optim"])
-            self.history = json.loads((self.dir / "history.json").read_text())
-        except (FileNotFoundError, KeyError, RuntimeError, ValueError) as err:
-            raise CheckpointError(f"incomplete or corrupt checkpoint in {self.dir}: {err}") from err
-        self.start_epoch = int(st["epoch"]) + 1
-        scored = [h for h in self.history if "val_CIDEr" in h]
-        if scored:
-            best = max(scored, key=lambda h: h["val_CIDEr"])  # first of equal scores, as during training
-            self.best_score, self.best_epoch = float(best["val_CIDEr"]), int(best["epoch"])
-            try:
-                self.best_state = AttentiveCaptioner.load(self.dir / "best.safetensors",
-                                                          vocab=self.model.vocab).state_dict()
-            except FileNotFoundError as err:
-                raise CheckpointError(f"checkpoint in {self.dir} lacks best.safetensors: {err}") from err
-
-    # ------------------------------------------------------------------ training
-    def _epoch(self, epoch: int) -> dict[str, float]:
-        d = self.train_data
-        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
-        torch.manual_seed(self.cfg.seed * 100_003 + epoch)  # dropout masks
-        order = torch.randperm(d.n_pairs, generator=g)
-        if self.cfg.captions_per_video:
-            order = order[d.first_per_video(order, self.cfg.captions_per_video)]
-        self.model.train()
-        sums = {"loss": 0.0, "nll": 0.0, "topic": 0.0}
-        n = 0
-        batches = range(0, len(order), self.cfg.batch_size)
-        t0 = time.perf_counter()
-        for start in progress(batches, total=len(batches), desc=f"epoch {epoch + 1}/{self.cfg.epochs}"):
-            idx = order[start: start + self.cfg.batch_size]
-            feats, lengths, tok, s = d.batch(idx, self.device)
-            logits, v, mask = self.model(feats, lengths, tok)
-            pred = self.model.topics(self.model.mean_rep(v, mask))
-            loss, parts = self.loss(logits, tok[:, 1:], pred, s)
-            self.optim.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            self.optim.step()
-            b = len(idx)
-            sums["loss"] += loss.item() * b
-            sums["nll"] += parts["nll"] * b
-            sums["topic"] += parts["topic"] * b
-            n += b
-        rec = {k: v / n for k, v in sums.items()} | {"epoch": epoch, "seconds": time.perf_counter() - t0,
-                                                     "clips_per_s": n / (time.perf_counter() - t0)}
-        rec["lam_topic"] = self.cfg.lam * rec["topic"]  # the topic term's share of the loss, per caption
-        if self.val_data is not None:
-            rec |= {f"val_{k}": v for k, v in self.evaluate_loss(self.val_data).items()}
-        every = self.cfg.select_every
-        if every and ((epoch + 1) % every == 0 or epoch + 1 == self.cfg.epochs):
-            rec["val_CIDEr"] = validation_cider(self.model, self.val_data)  # type: ignore[arg-type]
-            if rec["val_CIDEr"] > self.best_score:
-                self.best_score, self.best_epoch = rec["val_CIDEr"], epoch
-                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        return rec
-
-    def _should_stop(self) -> bool:
-        if not self.cfg.select_every or self.cfg.patience is None:
-            return False
-        since = [h for h in self.history if "val_CIDEr" in h and h["epoch"] > self.best_epoch]
-        return len(since) >= self.cfg.patience
 
     @torch.no_grad()
     def evaluate_loss(self, data: CaptionData, batch_size: int = 256) -> dict[str, float]:
@@ -313,37 +339,49 @@ class CaptionTrainer:
             nll = tl = 0.0
             for start in range(0, data.n_pairs, batch_size):
                 idx = torch.arange(start, min(data.n_pairs, start + batch_size))
-                feats, lengths, tok, s = data.batch(idx, self.device)
-                logits, v, mask = self.model(feats, lengths, tok)
-                pred = self.model.topics(self.model.mean_rep(v, mask))
-                _, parts = self.loss(logits, tok[:, 1:], pred, s)
-                nll += parts["nll"] * len(idx)
+                out = self.step(self.model, data.batch(idx, self.device))
+                _, parts = InterpretiveLoss(0.0)(self.model, out.outputs)
+                nll += float(out.loss) * len(idx)
                 tl += parts["topic"] * len(idx)
             return {"nll": nll / data.n_pairs, "topic": tl / data.n_pairs}
         finally:
             self.model.train(was)
 
-    def fit(self) -> list[dict[str, float]]:
-        """Train for ``config.epochs`` epochs (resuming from ``checkpoint_dir``); returns the history."""
-        self._resume()
+    def fit(self) -> list[dict[str, Any]]:
+        """Train for ``config.epochs`` epochs (resuming from ``checkpoint_dir``); returns the history. The model is
+        left in eval mode, holding the selected weights."""
+        self._check_checkpoint()
         try:
-            for epoch in range(self.start_epoch, self.cfg.epochs):
-                if self._should_stop():
-                    break
-                self.history.append(self._epoch(epoch))
-                if self.dir is not None:
-                    self._save(epoch)
-            if self.best_state is not None:  # model selection: restore the best validation weights
-                self.model.load_state_dict(self.best_state)
+            return self.trainer.fit()
         finally:
             self.model.eval()
-        return self.history
 
     @property
     def selected_epoch(self) -> int:
         """Epoch whose weights the model holds after :meth:`fit` (the last one without model selection)."""
         return self.best_epoch if self.best_state is not None else (self.history[-1]["epoch"] if self.history
                                                                      else -1)
+
+
+def _check_caption_setup(model: AttentiveCaptioner, train: CaptionData, config: CaptionTrainConfig,
+                         val: CaptionData | None) -> None:
+    """Refuse data that does not fit the model, and inconsistent settings."""
+    if train.feature_dim != model.config.feature_dim:
+        raise ValueError(f"training features have dimension {train.feature_dim}, the model expects "
+                         f"{model.config.feature_dim}")
+    for name, d in (("training", train), ("validation", val)):
+        if d is not None and d.topics is not None and d.topics.shape[1] != model.config.n_topics:
+            raise ValueError(f"{name} topic targets have {d.topics.shape[1]} topics, the model "
+                             f"{model.config.n_topics}")
+    if config.lam > 0 and train.topics is None:
+        raise ValueError("lam > 0 (LSTM-I) needs topic targets in the training data")
+    if config.select_every < 0 or (config.patience is not None and config.patience < 1):
+        raise ValueError(f"select_every must be >= 0 and patience >= 1 or None; got {config.select_every}, "
+                         f"{config.patience}")
+    if config.select_every and val is None:
+        raise ValueError("model selection (select_every > 0) needs validation data")
+    if config.weight_decay < 0 or config.topic_weight_decay < 0:
+        raise ValueError(f"weight decays must be >= 0; got {config.weight_decay}, {config.topic_weight_decay}")
 
 
 @torch.no_grad()
@@ -395,8 +433,8 @@ def mean_representations(model: AttentiveCaptioner, data: CaptionData, batch_siz
 def fit_topic_head(model: AttentiveCaptioner, data: CaptionData, steps: int = 500, lr: float = 0.05,
                    seed: int = 0, head: nn.Linear | None = None, val: CaptionData | None = None,
                    weight_decay: float = 0.0, eval_every: int = 10) -> float:
-    """Fit a topic head ``f`` on the frozen encoder's v̄ by full-batch Adam on ‖softmax(f(v̄)) − s‖²
-    (+ ``weight_decay`` · ‖W‖²).
+    """Fit a topic head ``f`` on the frozen encoder's v̄ by ``steps`` steps of full-batch Adam
+    (:func:`semlens.train.fit_module`) on ‖softmax(f(v̄)) − s‖² (+ ``weight_decay`` · ‖W‖²); v̄: (N, D), s: (N, K).
 
     ``head``: the ``nn.Linear`` (D -> K) to fit (re-initialised first); default the model's own
     ``topic_head``. With ``val``, the head is evaluated on the validation videos every ``eval_every``
@@ -414,21 +452,23 @@ def fit_topic_head(model: AttentiveCaptioner, data: CaptionData, steps: int = 50
     if head.in_features != vbar.shape[1] or head.out_features != s.shape[1]:
         raise ValueError(f"head maps {head.in_features} -> {head.out_features}; need {vbar.shape[1]} -> {s.shape[1]}")
     vval = mean_representations(model, val).to(dev) if val is not None else None
+    sval = val.topics.to(dev) if val is not None else None  # type: ignore[union-attr]
     torch.manual_seed(seed)
     head.reset_parameters()
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
     best_val, best = float("inf"), None
-    with torch.enable_grad():
-        for step in range(steps):  # optimisation steps over the whole set (no per-sample loop)
-            loss = topic_loss(torch.softmax(head(vbar), -1), s).mean() + weight_decay * head.weight.pow(2).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if vval is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
-                with torch.no_grad():
-                    lv = float(topic_loss(torch.softmax(head(vval), -1), val.topics.to(dev)).mean())  # type: ignore[union-attr]
-                if lv < best_val:
-                    best_val, best = lv, {k: v.detach().clone() for k, v in head.state_dict().items()}
+
+    def head_loss(_idx: torch.Tensor | None) -> torch.Tensor:  # full batch: every training video every step
+        return topic_loss(torch.softmax(head(vbar), -1), s).mean() + weight_decay * head.weight.pow(2).sum()
+
+    def keep_best(step: int) -> None:
+        nonlocal best_val, best
+        if vval is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            with torch.no_grad():
+                lv = float(topic_loss(torch.softmax(head(vval), -1), sval).mean())
+            if lv < best_val:
+                best_val, best = lv, {k: v.detach().clone() for k, v in head.state_dict().items()}
+
+    fit_module(head.parameters(), head_loss, full_batches(steps), lr=lr, after_step=keep_best)
     if best is not None:
         head.load_state_dict(best)
     with torch.no_grad():

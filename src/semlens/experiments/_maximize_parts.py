@@ -67,15 +67,12 @@ def train_judge(path: Path, world: Any, seed: int, epochs: int) -> nn.Module:
     judge = build_model("resnet-small", num_classes=targets.shape[1], image_size=world.size, width=0.5)
     if path.is_file():
         return load_weights(judge, path).eval()
-    opt = torch.optim.Adam(judge.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(seed)
+    from semlens.train import fit_module, shuffled_batches
+
     judge.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(world), generator=g).split(64):
-            loss = nn.functional.binary_cross_entropy_with_logits(judge(world.images[idx]), targets[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    fit_module(judge.parameters(),
+               lambda idx: nn.functional.binary_cross_entropy_with_logits(judge(world.images[idx]), targets[idx]),
+               shuffled_batches(len(world), 64, epochs, seed), lr=2e-3)
     save_weights(judge, path, {"model": "resnet-small", "targets": "concept_presence"})
     return judge.eval()
 

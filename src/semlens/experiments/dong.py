@@ -133,26 +133,24 @@ def frame_cnn(settings: DongSettings, seed: int, device: torch.device, spec: str
 def _fit_multilabel(cnn: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int,
                     device: torch.device, batch_size: int = 64, lr: float = 1e-3) -> list[float]:
     """Adam on the mean binary cross-entropy of ``cnn(x)`` (N, C) logits vs ``y`` (N, C) in {0, 1};
-    x: (N, 3, S, S) in [0, 1]. Seeded shuffling; returns the mean training loss per epoch."""
+    x: (N, 3, S, S) in [0, 1]. Seeded shuffling (:func:`semlens.train.fit_module` over
+    :func:`~semlens.train.shuffled_batches`); returns the mean training loss per epoch."""
+    from semlens.train import fit_module, shuffled_batches
+
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"{x.shape[0]} images but {y.shape[0]} label rows")
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    n = x.shape[0]
+    torch.manual_seed(seed)  # dropout
     cnn.to(device).train()
-    opt = torch.optim.Adam(cnn.parameters(), lr=lr)
-    losses = []
-    for _ in range(epochs):
-        order, tot = torch.randperm(x.shape[0], generator=g), 0.0
-        for s in range(0, x.shape[0], batch_size):
-            idx = order[s: s + batch_size]
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(cnn(x[idx].to(device)), y[idx].to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            tot += float(loss.detach()) * len(idx)
-        losses.append(tot / x.shape[0])
+
+    def bce(idx: torch.Tensor | None) -> torch.Tensor:
+        return torch.nn.functional.binary_cross_entropy_with_logits(cnn(x[idx].to(device)), y[idx].to(device))
+
+    losses = fit_module(cnn.parameters(), bce, shuffled_batches(n, batch_size, epochs, seed), lr=lr)
     cnn.eval()
-    return losses
+    sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
+    k = len(sizes)
+    return [sum(v * b for v, b in zip(losses[e * k: (e + 1) * k], sizes, strict=True)) / n for e in range(epochs)]
 
 
 @torch.no_grad()

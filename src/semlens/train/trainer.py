@@ -21,6 +21,15 @@ has-gradient flag per parameter and the step's statistics are then summed in one
 ``all_reduce``, so every rank holds the gradient of the full-batch objective and takes the same
 optimizer step. Parameters and buffers are broadcast from rank 0 at the start, buffers (BatchNorm
 running statistics) again after every step. Only rank 0 writes files or shows progress bars.
+
+Other models (sequence models, multi-part objectives) plug in a ``step`` (``step(model, batch) ->``
+:class:`~semlens.train.steps.StepOutput`: task loss, batch size, logged sums, tensors for the extra terms) and
+train on a :class:`~semlens.train.steps.BatchSource` (the epoch's sample order and the batch of a set of
+indices); ``param_groups`` sets optimizer groups (e.g. extra weight decay on one head), ``epoch_seed`` re-seeds
+torch's RNG at the start of every epoch, and :class:`~semlens.train.callbacks.Callback` objects add
+validation, model selection and early stopping (:class:`~semlens.train.callbacks.ModelSelection`). An extra
+term may then also read step outputs (``inputs``) and return ``(value, {name: batch mean})`` to log more. A
+custom step trains in one process (torchrun data parallelism is for the default classification step).
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,16 +52,25 @@ from semlens import distributed
 from semlens.checkpoint import CheckpointError, save_weights
 from semlens.layers import capture_activations, frozen
 from semlens.runtime import progress, resolve_device
+from semlens.train.callbacks import Callback
+from semlens.train.steps import BatchSource, ClassificationStep, StepOutput, TrainStep
 
 __all__ = ["TrainConfig", "Trainer", "ExtraTerm"]
 
 
 class ExtraTerm(Protocol):
-    """A loss term added to the task loss (regularizer, interpretive loss)."""
+    """A loss term added to the task loss (regularizer, interpretive loss).
+
+    ``layers``: dotted module names whose outputs are captured (with gradients) during the step's forward.
+    Optional ``inputs``: names of the step's :attr:`~semlens.train.steps.StepOutput.outputs` the term reads.
+    Both arrive in ``activations``. Returns a () tensor (added to the loss, logged under the term's name) or
+    ``(tensor, {name: float})`` whose floats (batch means) are logged too.
+    """
 
     layers: list[str]
 
-    def __call__(self, model: nn.Module, activations: dict[str, Tensor]) -> Tensor: ...
+    def __call__(self, model: nn.Module, activations: dict[str, Tensor]
+                 ) -> Tensor | tuple[Tensor, dict[str, float]]: ...
 
 
 @dataclass
@@ -106,12 +124,21 @@ class Trainer:
     ``fit()`` returns the history (one dict per epoch) and leaves the model on the configured device
     with its original train/eval mode. ``model_config`` is stored as JSON in every ``.safetensors``
     file written (e.g. ``{"model": "alexnet-like", "model_kwargs": {...}}``).
+
+    ``step``: a :class:`~semlens.train.steps.TrainStep` instead of the classification step; ``train_data`` is then
+    a :class:`~semlens.train.steps.BatchSource`, and ``val_data`` / ``loss_fn`` are not used (validate in a
+    callback). ``param_groups``: the optimizer's parameter groups (dicts with ``"params"`` and optional
+    overrides such as ``"weight_decay"``; default: every trainable parameter). ``callbacks``: see
+    :class:`~semlens.train.callbacks.Callback`. ``epoch_seed(epoch)``: re-seed torch's RNG (dropout) with this
+    at the start of every epoch (default: seeded once per fit, its state checkpointed).
     """
 
-    def __init__(self, model: nn.Module, train_data: Dataset, val_data: Dataset | None = None,
+    def __init__(self, model: nn.Module, train_data: Dataset | BatchSource, val_data: Dataset | None = None,
                  config: TrainConfig | None = None, extra_terms: Sequence[ExtraTerm] = (),
                  checkpoint_dir: str | os.PathLike | None = None, model_config: dict[str, Any] | None = None,
-                 loss_fn: Any = None) -> None:
+                 loss_fn: Any = None, *, step: TrainStep | None = None,
+                 param_groups: Sequence[dict[str, Any]] | None = None, callbacks: Sequence[Callback] = (),
+                 epoch_seed: Callable[[int], int] | None = None) -> None:
         self.model = model
         self.train_data = train_data
         self.val_data = val_data
@@ -124,7 +151,13 @@ class Trainer:
         self.term_names = [_term_name(t, i, seen) for i, t in enumerate(self.extra_terms)]
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.model_config = dict(model_config or {})
+        self._check_step(step, loss_fn, val_data)
+        self.custom_step = step is not None
+        self.step: TrainStep = step if step is not None else ClassificationStep(loss_fn)
         self.loss_fn = loss_fn or F.cross_entropy
+        self.param_groups = [dict(g) for g in param_groups] if param_groups is not None else None
+        self.callbacks = list(callbacks)
+        self.epoch_seed = epoch_seed
         self.device = resolve_device(self.config.device)
         if distributed.is_distributed() and self.device.type == "cuda" and self.device.index is None:
             # one GPU per process under torchrun: LOCAL_RANK picks it (and makes it current, for NCCL)
@@ -136,6 +169,24 @@ class Trainer:
         #: called with each epoch's history record once the epoch is done (e.g. to print a loss line)
         self.on_epoch: Callable[[dict[str, Any]], None] | None = None
         self.global_step = 0
+        #: the optimizer of the last :meth:`fit` (``None`` before)
+        self.optimizer: torch.optim.Optimizer | None = None
+        #: the last epoch's training samples and the seconds its batches took (for callbacks)
+        self.epoch_samples, self.epoch_seconds = 0, 0.0
+
+    def _check_step(self, step: TrainStep | None, loss_fn: Any, val_data: Dataset | None) -> None:
+        """Refuse a custom step with classification-only arguments, a non-BatchSource or a process group."""
+        if step is None:
+            return
+        if loss_fn is not None or val_data is not None:
+            raise ValueError("loss_fn and val_data belong to the classification step; a custom step computes its "
+                             "own loss (validate in a callback)")
+        if not isinstance(self.train_data, BatchSource):
+            raise TypeError(f"a custom step trains on a BatchSource (len, epoch_order, batch); got "
+                            f"{type(self.train_data).__name__}")
+        if distributed.is_distributed():
+            raise ValueError("a custom step trains in one process: torchrun data parallelism supports the default "
+                             "classification step only; run without torchrun")
 
     # -- data ------------------------------------------------------------------------------------
     def _batches(self, data: Dataset, order: Tensor, batch_size: int):
@@ -179,16 +230,28 @@ class Trainer:
                 yield None, None, b
 
     def _epoch_order(self, epoch: int) -> Tensor:
+        if self.custom_step:
+            return self.train_data.epoch_order(epoch)  # type: ignore[union-attr]
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.train_data), generator=g)  # type: ignore[arg-type]
+
+    def _source_batches(self, order: Tensor, batch_size: int) -> Iterator[Any]:
+        """Batches of the custom step's BatchSource for the sample indices ``order``, on the trainer's device."""
+        for s in range(0, len(order), batch_size):
+            yield self.train_data.batch(order[s: s + batch_size], self.device)  # type: ignore[union-attr]
 
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.train_data) / self.config.batch_size)  # type: ignore[arg-type]
 
     # -- optimisation ----------------------------------------------------------------------------
-    def _make_optimizer(self) -> torch.optim.Optimizer:
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """A fresh optimizer as :meth:`fit` builds it: ``config.optimizer`` over ``param_groups`` (default: every
+        trainable parameter), with the config's learning rate, momentum and weight decay as defaults."""
         c = self.config
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.param_groups is not None:
+            params: list[Any] = [dict(g) for g in self.param_groups]
+        else:
+            params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"{type(self.model).__name__} has no trainable parameters")
         if c.optimizer == "sgd":
@@ -202,9 +265,10 @@ class Trainer:
         total = max(1, c.epochs * self.steps_per_epoch())
         return c.lr * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
 
-    def _loss(self, x: Tensor, y: Tensor, which: Sequence[int] | None = None
-              ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-        """Forward one batch; return total loss, task loss, logits and the extra terms' values.
+    def _loss(self, batch: Any, which: Sequence[int] | None = None
+              ) -> tuple[Tensor, StepOutput, list[Tensor], dict[str, float]]:
+        """Run the step on one batch; return total loss, the step's output, the extra terms' values and the
+        terms' extra logged values (batch means).
 
         ``which``: indices of the extra terms to evaluate (default all); the values follow that order.
         """
@@ -213,19 +277,32 @@ class Trainer:
         layers = list(dict.fromkeys(n for _, t in terms for n in t.layers))
         if layers:
             with capture_activations(self.model, layers, detach=False) as acts:
-                logits = self.model(x)
+                out = self.step(self.model, batch)
                 captured = dict(acts)
         else:
-            logits, captured = self.model(x), {}
-        task = self.loss_fn(logits, y)
-        values = []
+            out, captured = self.step(self.model, batch), {}
+        values, logs = [], {}
         for name, term in terms:
-            v = term(self.model, {k: captured[k] for k in term.layers})
+            v = term(self.model, self._term_inputs(name, term, captured, out))
+            if isinstance(v, tuple):
+                v, extra = v
+                logs.update({k: float(x) for k, x in extra.items()})
             if not isinstance(v, Tensor) or v.numel() != 1:
                 raise TypeError(f"extra term {name!r} must return a scalar tensor, got {type(v).__name__}")
             values.append(v.reshape(()))
-        total = task + sum(values) if values else task
-        return total, task, logits, values
+        total = out.loss + sum(values) if values else out.loss
+        return total, out, values, logs
+
+    @staticmethod
+    def _term_inputs(name: str, term: ExtraTerm, captured: dict[str, Tensor], out: StepOutput) -> dict[str, Any]:
+        """What ``term`` reads: its captured layers and the step outputs it names in ``inputs``."""
+        acts: dict[str, Any] = {k: captured[k] for k in term.layers}
+        for k in getattr(term, "inputs", ()):
+            if k not in out.outputs:
+                raise KeyError(f"extra term {name!r} reads step output {k!r}, but the step gives "
+                               f"{sorted(out.outputs)}")
+            acts[k] = out.outputs[k]
+        return acts
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _weights_config(self, epoch: int) -> dict[str, Any]:
@@ -289,7 +366,8 @@ class Trainer:
         if distributed.is_distributed():
             self._agree(float(state["global_step"]), f"{path} differs between processes (global_step)")
         saved = state.get("config", {})
-        for key in ("batch_size", "seed", "epochs", "optimizer"):
+        keys = ("batch_size", "seed", "optimizer") + (("epochs",) if self.config.lr_schedule != "constant" else ())
+        for key in keys:  # the number of epochs only shapes a decaying learning-rate schedule
             if saved.get(key) != getattr(self.config, key):
                 raise CheckpointError(f"{path} was written with {key}={saved.get(key)!r}, but this run has "
                                       f"{key}={getattr(self.config, key)!r}; use another checkpoint_dir")
@@ -347,15 +425,18 @@ class Trainer:
             raise ValueError(f"SyncBatchNorm needs every rank to get samples of every batch, but batch_size={b} with "
                              f"{n} samples leaves a batch smaller than the {w} processes; change batch_size")
 
-    def _local_step(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, epoch: int, step: int) -> list[float]:
-        """One optimizer step on the whole batch ``x, y`` (one process).
+    def _local_step(self, opt: torch.optim.Optimizer, batch: Any, epoch: int, step: int) -> dict[str, float]:
+        """One optimizer step on the whole batch (one process).
 
-        Returns the step's statistics ``[loss·b, task·b, term_i·b..., correct, b]``.
+        Returns the step's sums over its samples: ``loss``, ``task_loss``, one per extra term, the step's and the
+        terms' logged values, and ``seen`` (the number of samples).
         """
-        x, y = x.to(self.device), y.to(self.device)
-        if not torch.isfinite(x).all():
-            raise ValueError(f"training batch {step} of epoch {epoch} contains NaN or inf inputs")
-        total, task, logits, values = self._loss(x, y)
+        if not self.custom_step:
+            x, y = batch
+            batch = x.to(self.device), y.to(self.device)
+            if not torch.isfinite(batch[0]).all():
+                raise ValueError(f"training batch {step} of epoch {epoch} contains NaN or inf inputs")
+        total, out, values, term_logs = self._loss(batch)
         if not torch.isfinite(total):
             raise FloatingPointError(f"loss became {total.item()} at epoch {epoch}, step {step}")
         opt.zero_grad(set_to_none=True)
@@ -363,9 +444,12 @@ class Trainer:
         if self.config.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         opt.step()
-        b = y.shape[0]
-        correct = (logits.argmax(1) == y).sum().item() if logits.dim() == 2 and y.dim() == 1 else 0
-        return [total.item() * b, task.item() * b, *(v.item() * b for v in values), correct, b]
+        b = out.size
+        sums = {"loss": total.item() * b, "task_loss": out.loss.item() * b,
+                **{n: v.item() * b for n, v in zip(self.term_names, values, strict=True)}}
+        sums.update(out.logs)
+        sums.update({k: v * b for k, v in term_logs.items()})
+        return {**sums, "seen": b}
 
     def _dist_step(self, opt: torch.optim.Optimizer, params: list[nn.Parameter], x: Tensor | None,
                    y: Tensor | None, b: int, epoch: int, step: int) -> list[float]:
@@ -375,8 +459,8 @@ class Trainer:
         """
         r = distributed.rank()
         dtype = functools.reduce(torch.promote_types, [p.dtype for p in params], torch.float32)
-        weight_terms = [i for i, t in enumerate(self.extra_terms) if not t.layers]
-        batch_terms = [i for i, t in enumerate(self.extra_terms) if t.layers]
+        weight_terms = [i for i, t in enumerate(self.extra_terms) if not t.layers and not getattr(t, "inputs", ())]
+        batch_terms = [i for i, t in enumerate(self.extra_terms) if t.layers or getattr(t, "inputs", ())]
         stats = torch.zeros(5 + len(self.extra_terms), dtype=dtype, device=self.device)
         n = 0 if y is None else int(y.shape[0])
         opt.zero_grad(set_to_none=True)
@@ -387,7 +471,10 @@ class Trainer:
                 n = 0
         if n:
             which = batch_terms + (weight_terms if r == 0 else [])
-            _, task, logits, values = self._loss(x, y, which)  # type: ignore[arg-type]
+            _, out, values, term_logs = self._loss((x, y), which)
+            if term_logs:
+                raise ValueError("extra terms that log more values train in one process; run without torchrun")
+            task, logits = out.loss, out.outputs["logits"]
             per_sample = task + sum(values[: len(batch_terms)]) if batch_terms else task
             once = sum(values[len(batch_terms):]) if r == 0 and weight_terms else None
             objective = per_sample * (n / b) if once is None else per_sample * (n / b) + once
@@ -440,7 +527,7 @@ class Trainer:
         if distributed.is_distributed():
             self._check_distributed_model()
             self._broadcast_tensors([*self.model.parameters(), *self.model.buffers()])
-        opt = self._make_optimizer()
+        opt = self.optimizer = self.make_optimizer()
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         # dropout & co. draw from torch's RNG, seeded here and isolated from the caller's RNG state
         with torch.random.fork_rng(devices=devices):
@@ -457,49 +544,76 @@ class Trainer:
         resumed = self._load_checkpoint(opt)
         if resumed is not None:
             start_epoch, start_step, running = resumed
-        n_steps = self.steps_per_epoch()
-        parallel = distributed.is_distributed()
-        params = [p for g in opt.param_groups for p in g["params"]]
+            if "correct" in running:  # a mid-epoch checkpoint written before steps logged "train_acc" sums
+                running["train_acc"] = running.pop("correct")
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
         for epoch in range(start_epoch, c.epochs):
+            if any(cb.should_stop(self) for cb in self.callbacks):
+                break
             t0 = time.perf_counter()
-            self.model.train()
             skip = start_step if epoch == start_epoch else 0
             if skip == 0:
-                running = {"loss": 0.0, "task_loss": 0.0, "correct": 0.0, "seen": 0.0,
-                           **{n: 0.0 for n in self.term_names}}
-            order = self._epoch_order(epoch)[skip * c.batch_size:]
-            if parallel:
-                batches = self._shard_batches(self.train_data, order, c.batch_size)
-            else:
-                batches = ((x, y, 0) for x, y in self._batches(self.train_data, order, c.batch_size))
-            step = skip
-            for x, y, b in progress(batches, total=n_steps - skip, desc=f"epoch {epoch + 1}/{c.epochs}",
-                                    enabled=c.show_progress if distributed.rank() == 0 else False):
-                for group in opt.param_groups:
-                    group["lr"] = self._lr(self.global_step)
-                if parallel:
-                    sums = self._dist_step(opt, params, x, y, b, epoch, step)
-                else:
-                    sums = self._local_step(opt, x, y, epoch, step)
-                for key, v in zip(["loss", "task_loss", *self.term_names, "correct", "seen"], sums, strict=True):
-                    running[key] += v
-                step += 1
-                self.global_step += 1
-                if c.checkpoint_every and self.global_step % c.checkpoint_every == 0 and step < n_steps:
-                    self._save_checkpoint(opt, epoch, step, running)
-            seen = max(running["seen"], 1.0)
-            record: dict[str, Any] = {"epoch": epoch + 1, "loss": running["loss"] / seen,
-                                      "task_loss": running["task_loss"] / seen,
-                                      **{n: running[n] / seen for n in self.term_names},
-                                      "train_acc": running["correct"] / seen, "lr": self._lr(self.global_step)}
-            if self.val_data is not None:
-                record["val_acc"] = self.evaluate(self.val_data)
+                running = {"loss": 0.0, "task_loss": 0.0, **{n: 0.0 for n in self.term_names}, "seen": 0.0}
+                if self.epoch_seed is not None:
+                    torch.manual_seed(self.epoch_seed(epoch))
+            self._run_epoch(opt, epoch, skip, running)
+            self.epoch_samples, self.epoch_seconds = int(running["seen"]), time.perf_counter() - t0
+            record = self._epoch_record(epoch, running)
             record["seconds"] = time.perf_counter() - t0
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, epoch, record)
             self.history.append(record)
             self._save_checkpoint(opt, epoch + 1, 0, {})
             if self.on_epoch is not None and distributed.rank() == 0:
                 self.on_epoch(record)
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
         return self.history
+
+    def _run_epoch(self, opt: torch.optim.Optimizer, epoch: int, skip: int, running: dict[str, float]) -> None:
+        """Train the batches of epoch ``epoch`` from its step ``skip`` on, adding each step's sums to ``running``."""
+        c = self.config
+        n_steps = self.steps_per_epoch()
+        parallel = distributed.is_distributed()
+        params = [p for g in opt.param_groups for p in g["params"]]
+        self.model.train()
+        order = self._epoch_order(epoch)[skip * c.batch_size:]
+        if parallel:
+            batches = self._shard_batches(self.train_data, order, c.batch_size)  # type: ignore[arg-type]
+        elif self.custom_step:
+            batches = ((batch, None, 0) for batch in self._source_batches(order, c.batch_size))
+        else:
+            batches = ((x, y, 0) for x, y in self._batches(self.train_data, order, c.batch_size))  # type: ignore[arg-type]
+        step = skip
+        keys = ["loss", "task_loss", *self.term_names, "train_acc", "seen"]
+        for x, y, b in progress(batches, total=n_steps - skip, desc=f"epoch {epoch + 1}/{c.epochs}",
+                                enabled=c.show_progress if distributed.rank() == 0 else False):
+            for group in opt.param_groups:
+                group["lr"] = self._lr(self.global_step)
+            if parallel:
+                sums = dict(zip(keys, self._dist_step(opt, params, x, y, b, epoch, step), strict=True))
+            else:
+                sums = self._local_step(opt, x if self.custom_step else (x, y), epoch, step)
+            for key, v in sums.items():
+                running[key] = running.get(key, 0.0) + v
+            step += 1
+            self.global_step += 1
+            if c.checkpoint_every and self.global_step % c.checkpoint_every == 0 and step < n_steps:
+                self._save_checkpoint(opt, epoch, step, running)
+
+    def _epoch_record(self, epoch: int, running: dict[str, float]) -> dict[str, Any]:
+        """The history record of epoch ``epoch`` (0-based; recorded 1-based) from its running sums."""
+        seen = max(running["seen"], 1.0)
+        fixed = {"loss", "task_loss", "seen", *self.term_names}
+        record: dict[str, Any] = {"epoch": epoch + 1, "loss": running["loss"] / seen,
+                                  "task_loss": running["task_loss"] / seen,
+                                  **{n: running[n] / seen for n in self.term_names},
+                                  **{k: v / seen for k, v in running.items() if k not in fixed},
+                                  "lr": self._lr(self.global_step)}
+        if self.val_data is not None:
+            record["val_acc"] = self.evaluate(self.val_data)
+        return record
 
     @torch.no_grad()
     def evaluate(self, dataset: Dataset, batch_size: int | None = None) -> float:

@@ -210,9 +210,12 @@ def action_probe(features: Tensor, actions: Tensor, train: list[int], test: list
 
     features: (N, T, D) float; actions: (N,) int64. Trains a small temporal model (features averaged
     over ``segments`` time segments, concatenated, one-hidden-layer MLP) and a single-frame baseline
-    (the same MLP on the middle frame) with Adam for ``steps`` mini-batch steps. Returns
+    (the same MLP on the middle frame) with Adam for ``steps`` steps on batches of 256 training clips drawn
+    with replacement (:func:`semlens.train.fit_module`). Returns
     ``{"temporal": acc, "single_frame": acc, "chance": 1 / classes}`` on ``test``.
     """
+    from semlens.train import fit_module, sampled_batches
+
     if features.dim() != 3 or features.shape[0] != actions.shape[0]:
         raise ValueError(f"features must be (N, T, D) with N = len(actions); got {tuple(features.shape)}")
     x = features.float()
@@ -220,18 +223,12 @@ def action_probe(features: Tensor, actions: Tensor, train: list[int], test: list
     x = (x - mu) / sd
     classes = int(actions.max()) + 1
     out = {"chance": 1.0 / classes}
+    xt, yt = x[train], actions[train]
     for name, segs in (("temporal", segments), ("single_frame", 0)):
-        g = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         net = _TemporalNet(x.shape[2], classes, hidden, segs)
-        opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-4)
-        xt, yt = x[train], actions[train]
-        for _ in range(steps):
-            idx = torch.randint(len(train), (min(256, len(train)),), generator=g)
-            loss = nn.functional.cross_entropy(net(xt[idx]), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        fit_module(net.parameters(), lambda idx, net=net: nn.functional.cross_entropy(net(xt[idx]), yt[idx]),
+                   sampled_batches(len(train), 256, steps, seed), lr=lr, weight_decay=1e-4)
         with torch.no_grad():
             out[name] = (net(x[test]).argmax(1) == actions[test]).float().mean().item()
     return out
