@@ -40,11 +40,14 @@ def _colour_hits(ps: PrototypeSet, names: dict[int, tuple[str, str, float]]) -> 
 def maximize_job(model: nn.Module, layer: str, units: list[int], data: str | os.PathLike, out: str | os.PathLike,
                  cfg: MaximizeConfig, prior_path: str | os.PathLike | None = None,
                  names_path: str | os.PathLike | None = None, limit: int | None = 2000,
-                 device: str | torch.device = "cpu") -> dict[str, Path]:
+                 device: str | torch.device = "cpu", images: torch.Tensor | None = None) -> dict[str, Path]:
     """Prototypes of ``units`` of ``layer`` with self-checks against the images of ``data``; see
     :func:`semlens.maximize.run.write_outputs` for the files. Colour units named in ``names_path``
-    (a dissection units.csv) get ``concept_hit`` = the share of pixels of their colour."""
-    images = load_images(data, limit)
+    (a dissection units.csv) get ``concept_hit`` = the share of pixels of their colour. ``images``: the
+    (N, C, H, W) images of ``data`` already read (as ``load_images(data, limit)`` reads them), for several jobs on
+    one data set."""
+    if images is None:
+        images = load_images(data, limit)
     half = images.shape[0] // 2
     stats = fit_image_stats(images)
     model = model.to(device).eval()

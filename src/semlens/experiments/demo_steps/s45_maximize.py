@@ -61,15 +61,15 @@ def run(ctx: DemoContext) -> list[Section]:
     names = load_unit_names(units_csv, layer)
     units = sorted(sorted(names, key=lambda u: -names[u][2])[:UNITS])
     t0 = time.perf_counter()
-    prior = save_prior(fit_prior("gaussian", load_images(data, 1000), seed=ctx.seed, k=64),
-                       ctx.path("maximize", "gaussian.safetensors"))
+    images = load_images(data, 1000)  # read once: the prior and every job use the same images
+    prior = save_prior(fit_prior("gaussian", images, seed=ctx.seed, k=64), ctx.path("maximize", "gaussian.safetensors"))
     outs: dict[str, Path] = {}
     rows: dict[str, list[dict[str, str]]] = {}
     for folder, variant, param in VARIANTS:
         cfg = MaximizeConfig(variant=variant, param=param, steps=STEPS, views=2, seed=ctx.seed)
         paths = maximize_job(model, layer, units, data, ctx.path("maximize", folder), cfg,
                              prior_path=prior if variant == "expert" else None, names_path=units_csv,
-                             limit=1000, device=ctx.device)
+                             limit=1000, device=ctx.device, images=images)
         outs[folder] = paths["dir"]
         rows[folder] = _read_summary(paths["summary"])
     elapsed = time.perf_counter() - t0
