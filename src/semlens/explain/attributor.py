@@ -342,7 +342,8 @@ class Attributor:
             if twice:
                 raise ValueError(f"input-domain rule on a layer called more than once per forward: {', '.join(twice)}")
             for name, rule in self.rules.items():
-                binding = _Binding(self, name, get_module(self.model, name), rule, relu_follows=name in graph.relu_only)
+                binding = _Binding(self, name, get_module(self.model, name), rule, relu_follows=name in graph.relu_only,
+                                   nonnegative_input=name in graph.nonnegative_input)
                 edits.callback(binding.remove)
         except BaseException:
             self._teardown()
