@@ -415,6 +415,53 @@ def test_probe_finds_layers_followed_only_by_relu():
         p.requires_grad_(False)
     g = probe_model(net, torch.rand(1, 3, 8, 8))
     assert sorted(g.relu_only) == ["a", "b", "c", "e"]
+    # inputs proven >= 0: after a ReLU (module, in-place functional, clamp) or a sum/mean of ReLU outputs; not the model
+    # input (a) nor relu(d) + d (e)
+    assert sorted(g.nonnegative_input) == ["b", "c", "d", "head"]
+
+
+class _SignUses(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(8, 4, 1), nn.Conv2d(4, 4, 1)
+        self.d, self.e = nn.Linear(4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.a(x)), 2)
+        h = self.b(torch.cat([h, h.flip(1)], 1))  # b: cat of pooled ReLU outputs -> proven
+        r = F.relu(h)
+        v = r.view(r.shape[0], 4, -1)
+        r.sub_(0.5)  # in place: the earlier view v is no longer proven either
+        h = self.c(v.view_as(r) + 0.0)  # c: not proven
+        p = F.leaky_relu(h).mean((2, 3))
+        return self.e(F.relu(self.d(p) - 1.0).sum(1, keepdim=True).expand(-1, 4))  # d: leaky -> no; e: relu -> yes
+
+
+def test_probe_proves_nonnegative_inputs_conservatively():
+    from semlens.explain.graph_check import probe_model
+
+    net = _SignUses().eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    assert sorted(probe_model(net, torch.rand(1, 3, 8, 8)).nonnegative_input) == ["b", "e"]
+
+
+@pytest.mark.parametrize("method", ["epsilon-gamma-box", "epsilon-alpha2-beta1", "lrp-zplus"])
+def test_probe_proven_signs_equal_the_run_time_check(method, monkeypatch):
+    """Plans chosen from the probe's proof of non-negative inputs give exactly what the run-time check gives."""
+    import semlens.explain.attributor as attributor_mod
+
+    torch.manual_seed(0)
+    net = _ReluUses().to(DT).eval()
+    x = torch.rand(3, 3, 8, 8, dtype=DT)
+    proven = attribute(net, x, 1, method)
+    real_init = attributor_mod._Binding.__init__
+
+    def unproven(self, *args, nonnegative_input=False, **kw):
+        real_init(self, *args, nonnegative_input=False, **kw)
+
+    monkeypatch.setattr(attributor_mod._Binding, "__init__", unproven)
+    assert torch.equal(proven, attribute(net, x, 1, method))
 
 
 @pytest.mark.parametrize("method", ["epsilon-gamma-box", "epsilon-plus", "epsilon-alpha2-beta1"])

@@ -47,20 +47,21 @@ def oracle(rule, a, W, b, R, low=None, high=None):
         den = c.sum(-1) + (0 if "bias" in rule.zero_params else bb)
         den = den if rule.epsilon == 0 else stab(den, rule.epsilon)
         return (c / den[..., None] * R[..., None]).sum(1)
+    bm = torch.zeros_like(bb) if "bias" in rule.zero_params else bb  # the bias in the modified denominators
     if isinstance(rule, Gamma):
         g = rule.gamma
         cp = ap * (W + g * Wp) + an * (W + g * Wn)
         cn = ap * (W + g * Wn) + an * (W + g * Wp)
-        dp = stab(cp.sum(-1) + bb + g * bb.clamp(min=0))
-        dn = stab(cn.sum(-1) + bb + g * bb.clamp(max=0))
+        dp = stab(cp.sum(-1) + bm + g * bm.clamp(min=0))
+        dn = stab(cn.sum(-1) + bm + g * bm.clamp(max=0))
         c = torch.where((z > 0)[..., None], cp / dp[..., None], torch.zeros_like(cp)) + torch.where(
             (z < 0)[..., None], cn / dn[..., None], torch.zeros_like(cn))
         return (c * R[..., None]).sum(1)
     if isinstance(rule, AlphaBeta):  # includes ZPlus
         p = ap * Wp + an * Wn
         n = ap * Wn + an * Wp
-        zp = stab(p.sum(-1) + bb.clamp(min=0))
-        zn = stab(n.sum(-1) + bb.clamp(max=0))
+        zp = stab(p.sum(-1) + bm.clamp(min=0))
+        zn = stab(n.sum(-1) + bm.clamp(max=0))
         return ((rule.alpha * p / zp[..., None] - rule.beta * n / zn[..., None]) * R[..., None]).sum(1)
     if isinstance(rule, ZBox):
         L, H = low[:, None, :], high[:, None, :]
@@ -86,7 +87,9 @@ def two_layer(seed=0, d=(6, 5, 4)):
 
 
 LOCAL_RULES = [Epsilon(0.0), Epsilon(0.1), Epsilon(0.0, zero_params="bias"), Gamma(0.25), Gamma(1.0),
-               AlphaBeta(2.0, 1.0), AlphaBeta(1.0, 0.0), ZPlus()]
+               AlphaBeta(2.0, 1.0), AlphaBeta(1.0, 0.0), ZPlus(),
+               # zero_params: the bias leaves the modified denominators (then z⁺ may be <= 0 where z > 0)
+               Gamma(0.25, zero_params="bias"), AlphaBeta(2.0, 1.0, zero_params="bias"), ZPlus(zero_params="bias")]
 
 
 @pytest.mark.parametrize("rule", LOCAL_RULES, ids=repr)

@@ -10,14 +10,20 @@ from semlens.explain.composites import DEFAULT_METHOD, PRESETS, Composite, list_
 from semlens.explain.graph_check import InputShapeError, ModelGraph, UnsupportedModelError, probe_model
 from semlens.explain.heatmap import heatmap_rgb, save_heatmap
 from semlens.explain.rules import (
+    KEEP,
     AlphaBeta,
+    Declaration,
+    DeclaredRule,
     Epsilon,
     ExcitationBackprop,
     Flat,
     Gamma,
     LayerOp,
+    Mix,
     ModifiedRule,
+    Part,
     Rule,
+    Term,
     WSquare,
     ZBox,
     ZPlus,
@@ -26,7 +32,8 @@ from semlens.explain.rules import (
 
 __all__ = [
     "attribute", "Attributor", "list_methods", "output_weighting", "Composite", "preset", "PRESETS", "DEFAULT_METHOD",
-    "method_parameters", "Rule", "ModifiedRule", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ExcitationBackprop", "ZBox",
+    "method_parameters", "Rule", "DeclaredRule", "Declaration", "Term", "Part", "Mix", "KEEP",
+    "ModifiedRule", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ExcitationBackprop", "ZBox",
     "Flat", "WSquare", "LayerOp", "stabilize",
     "MergeBatchNorm", "fold_batchnorm", "UnsupportedModelError", "InputShapeError", "ModelGraph", "probe_model",
     "heatmap_rgb", "save_heatmap",

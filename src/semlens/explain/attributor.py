@@ -27,7 +27,9 @@ from torch import nn
 from semlens.explain.canonizers import MergeBatchNorm
 from semlens.explain.composites import DEFAULT_METHOD, PRESETS, Composite, check_parameters, preset
 from semlens.explain.graph_check import ModelGraph, UnsupportedModelError, probe_model, reads_input
-from semlens.explain.rules import LayerOp, Rule, ZBox
+from semlens.explain.layerop import LayerOp, nonnegative
+from semlens.explain.plans import NO_CONTEXT, CallContext, Plan
+from semlens.explain.rules import Rule
 from semlens.layers import HookHandles, frozen, get_module
 from semlens.runtime import progress
 
@@ -78,13 +80,14 @@ class _Call:
 class _RuleFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, binding):  # noqa: D102
-        z, state = binding.rule.forward(binding.op, a, binding.params())
-        ctx.binding, ctx.state, ctx.call = binding, state, binding.attributor._call
+        plan = binding.plan(a)
+        z, state = plan.forward(a, NO_CONTEXT)
+        ctx.plan, ctx.state, ctx.call = plan, state, binding.attributor._call
         return z
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
-        grad = ctx.binding.rule.backward(ctx.binding.op, ctx.state, g)
+        grad = ctx.plan.backward(ctx.state, g)
         if not ctx.call.retain:
             ctx.state = None  # free early: no further pass reads it
         return grad, None
@@ -95,17 +98,18 @@ class _InputRuleFn(torch.autograd.Function):
     call's zero ``sink`` (shape of the model input), so the attributor reads it as ``grad(sink)``."""
 
     @staticmethod
-    def forward(ctx, a, sink, binding, low, high):  # noqa: D102
-        z, state = binding.rule.forward(binding.op, a, binding.params(), low, high)
-        ctx.binding, ctx.state, ctx.shape, ctx.call = binding, state, sink.shape, binding.attributor._call
+    def forward(ctx, a, sink, binding, context):  # noqa: D102
+        plan = binding.plan(a)
+        z, state = plan.forward(a, context)
+        ctx.plan, ctx.state, ctx.shape, ctx.call = plan, state, sink.shape, binding.attributor._call
         return z
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
-        rel = ctx.binding.rule.relevance(ctx.binding.op, ctx.state, g)
+        rel = ctx.plan.backward(ctx.state, g)
         if not ctx.call.retain:
             ctx.state = None
-        return None, rel.reshape(ctx.shape), None, None, None
+        return None, rel.reshape(ctx.shape), None, None
 
 
 class _Mask(torch.autograd.Function):
@@ -122,17 +126,22 @@ class _Mask(torch.autograd.Function):
 
 
 class _Binding:
-    """A rule bound to one layer: replaces the layer's ``forward`` on the instance while the attributor is active."""
+    """A rule bound to one layer: replaces the layer's ``forward`` on the instance while the attributor is active.
+
+    The rule's plans (one for inputs known to be non-negative, one for any sign) are compiled on first use and again
+    whenever the layer's weights change; the input's sign is checked at run time only where the rule's plan depends on
+    it and the model probe did not prove it."""
 
     def __init__(self, attributor: Attributor, name: str, module: nn.Module, rule: Rule,
-                 relu_follows: bool = False) -> None:
+                 relu_follows: bool = False, nonnegative_input: bool = False) -> None:
         self.attributor = attributor
         self.name = name
         self.module = module
         self.rule = rule
-        self.op = LayerOp(module, name, relu_follows)
+        self.op = LayerOp(module, name, relu_follows, nonnegative_input)
         self._key: tuple | None = None
-        self._params: dict[str, Any] = {}
+        self._plans: dict[bool, Plan] = {}
+        self._check_sign = not nonnegative_input and rule.sign_matters(self.op)
         self._saved_forward = module.__dict__.get("forward")
         module.forward = self.forward
 
@@ -142,13 +151,17 @@ class _Binding:
         else:
             self.module.forward = self._saved_forward
 
-    def params(self) -> dict[str, Any]:
+    def plan(self, a: torch.Tensor) -> Plan:
+        """The compiled plan for the input ``a`` (cached per weight version and input-sign knowledge)."""
         w, b = self.op.weight, self.op.bias
         key = (id(w), w._version, id(b), None if b is None else b._version, w.device, w.dtype)
         if key != self._key:
-            self._params = self.rule.params(self.op)
-            self._key = key
-        return self._params
+            self._plans, self._key = {}, key
+        known = self.op.nonnegative_input or (self._check_sign and nonnegative(a))
+        plan = self._plans.get(known)
+        if plan is None:
+            plan = self._plans[known] = self.rule.compile(self.op, known)
+        return plan
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         call = self.attributor._call
@@ -158,14 +171,15 @@ class _Binding:
             if not reads_input(a, call.x):
                 raise ValueError(f"rule {self.rule!r} on layer {self.name!r} applies only to a layer that reads the "
                                  "model input directly, but this layer's input is computed inside the model")
-            low = high = None
-            if isinstance(self.rule, ZBox):
+            context = NO_CONTEXT
+            if self.rule.needs_bounds:
                 low = call.bound(call.low if call.low is not None else self.rule.low, call.x.detach().min(), a)
                 high = call.bound(call.high if call.high is not None else self.rule.high, call.x.detach().max(), a)
                 if bool((low > a.detach()).any()) or bool((high < a.detach()).any()):
                     raise ValueError(f"z^B bounds do not contain the input at layer {self.name!r}: need "
                                      "low <= x <= high (pass low=/high= or leave them unset for the batch min/max)")
-            return _InputRuleFn.apply(a, call.input_sink(), self, low, high)
+                context = CallContext(low, high)
+            return _InputRuleFn.apply(a, call.input_sink(), self, context)
         return _RuleFn.apply(a, self)
 
 
@@ -328,7 +342,8 @@ class Attributor:
             if twice:
                 raise ValueError(f"input-domain rule on a layer called more than once per forward: {', '.join(twice)}")
             for name, rule in self.rules.items():
-                binding = _Binding(self, name, get_module(self.model, name), rule, relu_follows=name in graph.relu_only)
+                binding = _Binding(self, name, get_module(self.model, name), rule, relu_follows=name in graph.relu_only,
+                                   nonnegative_input=name in graph.nonnegative_input)
                 edits.callback(binding.remove)
         except BaseException:
             self._teardown()

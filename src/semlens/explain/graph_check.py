@@ -50,6 +50,26 @@ _PASS_OPS = {
 #: harmless queries (no new activation)
 _QUERY_OPS = {"__get__", "size", "dim", "numel", "__len__", "is_contiguous", "requires_grad_", "__format__", "stride",
               "data_ptr", "is_floating_point", "__repr__", "__hash__", "__eq__", "__bool__", "detach", "element_size"}
+#: operations whose output is >= 0 when every activation they read is (sums also need non-negative other operands)
+_SIGN_KEEPING_OPS = {
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t", "contiguous",
+    "squeeze", "unsqueeze", "__getitem__", "cat", "concat", "concatenate", "stack", "hstack", "vstack", "split",
+    "chunk", "narrow", "unbind", "expand", "expand_as", "repeat", "clone", "flip", "roll", "movedim", "moveaxis",
+    "to", "float", "double", "half", "type_as", "dropout", "dropout1d", "dropout2d", "dropout3d",
+    "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+    "max_pool3d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "adaptive_max_pool1d_with_indices", "adaptive_max_pool2d_with_indices", "adaptive_max_pool3d_with_indices",
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "mean", "sum", "max", "amax", "pad", "flatten_",
+}
+_SUM_OPS = {"add", "__add__", "__radd__", "__iadd__", "add_"}
+#: trusted modules whose output is >= 0 when their input is
+_SIGN_KEEPING_MODULES = (
+    nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
 _SCALE_OPS = {"mul", "__mul__", "__rmul__", "__imul__", "mul_", "div", "__truediv__", "__itruediv__", "div_"}
 
 
@@ -77,7 +97,10 @@ class ModelGraph:
     input; ``bn_pairs``: (linear name, batchnorm name) pairs where the BN consumes only that layer's output;
     ``bn_unfoldable``: BN name -> reason; ``culprits``: unsupported modules/ops; ``output_shape``: model output shape;
     ``relu_only``: conv/linear layers every output of which (after its folded BatchNorm, if any) is used by ReLUs only,
-    so that output units with ``z <= 0`` never receive relevance (rules skip the work for them).
+    so that output units with ``z <= 0`` never receive relevance (rules skip the work for them);
+    ``nonnegative_input``: conv/linear layers every input of which is provably ``>= 0`` (the output of a ReLU, or of
+    pooling, reshaping, slicing, concatenation or sums of such tensors), so rules skip their negative-input parts
+    without checking the input at run time.
     """
 
     calls: dict[str, int] = field(default_factory=dict)
@@ -87,6 +110,7 @@ class ModelGraph:
     culprits: list[str] = field(default_factory=list)
     output_shape: tuple[int, ...] = ()
     relu_only: list[str] = field(default_factory=list)
+    nonnegative_input: list[str] = field(default_factory=list)
 
 
 _TRUSTED_FORWARDS = {cls.forward for cls in _TRUSTED}
@@ -158,6 +182,8 @@ class _Probe:
         self.outputs: dict[str, list[tuple[int, int]]] = {}  # conv/linear/BN name -> its output values
         self.bn_inputs: dict[str, torch.Tensor] = {}
         self._culprits: dict[str, None] = {}
+        self.nonneg: set[int] = set()  # ids of tensors proven >= 0 (kept alive, so ids are not reused)
+        self.linear_nonneg: dict[str, bool] = {}  # conv/linear name -> every input so far was proven >= 0
 
     def name(self, m: nn.Module) -> str:
         return self.names.get(id(m), "") or "<model>"
@@ -180,6 +206,29 @@ class _Probe:
         if inplace_relu and tensors and isinstance(tensors[0], torch.Tensor):
             self.generation[id(tensors[0])] = self.generation.get(id(tensors[0]), 0) + 1
 
+    def mark(self, out: Any, nonneg: bool, inplace: bool = False) -> None:
+        """Record whether the tensor(s) ``out`` are proven ``>= 0``. An in-place op that may make its tensor negative
+        forgets every proof (views taken earlier share the modified storage)."""
+        if inplace and not nonneg:
+            self.nonneg.clear()
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                if nonneg:
+                    self.nonneg.add(id(t))
+                    self.keep.append(t)
+                else:
+                    self.nonneg.discard(id(t))
+
+    def op_nonneg(self, op: str, flat: list[Any], acts: list[torch.Tensor], kwargs: dict, is_relu: bool) -> bool:
+        if is_relu:
+            return True
+        if op in _SUM_OPS:
+            if "alpha" in kwargs:
+                return False
+            operands = [v for v in flat if isinstance(v, (torch.Tensor, int, float)) and not isinstance(v, bool)]
+            return all(id(v) in self.nonneg if isinstance(v, torch.Tensor) else v >= 0 for v in operands)
+        return op in _SIGN_KEEPING_OPS and all(id(t) in self.nonneg for t in acts)
+
     def pre(self, module: nn.Module, args: tuple) -> None:
         name = self.name(module)
         inside_trusted = self.in_trusted()
@@ -196,6 +245,7 @@ class _Probe:
         self.consume(list(args), "relu" if relu else type(module).__name__, inplace_relu=relu and module.inplace)
         a = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if isinstance(module, LINEAR_TYPES):
+            self.linear_nonneg[name] = self.linear_nonneg.get(name, True) and a is not None and id(a) in self.nonneg
             if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.padding_mode != "zeros":
                 self.culprit(f"{name} ({type(module).__name__}): padding_mode={module.padding_mode!r} is unsupported "
                              "(only zero padding)")
@@ -211,6 +261,10 @@ class _Probe:
         self.stack.pop()
         if self.in_trusted():
             return
+        if _trusted(module):
+            a = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            self.mark(out, type(module) is nn.ReLU or (isinstance(module, _SIGN_KEEPING_MODULES) and a is not None
+                                                         and id(a) in self.nonneg))
         if isinstance(module, LINEAR_TYPES + _BN_TYPES) and isinstance(out, torch.Tensor):
             if isinstance(module, LINEAR_TYPES):
                 self.producer[id(out)] = self.name(module)
@@ -233,6 +287,7 @@ class _Probe:
         inplace = op.endswith("_") and not op.startswith("__") or kwargs.get("inplace") is True or (
             op == "relu" and len(args) > 1 and args[1] is True)
         self.consume(flat, "relu" if is_relu else op, inplace_relu=is_relu and inplace)
+        self.mark(out, self.op_nonneg(op, flat, acts, kwargs, is_relu), inplace or op.startswith("__i"))
         where = self.name(self.stack[-1]) if self.stack else "<model>"
         kind = type(self.stack[-1]).__name__ if self.stack else type(self.model).__name__
         if op in _PASS_OPS:
@@ -275,6 +330,7 @@ class _Probe:
             else:
                 g.bn_pairs.append((src, bn_name))
         g.culprits = list(self._culprits)
+        g.nonnegative_input = [n for n, ok in self.linear_nonneg.items() if ok]
         folded = dict(g.bn_pairs)
 
         def relu_only(v: tuple[int, int]) -> bool:
