@@ -56,3 +56,19 @@ def test_colour_share_and_concept_hits() -> None:
     assert torch.equal(hits, torch.tensor([1.0, 0.0, 1.0]))
     hits = concept_hits(img[None], [("red", "color")], Judge(), colour_min=0.25)
     assert torch.equal(hits, torch.tensor([0.0]))
+
+
+def test_unit_objectives_ascend_also_for_units_whose_natural_maximum_is_negative() -> None:
+    """A pre-ReLU unit can be negative on every natural image: dividing its objective by that maximum made
+    ``reproduce maximize`` *minimise* it. The scale is now max − mean (> 0); the ratio is left out (NaN) there."""
+    from semlens.experiments.maximize_eval import _natural_range, _objective, _ratio
+
+    scores = torch.tensor([[-3.0, 1.0], [-1.0, 3.0], [-2.0, 2.0]])  # (N=3, U=2): unit 0 is negative everywhere
+    dmax, scale = _natural_range(scores)
+    assert torch.equal(dmax, torch.tensor([-1.0, 3.0])) and torch.equal(scale, torch.tensor([1.0, 1.0]))
+    ratio = _ratio(torch.tensor([0.5, 1.5]), dmax)
+    assert torch.isnan(ratio[0]) and float(ratio[1]) == 0.5
+
+    obj = _objective([{"layer": "conv", "unit": 0}, {"layer": "conv", "unit": 0}], torch.tensor([0.5, 2.0]))
+    acts = {"conv": torch.full((2, 1, 4, 4), -2.0)}  # channel mean -2 for both rows
+    assert torch.allclose(obj(acts), torch.tensor([-4.0, -1.0]))  # divided by the positive scales: same direction

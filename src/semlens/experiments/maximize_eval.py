@@ -4,7 +4,9 @@
    dissected; the units labelled with IoU ≥ 0.1 are visualised.
 2. For each variant and parameterisation (plain pixel / Fourier / MaCo, expert Gaussian / GMM / RBM,
    code VAE / GAN) all those units (of all layers) are maximised as ONE batch; each unit's objective is
-   its channel mean divided by its maximum over natural images, so it *is* the activation ratio.
+   its channel mean divided by its natural range (maximum − mean over natural images; positive, so units
+   whose natural maximum is negative, pre-ReLU, are still maximised), so λ is per unit of natural range.
+   The reported activation ratio is the activation ÷ the natural maximum, for units whose maximum is > 0.
 3. Per configuration, over the units: median activation ratio, median held-out log-likelihood per
    dimension (a PCA-Gaussian fitted on other images, never an expert), concept hit rate (colour units:
    ≥ 5 % of pixels nearest to the colour; other units: a resnet-small judge trained on the world's
@@ -107,11 +109,25 @@ def _priors(root: Path, images: torch.Tensor, cfg: MaxEvalConfig) -> dict[str, A
     return out
 
 
-def _objective(units: list[dict[str, Any]], dmax: torch.Tensor):  # noqa: ANN202
+def _objective(units: list[dict[str, Any]], scale: torch.Tensor):  # noqa: ANN202
+    """Each unit's channel mean divided by its (positive) natural range ``scale``: the direction of ascent is the
+    unit's own, also for units whose natural maximum is negative (pre-ReLU conv outputs); dividing by that maximum
+    would turn them into minimisations."""
     from semlens.maximize import Objective, channel
 
-    return Objective.cat([channel(u["layer"], [u["unit"]]) * (1.0 / float(m)) for u, m in zip(units, dmax,
+    return Objective.cat([channel(u["layer"], [u["unit"]]) * (1.0 / float(m)) for u, m in zip(units, scale,
                                                                                                   strict=True)])
+
+
+def _natural_range(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From (N, U) natural-image scores: the maxima (U,) and the objectives' scales max − mean (U,), > 0."""
+    dmax = scores.max(dim=0).values
+    return dmax, (dmax - scores.mean(dim=0)).clamp(min=1e-6)
+
+
+def _ratio(act: torch.Tensor, dmax: torch.Tensor) -> torch.Tensor:
+    """Activation ÷ the unit's natural maximum; NaN (left out of the medians) where that maximum is <= 0."""
+    return torch.where(dmax > 0, act / dmax.where(dmax > 0, torch.ones_like(dmax)), torch.full_like(act, float("nan")))
 
 
 def _natural_scores(model, units, images) -> torch.Tensor:  # noqa: ANN001
@@ -125,14 +141,14 @@ def _natural_scores(model, units, images) -> torch.Tensor:  # noqa: ANN001
     return torch.stack([c for _, c in sorted(cols, key=lambda t: t[0])], dim=1)
 
 
-def _run_config(model, units, dmax, stats, prior, variant, param, cfg: MaxEvalConfig):  # noqa: ANN001, ANN202
+def _run_config(model, units, scale, stats, prior, variant, param, cfg: MaxEvalConfig):  # noqa: ANN001, ANN202
     from semlens.maximize import Augment, maximize
     from semlens.maximize.run import MaximizeConfig, build_variant
 
     dims = stats.mean.numel()
     lam = {"plain": cfg.lam_plain, "expert": cfg.expert_strength / dims, "code": cfg.lam_code}[variant]
     p, reg = build_variant(MaximizeConfig(variant=variant, param=param, lam=lam), stats, prior)
-    res = maximize(model, _objective(units, dmax), p, regulariser=reg, seeds=torch.arange(len(units)),
+    res = maximize(model, _objective(units, scale), p, regulariser=reg, seeds=torch.arange(len(units)),
                    steps=cfg.steps, augment=Augment(views=cfg.views, seed=cfg.seed) if cfg.views else None)
     return res
 
@@ -172,21 +188,21 @@ def _unit_table(model, units, world, priors, judge, heldout, stats,  # noqa: ANN
     """Rows of the per-configuration table (ceiling first) and each configuration's prototypes (U, 3, 64, 64)."""
     natural = world["natural"]
     scores = _natural_scores(model, units, natural)
-    dmax = scores.max(dim=0).values
+    dmax, scale = _natural_range(scores)
     top = scores.topk(9, dim=0).indices.T  # (U, 9)
     concepts = [(u["concept"], u["category"]) for u in units]
     dims = natural[0].numel()
     nat = natural[top.reshape(-1)]
     nat_hits = concept_hits(nat, [c for c in concepts for _ in range(9)], judge).reshape(len(units), 9).mean(1)
-    rows = [_summarise("top-9 natural images (ceiling)", scores.gather(0, top.T).T.mean(1) / dmax,
+    rows = [_summarise("top-9 natural images (ceiling)", _ratio(scores.gather(0, top.T).T.mean(1), dmax),
                        (heldout.log_prob(nat) / dims).reshape(len(units), 9).mean(1), nat_hits,
                        torch.ones(len(units)))]
     protos_by = {"top9": natural[top]}
     for name, variant, param, kind in CONFIGS:
         t0 = time.perf_counter()
-        res = _run_config(model, units, dmax, stats, priors.get(kind), variant, param, cfg)
+        res = _run_config(model, units, scale, stats, priors.get(kind), variant, param, cfg)
         protos_by[name] = res.images
-        rows.append(_summarise(name, res.activation, heldout.log_prob(res.images) / dims,
+        rows.append(_summarise(name, _ratio(res.activation * scale, dmax), heldout.log_prob(res.images) / dims,
                                concept_hits(res.images, concepts, judge),
                                _path_similarity(model, units, res.images, natural, top), time.perf_counter() - t0))
     return rows, protos_by
