@@ -12,7 +12,7 @@ from semlens.embed import SRAE, accept, log_penalty_reconstruction, pull_away
 from semlens.embed.baselines import NMFEmbedding, PCAEmbedding, TopKSAE
 from semlens.embed.io import EmbeddingMismatchError, load_embedding, save_embedding
 from semlens.embed.srae import pull_away_batched
-from semlens.embed.synthetic import planted_dictionary
+from semlens.embed.synthetic import matched_correlation, planted_dictionary
 
 
 def r2(pred: torch.Tensor, y: torch.Tensor) -> float:
@@ -30,6 +30,26 @@ def test_pull_away_hand_computed_2x2_both_variants():
     assert both.tolist() == pytest.approx([0.1, 0.2], abs=1e-6)
     with pytest.raises(ValueError, match="pull-away variant"):
         pull_away(s, "rows")
+
+
+def test_pull_away_correlation_hand_computed_and_silent_columns():
+    """The default variant: Pearson ρ of the centred columns, pair cost 1 − (1 − ρ²) h_a h_b with
+    h = ‖c_a‖² / (‖c_a‖² + τ² Σ‖c‖²), τ = 0.05; a silent column is redundant (cost 1), not orthogonal (cost 0)."""
+    s = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    # centred columns (2,-1,-1)/3 and (-1,2,-1)/3: rho = -0.5; |c|^2 = 2/3 each -> h = (2/3) / (2/3 + 0.0025 * 4/3)
+    h = (2 / 3) / (2 / 3 + 0.0025 * 4 / 3)
+    assert float(pull_away(s, "correlation")) == pytest.approx(1 - 0.75 * h * h, abs=1e-6)
+    assert float(pull_away(s)) == pytest.approx(1 - 0.75 * h * h, abs=1e-6)  # the default
+    silent = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 0.0]])
+    assert float(pull_away(silent, "features")) == 0.0          # the reference: silent = orthogonal
+    assert float(pull_away(silent, "correlation")) == pytest.approx(1.0, abs=1e-6)
+    # a column with 1 % of the contribution variance is mostly redundant; uncorrelated healthy columns cost little
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4000, generator=g), torch.randn(4000, generator=g)
+    assert float(pull_away(torch.stack([a, b], 1), "correlation")) < 0.02  # floor 1 - h² ≈ 0.01 at equal shares
+    assert float(pull_away(torch.stack([a, 0.1 * b], 1), "correlation")) > 0.15
+    batched = pull_away_batched(torch.stack([s, silent]).unsqueeze(-1), "correlation")
+    assert batched.tolist() == pytest.approx([1 - 0.75 * h * h, 1.0], abs=1e-6)
 
 
 def test_log_penalty_hand_computed():
@@ -51,7 +71,7 @@ def test_gradcheck_srae_loss():
 
     def loss(yh, zh, ss):
         return (((yh - y) ** 2).mean() + 15 * log_penalty_reconstruction(zh, z, 100.0)
-                + 5 * pull_away(ss, "features") + 2 * pull_away(ss, "images"))
+                + 5 * pull_away(ss, "features") + 2 * pull_away(ss, "images") + 3 * pull_away(ss, "correlation"))
 
     assert torch.autograd.gradcheck(loss, (y_hat, z_hat, s))
 
@@ -149,20 +169,28 @@ def _best_corr(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def test_planted_dictionary_srae_follows_decision_atoms_sae_spreads():
-    """With the acceptance loop and a strong pull-away, SRAE x-features follow the decision atoms and ignore the
-    others; a TopK SAE of the same width follows whichever atoms reconstruct best.
+    """Library defaults (pretraining, revive_dead=3, pull_away="correlation") but for the loss weights: y here has
+    unit variance where the concept-world logits have variance ~65, so α_rec = 0.3 puts faithfulness and
+    reconstruction in the real-data balance (15 / 65 ≈ 0.23), and α_PT = 10 makes the pull-away count.
 
-    Pinned to the reference pretraining (``revive_dead=0``): here one x-feature dies in pretraining, and when it is
-    redrawn (the default) it follows non-decision atoms 4 and 5 (correlation 0.85 / 0.80), the reconstruction term
-    keeping it alive; see docs/embed.md."""
+    Over 15 fits (data seeds 1–5 × model seeds 0–2, docs/embed.md) the SRAE was accepted with R² ≥ 0.8 and found a
+    decision atom (Hungarian-matched correlation ≥ 0.85) in 15, stayed off the non-decision atoms (mean best
+    correlation ≤ 0.55 and below the TopK SAE's) in 14, matched the decision atoms better on average than the SAE in
+    12; the SAE spread over the non-decision atoms (≥ 0.4) in 15. Every decision atom ≥ 0.8 with mean ≥ 0.9 held in
+    5 (this seed: 0.97 / 0.84 / 0.93), every decision atom ≥ 0.95 (the issue's aim) in 1 only: not asserted."""
     pd = planted_dictionary(n=1500, d=24, m=6, decision=(0, 1, 2), active=0.3, seed=1)
-    srae = SRAE(k=3, alpha_rec=0.3, alpha_pt=10.0, epochs=12, seed=0, revive_dead=0).fit(pd.z, pd.y)
+    srae = SRAE(k=3, alpha_rec=0.3, alpha_pt=10.0, epochs=60, seed=0).fit(pd.z, pd.y)
     sae = TopKSAE(k=3, epochs=20, seed=0).fit(pd.z, pd.y)
-    b_srae, b_sae = _best_corr(srae.encode(pd.z)[:, 0], pd.s), _best_corr(sae.encode(pd.z)[:, 0], pd.s)
+    x = srae.encode(pd.z)[:, 0]
+    matched = matched_correlation(x, pd.s[:, :3])
+    b_srae, b_sae = _best_corr(x, pd.s), _best_corr(sae.encode(pd.z)[:, 0], pd.s)
     assert bool(srae.accepted_[0])
-    assert float(b_srae[:3].max()) >= 0.85 and float(b_srae[:3].mean()) >= 0.6
-    assert float(b_srae[3:].mean()) <= 0.3            # non-decision atoms ignored
-    assert float(b_sae[3:].mean()) >= 0.5 and float(b_sae[:3].mean()) < float(b_srae[:3].mean())
+    assert r2(srae.predict(pd.z)[:, 0], pd.y[:, 0]) >= 0.8
+    assert float(matched.max()) >= 0.85
+    assert float(matched.min()) >= 0.8 and float(matched.mean()) >= 0.9   # this seed (5 of 15): every atom found
+    assert float(b_srae[3:].mean()) <= 0.55 and float(b_srae[3:].mean()) < float(b_sae[3:].mean())
+    assert float(b_sae[3:].mean()) >= 0.4                                   # the SAE spreads over all atoms
+    assert float(b_sae[:3].mean()) < float(matched.mean())
 
 
 def test_joint_mode_explains_all_classes():

@@ -33,7 +33,10 @@ def fitted():
                                                ("epsilon-plus-flat", {"zero_params": "bias"}, 2e-2)])
 def test_xfeature_heatmaps_sum_to_contributions(fitted, method, params, rtol):
     net, x, store = fitted
-    emb = SRAE(k=3, target=[0, 2], epochs=2, max_rounds=1, seed=0).fit(store)
+    # pull_away="features" pins the toy embedding this test was written against: with the default ("correlation")
+    # x-features 1 and 2 also fire on image 4, where this random CNN's epsilon rule is far from conservative (map sum
+    # 2.8e-3 vs contribution 1.0e-3; Excitation Backprop conserves there too). The maps, not the pull-away, are tested.
+    emb = SRAE(k=3, target=[0, 2], epochs=2, max_rounds=1, seed=0, pull_away="features").fit(store)
     hooks = count_hooks(net)
     heat, contrib = xfeature_heatmaps(net, "4", emb, x[:6], target=2, method=method, **params)
     assert heat.shape == (6, 3, 3, 8, 8) and contrib.shape == (6, 3)

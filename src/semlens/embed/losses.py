@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["faithfulness_loss", "log_penalty_reconstruction", "pull_away", "PULL_AWAY_VARIANTS",
-           "RECONSTRUCTION_VARIANTS"]
+__all__ = ["faithfulness_loss", "log_penalty_reconstruction", "pull_away", "pull_away_vectors", "PULL_AWAY_VARIANTS",
+           "RECONSTRUCTION_VARIANTS", "SILENCE"]
 
-#: ``"features"``: cos² between the columns of S (x-feature bases, ``PT_inverse=0``; what the paper's text
-#: describes: near-orthogonal x-features). ``"images"``: cos² between the rows of S (samples of a batch;
-#: ``PT_inverse=1``, the reference driver's default).
-PULL_AWAY_VARIANTS = ("features", "images")
+#: ``"correlation"`` (default): 1 − (1 − ρ²)·h_a·h_b between the columns of S, with ρ the Pearson correlation of the
+#: centred columns and ``h`` a column's share of the contribution variance (a silent column counts as fully
+#: redundant, not as orthogonal); see :func:`pull_away`. ``"features"``: cos² between the raw columns of S (x-feature
+#: bases, ``PT_inverse=0``; what the paper's text describes). ``"images"``: cos² between the rows of S (samples of a
+#: batch; ``PT_inverse=1``, the reference driver's default).
+PULL_AWAY_VARIANTS = ("correlation", "features", "images")
+#: ``τ`` of the ``"correlation"`` pull-away: a column whose variance is a small share ``p`` of the total contribution
+#: variance is silent to the degree ``τ² / (p + τ²)`` (0.5 at ``p = τ²`` = 0.25 %).
+SILENCE = 0.05
 #: ``"dimension"``: batch mean inside the log, one term per dimension (reference ``logpenaltyFC``);
 #: ``"element"``: ``mean(log(1 + q (Ẑ - Z)²))`` over every element.
 RECONSTRUCTION_VARIANTS = ("dimension", "element")
@@ -39,23 +44,49 @@ def log_penalty_reconstruction(z_hat: torch.Tensor, z: torch.Tensor, q: float = 
     raise ValueError(f"unknown reconstruction variant {variant!r}; use one of {RECONSTRUCTION_VARIANTS}")
 
 
-def pull_away(s: torch.Tensor, along: str = "features", eps: float = 1e-8) -> torch.Tensor:
+def pull_away_vectors(v: torch.Tensor, centred: bool = False, silence: float = 0.0,
+                      eps: float = 1e-8) -> torch.Tensor:
+    """Mean pairwise redundancy of ``n`` vectors, ``v`` ``(B, n, length)`` → ``(B,)``; 0 when ``n < 2``.
+
+    ``silence = 0``: ``1/(n(n−1)) Σ_{a≠b} cos²(v_a, v_b)`` with ``v / (‖v‖ + eps)`` (the EBGAN pull-away; an all-zero
+    vector has cosine 0 with everything). ``silence = τ > 0``: the redundancy of a pair is
+    ``1 − h_a h_b (1 − cos²_ab)`` with ``h_a = ‖v_a‖² / (‖v_a‖² + τ² Σ_c ‖v_c‖² + eps)``: a vector that is a negligible
+    share of the total counts as redundant with every other (1 for a silent one), a healthy pair costs its cos².
+    ``centred``: vectors centred first (cos = Pearson correlation).
+    """
+    n = v.shape[1]
+    if n < 2:
+        return v.sum((1, 2)) * 0.0
+    if centred:
+        v = v - v.mean(2, keepdim=True)
+    if silence > 0:
+        n2 = (v * v).sum(2)
+        u = v / (n2 + eps * eps).sqrt().unsqueeze(-1)
+        cos2 = (u @ u.transpose(1, 2)) ** 2
+        h = n2 / (n2 + silence ** 2 * n2.sum(1, keepdim=True) + eps)
+        r = 1 - h.unsqueeze(2) * h.unsqueeze(1) * (1 - cos2)
+    else:
+        u = v / (v.norm(dim=2, keepdim=True) + eps)
+        r = (u @ u.transpose(1, 2)) ** 2
+    off = r.sum((1, 2)) - torch.diagonal(r, dim1=1, dim2=2).sum(1)
+    return off / (n * (n - 1))
+
+
+def pull_away(s: torch.Tensor, along: str = "correlation", eps: float = 1e-8) -> torch.Tensor:
     """Pull-away term (EBGAN) on the weighted x-features ``s = x ⊙ w``.
 
     ``s``: ``(N, k)``, or ``(N, k, m)`` for ``m`` outputs (the mean over outputs is returned).
     ``along="features"``: ``1/(k(k−1)) Σ_{a≠b} cos²(s_:a, s_:b)`` (columns); ``along="images"``:
     ``1/(N(N−1)) Σ_{n≠m} cos²(s_n:, s_m:)`` (rows). Vectors are divided by ``‖·‖ + eps`` (an all-zero vector has
-    cosine 0 with everything instead of NaN). Returns 0 when there are fewer than two vectors.
+    cosine 0 with everything instead of NaN). ``along="correlation"``: the columns, centred (Pearson ρ), pair cost
+    ``1 − (1 − ρ²_ab) h_a h_b`` with ``h`` the share weight of :func:`pull_away_vectors` (``τ =`` :data:`SILENCE`), so
+    an x-feature that contributes nothing is fully redundant instead of orthogonal. Returns 0 when there are fewer
+    than two vectors.
     """
     if along not in PULL_AWAY_VARIANTS:
         raise ValueError(f"unknown pull-away variant {along!r}; use one of {PULL_AWAY_VARIANTS}")
     if s.ndim == 2:
         s = s.unsqueeze(-1)
-    v = s.permute(2, 1, 0) if along == "features" else s.permute(2, 0, 1)  # (m, vectors, length)
-    n = v.shape[1]
-    if n < 2:
-        return s.sum() * 0.0
-    u = v / (v.norm(dim=2, keepdim=True) + eps)
-    cos = u @ u.transpose(1, 2)
-    off = (cos ** 2).sum((1, 2)) - (torch.diagonal(cos, dim1=1, dim2=2) ** 2).sum(1)
-    return (off / (n * (n - 1))).mean()
+    v = s.permute(2, 0, 1) if along == "images" else s.permute(2, 1, 0)  # (m, vectors, length)
+    corr = along == "correlation"
+    return pull_away_vectors(v, centred=corr, silence=SILENCE if corr else 0.0, eps=eps).mean()

@@ -19,7 +19,7 @@ import torch
 from semlens.embed.acceptance import PT_FACTOR, REC_FACTOR, accept
 from semlens.embed.activations import ActivationStore
 from semlens.embed.base import Embedding
-from semlens.embed.losses import PULL_AWAY_VARIANTS, RECONSTRUCTION_VARIANTS
+from semlens.embed.losses import PULL_AWAY_VARIANTS, RECONSTRUCTION_VARIANTS, SILENCE, pull_away_vectors
 from semlens.embed.nets import SRAENet, default_hidden
 from semlens.runtime import progress
 
@@ -29,17 +29,12 @@ __all__ = ["SRAE", "pull_away_batched"]
 def pull_away_batched(s: torch.Tensor, along: str, eps: float = 1e-8) -> torch.Tensor:
     """Pull-away per copy: ``s`` ``(T, N, k, m)`` → ``(T,)`` (mean over the ``m`` outputs); see ``losses.pull_away``."""
     t, n, k, m = s.shape
-    if along == "features":
-        v = s.permute(0, 3, 2, 1).reshape(t * m, k, n)
-    else:
+    if along == "images":
         v = s.permute(0, 3, 1, 2).reshape(t * m, n, k)
-    count = v.shape[1]
-    if count < 2:
-        return s.sum((1, 2, 3)) * 0.0
-    u = v / (v.norm(dim=2, keepdim=True) + eps)
-    cos = u @ u.transpose(1, 2)
-    off = (cos ** 2).sum((1, 2)) - (torch.diagonal(cos, dim1=1, dim2=2) ** 2).sum(1)
-    return (off / (count * (count - 1))).view(t, m).mean(1)
+    else:
+        v = s.permute(0, 3, 2, 1).reshape(t * m, k, n)
+    corr = along == "correlation"
+    return pull_away_vectors(v, centred=corr, silence=SILENCE if corr else 0.0, eps=eps).view(t, m).mean(1)
 
 
 class SRAE(Embedding):
@@ -53,7 +48,13 @@ class SRAE(Embedding):
         hidden: encoder widths ``(h1, h2)``; default :func:`~semlens.embed.nets.default_hidden`.
         alpha_pred, alpha_rec, alpha_pt, q: loss weights and log-penalty scale (defaults: the reference driver's
             ``[1, 100, 1, 15, 5]`` for pull-away along features).
-        pull_away: ``"features"`` (orthogonal x-feature bases; default) or ``"images"`` (reference default).
+        pull_away: ``"correlation"`` (default: decorrelated contributions, silent x-features count as redundant),
+            ``"features"`` (the reference's cos² between the raw columns of ``S = x ⊙ w``) or ``"images"`` (the
+            reference driver's default, rows). Why the default deviates from the reference: with cos² of raw
+            non-negative columns, independent sparse sources are not orthogonal (cos = p/2 for Exp(1) amplitudes
+            firing with probability p) and shrinking a column's support lowers it; an x-feature that contributes
+            nothing (all-zero column) counts as orthogonal; so the term is lowered by silencing x-features. See
+            docs/embed.md ("Planted dictionary").
         reconstruction: ``"dimension"`` (batch mean inside the log, reference) or ``"element"``.
         epochs, pretrain_epochs, batch_size, lr, weight_decay: optimisation (reference: batch 50, lr 1e-3, wd 1e-4).
         max_rounds, min_positive, accept_ratio: the acceptance loop.
@@ -75,7 +76,7 @@ class SRAE(Embedding):
 
     def __init__(self, k: int = 5, target: int | list[int] | str = 0, mode: str = "one-vs-all",
                  hidden: tuple[int, int] | None = None, alpha_pred: float = 1.0, alpha_rec: float = 15.0,
-                 alpha_pt: float = 5.0, q: float = 100.0, pull_away: str = "features",
+                 alpha_pt: float = 5.0, q: float = 100.0, pull_away: str = "correlation",
                  reconstruction: str = "dimension", epochs: int = 20, pretrain_epochs: int = 2, batch_size: int = 50,
                  lr: float = 1e-3, weight_decay: float = 1e-4, dropout: float = 0.02, max_rounds: int = 5,
                  min_positive: int = 2, accept_ratio: float = 0.3, standardize_target: bool = False,
