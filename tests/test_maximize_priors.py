@@ -184,5 +184,5 @@ def test_default_lambda_of_the_expert_is_per_input_dimension() -> None:
 
     assert MaximizeConfig(variant="expert").lam_value(3 * 64 * 64) == pytest.approx(1 / 12288)
     assert MaximizeConfig(variant="expert", lam=0.5).lam_value(3 * 64 * 64) == 0.5
-    assert MaximizeConfig(variant="plain").lam_value(3 * 64 * 64) == 1e-3
+    assert MaximizeConfig(variant="plain").lam_value(3 * 64 * 64) == pytest.approx(0.1 / 12288)
     assert MaximizeConfig(variant="code").lam_value(3 * 64 * 64) == 1e-4

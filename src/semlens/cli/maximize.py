@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         prior: Path = typer.Option(None, help="Prior from `semlens maximize fit-prior` (expert and code variants)."),
         param: str = typer.Option("pixel", help="pixel | fourier | maco (image variants)."),
         objective: str = typer.Option("channel", help="channel (mean over space) | neuron (centre) | class."),
-        lam: float = typer.Option(None, help="λ of the penalty / expert / code prior (default: plain 1e-3, "
+        lam: float = typer.Option(None, help="λ of the penalty / expert / code prior (default: plain 0.1/D, "
                                   "expert 1/D with D = C·H·W, code 1e-4)."),
         steps: int = typer.Option(256, help="Optimisation steps."),
         lr: float = typer.Option(0.05, help="Adam learning rate (cosine-decayed)."),

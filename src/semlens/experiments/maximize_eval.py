@@ -68,7 +68,7 @@ class MaxEvalConfig:
     max_units: int = 32
     steps: int = 192
     views: int = 2
-    lam_plain: float = 1e-3  # per unit of activation ratio
+    plain_strength: float = 0.1  # λ = strength / D (per input dimension, per unit of natural range); as the library
     expert_strength: float = 1.0  # λ = strength / D: log-density per input dimension
     lam_code: float = 1e-4
     prior_epochs: int = 30
@@ -146,7 +146,7 @@ def _run_config(model, units, scale, stats, prior, variant, param, cfg: MaxEvalC
     from semlens.maximize.run import MaximizeConfig, build_variant
 
     dims = stats.mean.numel()
-    lam = {"plain": cfg.lam_plain, "expert": cfg.expert_strength / dims, "code": cfg.lam_code}[variant]
+    lam = {"plain": cfg.plain_strength / dims, "expert": cfg.expert_strength / dims, "code": cfg.lam_code}[variant]
     p, reg = build_variant(MaximizeConfig(variant=variant, param=param, lam=lam), stats, prior)
     res = maximize(model, _objective(units, scale), p, regulariser=reg, seeds=torch.arange(len(units)),
                    steps=cfg.steps, augment=Augment(views=cfg.views, seed=cfg.seed) if cfg.views else None)
