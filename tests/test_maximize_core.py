@@ -212,3 +212,36 @@ def test_objective_algebra_is_per_sample() -> None:
                           torch.stack([acts["a"][0, 2, 1, 0], acts["a"][1, 0, 0, 1]]))
     cat = Objective.cat([channel("a", [1]), neuron("a", [2], 0, 0)])
     assert torch.allclose(cat(acts), torch.stack([means[0, 1], acts["a"][1, 2, 0, 0]]))
+
+
+class _ViewNet(nn.Module):
+    """Flattens with ``view``, which a channels-last activation refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(h.shape[0], -1))
+
+
+@pytest.mark.parametrize("objective", ["channel", "class"])
+def test_channels_last_input_gives_the_same_prototypes_and_falls_back_for_view(objective: str) -> None:
+    """memory_format='auto' (channels-last on CPU) optimises the same images as 'contiguous' (float rounding
+    only); a model that cannot take channels-last input (``view``) runs contiguous after its first forward."""
+    torch.manual_seed(0)
+    model = _ViewNet().eval()
+    obj = channel("conv", [0, 1]) if objective == "channel" else class_logit([0, 1])
+    results = {}
+    for mode in ("auto", "contiguous"):
+        param = PixelParam((3, 8, 8), start=torch.full((3, 8, 8), 0.5), lo=torch.zeros(3), hi=torch.ones(3))
+        results[mode] = maximize(model, obj, param, regulariser=l2_penalty(0.01, torch.full((3, 8, 8), 0.5)),
+                                 steps=20, memory_format=mode, show_progress=False)
+    torch.testing.assert_close(results["auto"].images, results["contiguous"].images, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results["auto"].activation, results["contiguous"].activation, rtol=1e-4, atol=1e-5)
+    assert count_hooks(model) == 0
+    with pytest.raises(RuntimeError):  # forced channels-last on this model fails: no silent fallback when asked for
+        maximize(model, class_logit([0]), PixelParam((3, 8, 8)), steps=1, memory_format="channels_last",
+                 show_progress=False)

@@ -99,17 +99,46 @@ def _forward(model: nn.Module, x: Tensor) -> None:
         pass
 
 
+class _Layout:
+    """The memory format the model input is given in. ``"auto"``: channels-last for 4-D images on CPU, where oneDNN's
+    convolutions and max-pooling run faster on it (alexnet-like, 256 images of 64×64, forward + backward to the input:
+    263 vs 345 ms on one thread), kept only if the model's first forward accepts it (a ``view`` of a channels-last
+    activation raises; the run then continues contiguous). ``"contiguous"``: the input as rendered. The values are
+    the same either way; only the order of floating-point sums inside the kernels differs."""
+
+    def __init__(self, mode: str, device: torch.device) -> None:
+        if mode not in ("auto", "channels_last", "contiguous"):
+            raise ValueError(f"memory_format must be 'auto', 'channels_last' or 'contiguous', got {mode!r}")
+        self.channels_last = mode == "channels_last" or (mode == "auto" and device.type == "cpu")
+        self.checked = mode != "auto"
+
+    def forward(self, model: nn.Module, x: Tensor, acts: dict[str, Tensor]) -> None:
+        if not self.channels_last or x.dim() != 4:
+            _forward(model, x)
+            return
+        if self.checked:
+            _forward(model, x.contiguous(memory_format=torch.channels_last))
+            return
+        try:
+            _forward(model, x.contiguous(memory_format=torch.channels_last))
+        except RuntimeError:  # the model cannot run channels-last (or fails anyway: then it fails again below)
+            self.channels_last = False
+            acts.clear()
+            _forward(model, x)
+        self.checked = True
+
+
 def _modules_of(param: Parameterisation) -> list[nn.Module]:
     gen = getattr(param, "generator", None)
     return [gen] if isinstance(gen, nn.Module) else []
 
 
 def _score(model: nn.Module, objective: Objective, acts: dict[str, Tensor], x: Tensor,
-           augment: Augment | None, step: int, view_objective: Objective | None) -> Tensor:
+           augment: Augment | None, step: int, view_objective: Objective | None, layout: _Layout) -> Tensor:
     if augment is None:
-        _forward(model, x)
+        layout.forward(model, x, acts)
         return objective(acts)
-    _forward(model, augment(x, step))
+    layout.forward(model, augment(x, step), acts)
     return view_objective(acts).reshape(augment.views, x.shape[0]).mean(dim=0)
 
 
@@ -118,14 +147,15 @@ def maximize(model: nn.Module, objective: Objective, param: Parameterisation, *,
              lr: float = 0.05, lr_floor: float = 0.01, augment: Augment | None = None,
              device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32, log_every: int = 16, stop_early: bool = True,
-             show_progress: bool | None = None) -> MaxResult:
+             memory_format: str = "auto", show_progress: bool | None = None) -> MaxResult:
     """Maximise ``objective`` (B rows) over ``param`` for ``steps`` Adam steps.
 
     The learning rate (``lr · param.lr_scale``) follows a cosine down to ``lr_floor`` times itself (so
     the iterates settle instead of oscillating at Adam's step size).
     ``seeds`` (B,) seed each row's start (default 0..B-1). With ``stop_early`` the forward ends once
     every layer the objective reads has produced its output (a model that calls a read layer twice
-    should pass ``stop_early=False``). Returns a :class:`MaxResult`.
+    should pass ``stop_early=False``). ``memory_format``: ``"auto"`` (channels-last images on CPU when the model
+    accepts them: faster), ``"channels_last"`` or ``"contiguous"``. Returns a :class:`MaxResult`.
     """
     b = objective.batch
     seeds = torch.arange(b) if seeds is None else torch.as_tensor(seeds).reshape(-1)
@@ -134,6 +164,7 @@ def maximize(model: nn.Module, objective: Objective, param: Parameterisation, *,
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     view_obj = objective.for_views(augment.views) if augment is not None else None
+    layout = _Layout(memory_format, torch.device(device))
     p = param.init(seeds, dtype).to(device).detach().requires_grad_(True)
     lr = lr * param.lr_scale
     opt = torch.optim.Adam([p], lr=lr)
@@ -146,7 +177,7 @@ def maximize(model: nn.Module, objective: Objective, param: Parameterisation, *,
         acts = stack.enter_context(_read_layers(model, objective.layers, stop_early))
         for step in progress(range(steps), total=steps, desc="maximize", enabled=show_progress):
             x = param.render(p)
-            total = _score(model, objective, acts, x, augment, step, view_obj)
+            total = _score(model, objective, acts, x, augment, step, view_obj, layout)
             if regulariser is not None:
                 total = total + regulariser(x, p)
             opt.zero_grad(set_to_none=True)
@@ -160,7 +191,7 @@ def maximize(model: nn.Module, objective: Objective, param: Parameterisation, *,
             acts.clear()
         with torch.no_grad():
             x = param.render(p)
-            _forward(model, x)
+            layout.forward(model, x, acts)
             act = objective(acts)
             score = act + (regulariser(x, p) if regulariser is not None else 0)
             acts.clear()
