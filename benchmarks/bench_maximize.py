@@ -13,7 +13,8 @@ Model: alexnet-like (64×64 inputs, random seeded weights); objective: the 64 ch
   seconds on CUDA;
 * one step ÷ one forward+backward: the median time of an optimisation step (render, 4 views, forward
   with hooks, objective, backward, Adam, projection) ÷ the median time of a bare forward of the same
-  256-image batch plus the backward of the same objective to the input.
+  256-image batch plus the backward of the same objective to the input. On CPU the engine gives the model
+  channels-last images (faster oneDNN kernels), so the ratio to a forward+backward in that layout is printed too.
 """
 
 from __future__ import annotations
@@ -38,10 +39,13 @@ def _run(model, units, steps, device, views):  # noqa: ANN001, ANN202
                     steps=steps, augment=Augment(views=views), device=device, show_progress=False)
 
 
-def _fwd_bwd(model, x, units):  # noqa: ANN001, ANN202
+def _fwd_bwd(model, x, units, channels_last=False):  # noqa: ANN001, ANN202
     obj = channel(LAYER, units)
     with frozen(model), capture_activations(model, [LAYER], detach=False) as acts:
-        xx = x.detach().requires_grad_(True)
+        xx = x.detach()
+        if channels_last:
+            xx = xx.contiguous(memory_format=torch.channels_last)
+        xx.requires_grad_(True)
         model(xx)  # the whole model, as a user's forward+backward would run it
         obj(acts).sum().backward()
     return xx.grad
@@ -92,6 +96,10 @@ def main() -> None:
           f"({k}-step runs, including the start): {t_step * 1e3:.1f} ms; in the {args.steps}-step run: "
           f"{per_step_batched * 1e3:.1f} ms")
     print(f"ratio step / (forward+backward): {per_step_batched / t_fb:.2f} (target <= 1.3)")
+    if dev.type == "cpu":  # the engine feeds channels-last images on CPU: the same baseline in that layout
+        t_cl = median_time(lambda: _fwd_bwd(model, x, units * args.views, True), max(5, args.repeats * 3), dev)
+        print(f"one forward+backward with a channels-last input (the engine's layout on CPU): {t_cl * 1e3:.1f} ms; "
+              f"ratio step / that: {per_step_batched / t_cl:.2f}")
 
 
 if __name__ == "__main__":
