@@ -238,15 +238,17 @@ def test_browser_layer_filter_and_unit_card(page, server, project):
     concept = rows[0]["concept"]
     page.goto(server.url + "/")
     page.click("text=features.conv5")
+    page.wait_for_url(re.compile(r"/v/1/layer/features\.conv5/$"))  # a click starts a navigation; wait for its load
     assert page.url.endswith("/v/1/layer/features.conv5/")
     assert page.locator("#units .card").count() == len(rows)
     page.fill("input[name=concept]", concept)
-    page.click("#filter button")
+    with page.expect_navigation():  # the filtered page has loaded, not the one before the submit
+        page.click("#filter button")
     shown = page.locator("#units .card .concept").all_inner_texts()
     assert shown and all(concept in c for c in shown)
     assert len(shown) == sum(concept in r["concept"] for r in rows)
     page.locator("#units .card").first.click()
-    assert re.search(r"/v/1/layer/features\.conv5/unit/\d+$", page.url)
+    page.wait_for_url(re.compile(r"/v/1/layer/features\.conv5/unit/\d+$"))
     assert concept in page.locator("#unit-card .concept").inner_text()
 
 
@@ -268,8 +270,8 @@ def test_browser_remark_is_listed_persisted_and_escaped(page, server, project):
     page.goto(server.url + "/v/1/sample/000005")
     nasty = "<script>window.pwned=1</script> misses <b>it</b>"
     page.fill("#text", nasty)
-    page.click("#submit-remark")
-    page.wait_for_url(re.compile(r"/sample/000005$"))
+    with page.expect_navigation():  # the form POST, its redirect and the load of the page it returns
+        page.click("#submit-remark")
     assert nasty in page.locator("#sample-remarks").inner_text()
     assert page.evaluate("window.pwned === undefined")
     page.reload()
@@ -287,7 +289,8 @@ def test_browser_apply_with_progress_then_undo_restores_bit_identical_weights(pa
     page.goto(server.url + f"/v/{base.id}/sample/000007")
     base_prediction = page.locator("#prediction").inner_text()
     page.fill("#text", "apply me")
-    page.click("#submit-remark")
+    with page.expect_navigation():  # the form POST, its redirect and the load of the page it returns
+        page.click("#submit-remark")
     page.goto(server.url + f"/v/{base.id}/")
     page.fill("input[name=steps]", "20")
     page.fill("input[name=lr]", "0.01")
@@ -299,7 +302,7 @@ def test_browser_apply_with_progress_then_undo_restores_bit_identical_weights(pa
     new = store.current_version()
     assert new.id != base.id and new.parent == base.id
     page.click("#job-result a")
-    assert page.url.endswith(f"/v/{new.id}/")
+    page.wait_for_url(re.compile(rf"/v/{new.id}/$"))
     # the sample view of the new version compares with the base version
     page.goto(server.url + f"/v/{new.id}/sample/000007?compare={base.id}")
     view = server.app.app.state.pages.view
@@ -690,8 +693,8 @@ def test_browser_captioner_sample_view_and_a_missed_topic_remark(caption_page, c
     topic = view.concepts()[-1]
     page.select_option("#missing", topic)
     page.fill("#text", "the caption never says it")
-    page.click("#submit-remark")
-    page.wait_for_url(re.compile(r"/v/1/sample/v31$"))
+    with page.expect_navigation():  # the form POST, its redirect and the load of the page it returns
+        page.click("#submit-remark")
     listed = page.locator("#sample-remarks").inner_text()
     assert f"misses {topic}: the caption never says it (open)" in listed
     stored = [r for r in FeedbackStore(captioner_project).remarks() if r.sample_id == "v31"]
