@@ -69,7 +69,7 @@ class MaxEvalConfig:
     steps: int = 192
     views: int = 2
     plain_strength: float = 0.1  # λ = strength / D (per input dimension, per unit of natural range); as the library
-    expert_strength: float = 0.1  # λ = strength / D: log-density per input dimension (1.0 held Gaussian/GMM at the mean)
+    expert_strength: float = 0.1  # λ = strength / D, log-density per input dimension (1.0 held Gaussian/GMM at x̄)
     lam_code: float = 1e-4
     prior_epochs: int = 30
     shortcut_strengths: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 30.0, 100.0)
