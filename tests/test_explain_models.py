@@ -446,29 +446,33 @@ def test_probe_proves_nonnegative_inputs_conservatively():
     assert sorted(probe_model(net, torch.rand(1, 3, 8, 8)).nonnegative_input) == ["b", "e"]
 
 
+def _force_binding(monkeypatch, **forced) -> None:
+    """Every layer binding made from now on gets ``forced`` facts (e.g. ``relu_follows=False``), whatever the probe
+    found: the general path the fast one must agree with."""
+    import semlens.explain.attributor as attributor_mod
+
+    real_init = attributor_mod._Binding.__init__
+
+    def init(self, *args, **kw):
+        real_init(self, *args, **{**kw, **forced})
+
+    monkeypatch.setattr(attributor_mod._Binding, "__init__", init)
+
+
 @pytest.mark.parametrize("method", ["epsilon-gamma-box", "epsilon-alpha2-beta1", "lrp-zplus"])
 def test_probe_proven_signs_equal_the_run_time_check(method, monkeypatch):
     """Plans chosen from the probe's proof of non-negative inputs give exactly what the run-time check gives."""
-    import semlens.explain.attributor as attributor_mod
-
     torch.manual_seed(0)
     net = _ReluUses().to(DT).eval()
     x = torch.rand(3, 3, 8, 8, dtype=DT)
     proven = attribute(net, x, 1, method)
-    real_init = attributor_mod._Binding.__init__
-
-    def unproven(self, *args, nonnegative_input=False, **kw):
-        real_init(self, *args, nonnegative_input=False, **kw)
-
-    monkeypatch.setattr(attributor_mod._Binding, "__init__", unproven)
+    _force_binding(monkeypatch, nonnegative_input=False)
     assert torch.equal(proven, attribute(net, x, 1, method))
 
 
 @pytest.mark.parametrize("method", ["epsilon-gamma-box", "epsilon-plus", "epsilon-alpha2-beta1"])
 def test_relu_shortcut_equals_general_path(method, monkeypatch):
     """Skipping the negative-output half where a ReLU follows gives the same relevance as computing it."""
-    import semlens.explain.attributor as attributor_mod
-
     # About 2% of random draws give a network whose ReLUs are all dead (relevance 0 everywhere,
     # so the comparison would prove nothing): draw from a seed known to be alive.
     torch.manual_seed(0)
@@ -478,12 +482,7 @@ def test_relu_shortcut_equals_general_path(method, monkeypatch):
         net.bn.running_var.uniform_(0.5, 2.0)
     x = torch.rand(3, 3, 8, 8, dtype=DT)
     fast = attribute(net, x, 1, method)
-    real_init = attributor_mod._Binding.__init__
-
-    def no_shortcut(self, *args, relu_follows=False, **kw):
-        real_init(self, *args, relu_follows=False, **kw)
-
-    monkeypatch.setattr(attributor_mod._Binding, "__init__", no_shortcut)
+    _force_binding(monkeypatch, relu_follows=False)
     slow = attribute(net, x, 1, method)
     torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-12)
     assert float(fast.abs().sum()) > 0

@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -154,7 +153,6 @@ class Trainer:
         self._check_step(step, loss_fn, val_data)
         self.custom_step = step is not None
         self.step: TrainStep = step if step is not None else ClassificationStep(loss_fn)
-        self.loss_fn = loss_fn or F.cross_entropy
         self.param_groups = [dict(g) for g in param_groups] if param_groups is not None else None
         self.callbacks = list(callbacks)
         self.epoch_seed = epoch_seed
