@@ -162,3 +162,17 @@ def test_a_declared_w_squared_rule_on_positive_inputs_conserves():
     alive = ((x.clamp(min=0) @ (net[0].weight ** 2).T) > 0).all()
     assert bool(alive)
     torch.testing.assert_close(r_in.sum(1), r_mid.sum(1), rtol=1e-5, atol=1e-9)
+
+
+def test_malformed_declarations_are_refused_where_they_are_written():
+    """A typo in a declaration is an error naming the field, raised by the object that holds it."""
+    from semlens.explain import DeclaredRule, Part, Term
+
+    with pytest.raises(ValueError, match=r"Part.inputs must be .* got 'sideways'"):
+        Part("sideways")
+    with pytest.raises(ValueError, match=r"Term.outputs must be .* got 'up'"):
+        Term([Part()], outputs="up")
+    with pytest.raises(ValueError, match="at least one part"):
+        Term([])
+    with pytest.raises(ValueError, match="at least one term"):
+        DeclaredRule([])

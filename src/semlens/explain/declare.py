@@ -88,6 +88,10 @@ class Part:
     weight: Modifier = KEEP
     bias: Modifier | None = KEEP
 
+    def __post_init__(self) -> None:
+        if self.inputs not in ("all", "positive", "negative"):
+            raise ValueError(f"Part.inputs must be 'all', 'positive' or 'negative', got {self.inputs!r}")
+
 
 @dataclass(frozen=True)
 class Term:
@@ -107,9 +111,6 @@ class Term:
         object.__setattr__(self, "parts", tuple(self.parts))
         if not self.parts:
             raise ValueError("a term needs at least one part")
-        for part in self.parts:
-            if part.inputs not in ("all", "positive", "negative"):
-                raise ValueError(f"Part.inputs must be 'all', 'positive' or 'negative', got {part.inputs!r}")
         if self.outputs not in ("all", "positive", "negative"):
             raise ValueError(f"Term.outputs must be 'all', 'positive' or 'negative', got {self.outputs!r}")
 
