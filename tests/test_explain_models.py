@@ -446,17 +446,21 @@ def test_probe_proves_nonnegative_inputs_conservatively():
     assert sorted(probe_model(net, torch.rand(1, 3, 8, 8)).nonnegative_input) == ["b", "e"]
 
 
-def _force_binding(monkeypatch, **forced) -> None:
+def _force_binding(monkeypatch, **forced) -> list[dict]:
     """Every layer binding made from now on gets ``forced`` facts (e.g. ``relu_follows=False``), whatever the probe
-    found: the general path the fast one must agree with."""
+    found: the general path the fast one must agree with. Returns the facts each binding had before (filled as
+    bindings are made), so a test can check that some fact was actually overridden."""
     import semlens.explain.attributor as attributor_mod
 
     real_init = attributor_mod._Binding.__init__
+    found: list[dict] = []
 
     def init(self, *args, **kw):
+        found.append({k: kw.get(k) for k in forced})
         real_init(self, *args, **{**kw, **forced})
 
     monkeypatch.setattr(attributor_mod._Binding, "__init__", init)
+    return found
 
 
 @pytest.mark.parametrize("method", ["epsilon-gamma-box", "epsilon-alpha2-beta1", "lrp-zplus"])
@@ -466,8 +470,9 @@ def test_probe_proven_signs_equal_the_run_time_check(method, monkeypatch):
     net = _ReluUses().to(DT).eval()
     x = torch.rand(3, 3, 8, 8, dtype=DT)
     proven = attribute(net, x, 1, method)
-    _force_binding(monkeypatch, nonnegative_input=False)
+    found = _force_binding(monkeypatch, nonnegative_input=False)
     assert torch.equal(proven, attribute(net, x, 1, method))
+    assert any(f["nonnegative_input"] for f in found)  # the probe had proven some input: the comparison means something
 
 
 @pytest.mark.parametrize("method", ["epsilon-gamma-box", "epsilon-plus", "epsilon-alpha2-beta1"])
@@ -482,7 +487,8 @@ def test_relu_shortcut_equals_general_path(method, monkeypatch):
         net.bn.running_var.uniform_(0.5, 2.0)
     x = torch.rand(3, 3, 8, 8, dtype=DT)
     fast = attribute(net, x, 1, method)
-    _force_binding(monkeypatch, relu_follows=False)
+    found = _force_binding(monkeypatch, relu_follows=False)
     slow = attribute(net, x, 1, method)
+    assert any(f["relu_follows"] for f in found)  # some layer did take the shortcut in the fast run
     torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-12)
     assert float(fast.abs().sum()) > 0
