@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from semlens.maximize.judge import Judge, concept_hits
+
 __all__ = ["train_classifier", "labelled_units", "train_judge", "concept_hits", "mark_images", "plant_shortcut",
            "mark_score", "MARK", "MARK_COLOUR"]
 
@@ -55,45 +57,24 @@ def labelled_units(model: nn.Module, root: Path, broden_dir: Path, min_iou: floa
     return [r for r in rows if r["iou"] >= min_iou]
 
 
-def train_judge(path: Path, world: Any, seed: int, epochs: int) -> nn.Module:
-    """A multi-label concept classifier (resnet-small, width 0.5: another architecture and seed than
-    the classifier) trained on the world's masks (``concept_presence``); cached at ``path``."""
-    from semlens.checkpoint import load_weights, save_weights
-    from semlens.models import build_model
+def train_judge(path: Path, world: Any, seed: int, epochs: int) -> Judge:
+    """The library's judge (:func:`semlens.maximize.judge.fit_judge`: resnet-small, width 0.5, another
+    architecture and seed than the classifier) trained on the world's masks (``concept_presence``); cached
+    at ``path`` (a file that is no judge, e.g. from an older version, is refitted)."""
+    from semlens.maximize.judge import JudgeError, fit_judge, load_judge, save_judge
     from semlens.world.concepts import concept_presence
 
     targets = concept_presence(world)
-    torch.manual_seed(seed)
-    judge = build_model("resnet-small", num_classes=targets.shape[1], image_size=world.size, width=0.5)
+    concepts = list(zip(world.vocabulary.names[1:], world.vocabulary.category[1:], strict=True))
+    torch.manual_seed(seed)  # as before the move: the global RNG is in the same state after a cached load
     if path.is_file():
-        return load_weights(judge, path).eval()
-    from semlens.train import fit_module, shuffled_batches
-
-    judge.train()
-    fit_module(judge.parameters(),
-               lambda idx: nn.functional.binary_cross_entropy_with_logits(judge(world.images[idx]), targets[idx]),
-               shuffled_batches(len(world), 64, epochs, seed), lr=2e-3)
-    save_weights(judge, path, {"model": "resnet-small", "targets": "concept_presence"})
-    return judge.eval()
-
-
-def concept_hits(images: Tensor, concepts: list[tuple[str, str]], judge: nn.Module,
-                 colour_min: float = 0.05) -> Tensor:
-    """(B,) 1.0 where image b shows concept b: for a colour, at least ``colour_min`` of its pixels are
-    nearest to that palette colour; otherwise the judge's probability of the concept is ≥ 0.5."""
-    from semlens.maximize.data import colour_share
-    from semlens.world import VOCABULARY
-
-    x = images.clamp(0, 1)
-    hits = torch.zeros(len(concepts))
-    with torch.no_grad():
-        probs = torch.sigmoid(torch.cat([judge(x[s:s + 128]) for s in range(0, len(x), 128)]))
-    for b, (name, category) in enumerate(concepts):
-        if category == "color":
-            hits[b] = float(colour_share(x[b:b + 1], name)[0] >= colour_min)
-        else:
-            hits[b] = float(probs[b, VOCABULARY.number(category, name) - 1] >= 0.5)
-    return hits
+        try:
+            return load_judge(path)
+        except JudgeError:
+            pass
+    judge = fit_judge(world.images, targets, concepts, seed=seed, epochs=epochs)
+    save_judge(judge, path)
+    return judge
 
 
 #: the planted shortcut: a solid magenta 6×6 square at rows/columns 1..6 (magenta is in no object of the world)
