@@ -1,4 +1,5 @@
-"""``semlens maximize``: activation maximization (prototypes of units), and ``maximize fit-prior``."""
+"""``semlens maximize``: activation maximization (prototypes of units); ``maximize fit-prior`` and
+``maximize fit-judge``."""
 
 from __future__ import annotations
 
@@ -32,7 +33,10 @@ def register(app: typer.Typer) -> None:
         lr: float = typer.Option(0.05, help="Adam learning rate (cosine-decayed)."),
         seeds: int = typer.Option(1, help="Seeds per unit (the best one is kept)."),
         views: int = typer.Option(4, help="Augmented views per step (0 = none)."),
-        names: Path = typer.Option(None, help="Dissection units.csv: adds concept and concept_hit columns."),
+        names: Path = typer.Option(None, help="Dissection units.csv: adds concept, concept_hit (1/0) and concept_score "
+                                              "columns (colour units; every named unit with --judge)."),
+        judge: Path = typer.Option(None, help="Judge from `semlens maximize fit-judge`: scores the non-colour units "
+                                              "named in --names."),
         limit: int = typer.Option(2000, help="At most this many images of DATA."),
         out: Path = typer.Option(None, help="Output directory: prototypes.npy, unit PNGs, summary.csv."),
         device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
@@ -54,14 +58,15 @@ def register(app: typer.Typer) -> None:
         from semlens.outputs import OutputDir
         from semlens.runtime import resolve_device
 
-        inputs = [p for p in (data, weights, prior, names) if p is not None]
+        inputs = [p for p in (data, weights, prior, names, judge) if p is not None]
         with user_errors(), OutputDir(out, inputs=inputs, overwrite=overwrite):
             cfg = MaximizeConfig(variant=variant, param=param, kind=objective, lam=lam, steps=steps, lr=lr,
                                  seeds=seeds, views=views, augment=views > 0)
             dev = resolve_device(device)
             net = load(model, weights, device=dev, random_init=random_init)
             name = "" if layer == "output" else layer
-            paths = maximize_job(net, name, parse_units(units), data, out, cfg, prior, names, limit, dev)
+            paths = maximize_job(net, name, parse_units(units), data, out, cfg, prior, names, limit, dev,
+                                 judge_path=judge)
             typer.echo(f"wrote {paths['prototypes']} and {paths['summary']}")
 
     @group.command("fit-prior")
@@ -80,5 +85,24 @@ def register(app: typer.Typer) -> None:
             opts = {"epochs": epochs} if epochs is not None and kind in ("rbm", "vae", "gan") else {}
             path = fit_prior_job(data, kind, out, limit, seed, **opts)
             typer.echo(f"wrote {path}")
+
+    @group.command("fit-judge")
+    def fit_judge(
+        data: Path = typer.Option(..., help="Broden-format directory with pixel masks (e.g. `semlens data concepts`)."),
+        out: Path = typer.Option(..., help="Output .safetensors file (weights, concept vocabulary, input shape, "
+                                           "channel statistics)."),
+        epochs: int = typer.Option(3, help="Training epochs."),
+        limit: int = typer.Option(None, help="At most this many images (the first ones)."),
+        seed: int = typer.Option(0, help="Random seed (initialisation and batch order)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT file."),
+    ) -> None:
+        """Fit a concept judge on DATA's masks (resnet-small, width 0.5), for `semlens maximize --names ... --judge`."""
+        from semlens.maximize.pipeline import fit_judge_job
+
+        with user_errors():
+            judge = fit_judge_job(data, out, epochs=epochs, limit=limit, seed=seed, overwrite=overwrite)
+            loss = f"{judge.losses[-1]:.4f}" if judge.losses else "n/a"
+            typer.echo(f"wrote {out}: judge of {len(judge.concepts)} concepts on {judge.shape[1]}×{judge.shape[2]} "
+                       f"images (last training loss {loss})")
 
     app.add_typer(group, name="maximize")

@@ -29,7 +29,7 @@ from semlens.checkpoint import CheckpointError, load_state_dict, read_config, sa
 from semlens.errors import suggest
 
 __all__ = ["Judge", "JudgeError", "fit_judge", "fit_judge_broden", "broden_presence", "save_judge", "load_judge",
-           "concept_scores", "concept_hits", "JUDGE_MODEL", "JUDGE_WIDTH", "COLOUR_MIN", "PROB_MIN"]
+           "concept_scores", "concept_hits", "score_hits", "JUDGE_MODEL", "JUDGE_WIDTH", "COLOUR_MIN", "PROB_MIN"]
 
 JUDGE_MODEL = "resnet-small"
 JUDGE_WIDTH = 0.5
@@ -212,6 +212,8 @@ def load_judge(path: str | os.PathLike) -> Judge:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise JudgeError(f"judge {path} must be a .safetensors file written by `semlens maximize fit-judge`")
+    if not path.is_file():
+        raise JudgeError(f"judge file not found: {path}")
     try:
         cfg = read_config(path).get(_KEY)
     except (CheckpointError, ValueError) as err:  # ValueError: metadata that is not JSON
@@ -283,7 +285,12 @@ def concept_hits(images: Tensor, concepts: Sequence[tuple[str, str]], judge: Jud
     """(B,) 1.0 where image b shows concept ``concepts[b]``, else 0.0 (NaN where :func:`concept_scores` is NaN):
     a colour's pixel share is at least ``colour_min``; any other concept's judge probability is at least
     ``prob_min``."""
-    scores = concept_scores(images, concepts, judge)
+    return score_hits(concept_scores(images, concepts, judge), concepts, colour_min, prob_min)
+
+
+def score_hits(scores: Tensor, concepts: Sequence[tuple[str, str]], colour_min: float = COLOUR_MIN,
+               prob_min: float = PROB_MIN) -> Tensor:
+    """:func:`concept_hits` from scores (B,) already computed by :func:`concept_scores` for ``concepts``."""
     colour = torch.tensor([c == "color" for _, c in concepts], dtype=torch.bool)
     hits = (scores >= torch.where(colour, torch.tensor(colour_min), torch.tensor(prob_min))).float()
     return torch.where(torch.isnan(scores), scores, hits)

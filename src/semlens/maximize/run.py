@@ -128,7 +128,8 @@ class PrototypeSet:
     raw: MaxResult | None = None
     checks: SelfChecks | None = None
     names: dict[int, str] = field(default_factory=dict)
-    concept_hit: Tensor | None = None
+    concept_hit: Tensor | None = None  # (U,) 1 / 0 (NaN: not scored), see semlens.maximize.judge.concept_hits
+    concept_score: Tensor | None = None  # (U,) colour share or judge probability (NaN: not scored)
 
 
 def prototypes(model: nn.Module, layer: str, units: Sequence[int], stats: ImageStats, prior: Prior | None = None,
@@ -169,7 +170,7 @@ def _png(image: Tensor, stats: ImageStats, path: Path, min_size: int = 192) -> N
 
 def summary_rows(ps: PrototypeSet) -> list[dict[str, object]]:
     """One row per unit: layer, unit, variant, activation, dataset_max, ratio, loglik_heldout,
-    path_similarity (+ concept, concept_hit when names are known)."""
+    path_similarity (+ concept, concept_hit, concept_score when names are known)."""
     rows = []
     for i, unit in enumerate(ps.units):
         row: dict[str, object] = {"layer": ps.layer, "unit": unit, "variant": ps.variant,
@@ -181,6 +182,7 @@ def summary_rows(ps: PrototypeSet) -> list[dict[str, object]]:
         if ps.names:
             row["concept"] = ps.names.get(unit, "")
             row["concept_hit"] = "" if ps.concept_hit is None else float(ps.concept_hit[i])
+            row["concept_score"] = "" if ps.concept_score is None else float(ps.concept_score[i])
         rows.append(row)
     return rows
 
