@@ -89,6 +89,18 @@ def test_maximize_user_errors(setup) -> None:
     r = _run(["fit-prior", "--data", str(root / "small.npy"), "--kind", "gaussian", "--out",
               str(root / "small.safetensors")])
     assert r.exit_code == 0, r.output
+    before = (root / "small.safetensors").read_bytes()
+    again = ["fit-prior", "--data", str(root / "images.npy"), "--kind", "gaussian", "--out",
+             str(root / "small.safetensors")]
+    r = _run(again)  # an existing prior is never replaced silently
+    assert r.exit_code == 2 and "exists" in r.output and "--overwrite" in r.output, r.output
+    assert (root / "small.safetensors").read_bytes() == before
+    r = _run([*again, "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert (root / "small.safetensors").read_bytes() != before
+    r = _run(["fit-prior", "--data", str(root / "small.npy"), "--kind", "gaussian", "--out",
+              str(root / "small.safetensors"), "--overwrite"])
+    assert r.exit_code == 0, r.output
     r = _run([*base, "--layer", "features.conv2", "--variant", "expert", "--prior", str(root / "small.safetensors")])
     assert r.exit_code == 2 and "fitted on inputs of 3 channels × 16×16" in r.output
 

@@ -77,13 +77,14 @@ def register(app: typer.Typer) -> None:
         limit: int = typer.Option(None, help="At most this many images."),
         epochs: int = typer.Option(None, help="Training epochs (rbm, vae, gan)."),
         seed: int = typer.Option(0, help="Random seed."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT file."),
     ) -> None:
         """Fit a density expert or a generator on DATA, for `semlens maximize --variant expert|code`."""
         from semlens.maximize.pipeline import fit_prior_job
 
         with user_errors():
             opts = {"epochs": epochs} if epochs is not None and kind in ("rbm", "vae", "gan") else {}
-            path = fit_prior_job(data, kind, out, limit, seed, **opts)
+            path = fit_prior_job(data, kind, out, limit, seed, overwrite, **opts)
             typer.echo(f"wrote {path}")
 
     @group.command("fit-judge")

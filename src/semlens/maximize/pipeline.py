@@ -20,12 +20,23 @@ from semlens.maximize.store import fit_prior, load_prior, save_prior
 __all__ = ["fit_prior_job", "fit_judge_job", "maximize_job"]
 
 
-def fit_prior_job(data: str | os.PathLike, kind: str, out: str | os.PathLike, limit: int | None = None,
-                  seed: int = 0, **options: Any) -> Path:
-    """Fit a prior of ``kind`` on the images of ``data`` and save it to ``out`` (.safetensors)."""
+def _new_file(out: str | os.PathLike, overwrite: bool) -> Path:
+    """``out`` as a Path, refused unless it ends in .safetensors and (without ``overwrite``) does not exist."""
+    from semlens.errors import OutputError
+
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out} must end in .safetensors")
+    if out.exists() and (out.is_dir() or not overwrite):
+        raise OutputError(f"{out} exists; choose another --out" + ("" if out.is_dir() else " or pass --overwrite"))
+    return out
+
+
+def fit_prior_job(data: str | os.PathLike, kind: str, out: str | os.PathLike, limit: int | None = None,
+                  seed: int = 0, overwrite: bool = False, **options: Any) -> Path:
+    """Fit a prior of ``kind`` on the images of ``data`` and save it to ``out`` (.safetensors); an existing
+    ``out`` is refused unless ``overwrite``."""
+    out = _new_file(out, overwrite)
     images = load_images(data, limit)
     return save_prior(fit_prior(kind, images, seed=seed, **options), out)
 
@@ -34,13 +45,7 @@ def fit_judge_job(data: str | os.PathLike, out: str | os.PathLike, epochs: int =
                   seed: int = 0, overwrite: bool = False) -> Judge:
     """Fit a concept judge on the Broden-format directory ``data`` and save it to ``out`` (.safetensors); an
     existing ``out`` is refused unless ``overwrite``."""
-    from semlens.errors import OutputError
-
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out} must end in .safetensors")
-    if out.exists() and (out.is_dir() or not overwrite):
-        raise OutputError(f"{out} exists; choose another --out" + ("" if out.is_dir() else " or pass --overwrite"))
+    out = _new_file(out, overwrite)
     judge = fit_judge_broden(data, limit=limit, seed=seed, epochs=epochs)
     save_judge(judge, out)
     return judge
