@@ -186,3 +186,34 @@ def test_default_lambda_of_the_expert_is_per_input_dimension() -> None:
     assert MaximizeConfig(variant="expert", lam=0.5).lam_value(3 * 64 * 64) == 0.5
     assert MaximizeConfig(variant="plain").lam_value(3 * 64 * 64) == pytest.approx(0.1 / 12288)
     assert MaximizeConfig(variant="code").lam_value(3 * 64 * 64) == 1e-4
+
+
+def test_generators_default_to_the_normalised_conv_decoder_and_older_conv_files_still_load(tmp_path) -> None:
+    """New generators are ``conv-bn`` (batch normalisation before each hidden ReLU); a file written with the plain
+    ``conv`` decoder keeps loading as one, with identical outputs; fitting survives a last batch of one image."""
+    from semlens.maximize.generators import CodePrior, ConvDecoder
+
+    x = torch.rand(65, 3, 8, 8)  # 65 = 64 + 1: the one-image batch is dropped (BatchNorm needs two)
+    prior = fit_prior("gan", x, code_dim=4, hidden=4, epochs=1, batch_size=64)
+    assert prior.module.arch == "conv-bn" and prior.module.config()["arch"] == "conv-bn"
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in prior.module.modules()) == 3
+    assert not prior.module.training
+    save_prior(prior, tmp_path / "gan.safetensors")
+    back = load_prior(tmp_path / "gan.safetensors")
+    z = torch.randn(3, 4)
+    assert torch.equal(back.module(z), prior.module(z))
+    assert torch.allclose(back.module(z[:1]), prior.module(z)[:1], atol=1e-6)  # eval mode: rows are independent
+    old = CodePrior("vae", (3, 8, 8), 4, hidden=4, arch="conv")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in old.modules())
+    again = CodePrior.from_config(old.config())
+    again.load_state_dict(old.state_dict())
+    assert isinstance(again.decoder, ConvDecoder) and torch.equal(again(z), old(z))
+
+
+def test_default_generator_epochs_make_the_default_number_of_steps() -> None:
+    from semlens.maximize.generators import DEFAULT_STEPS, default_epochs
+
+    assert default_epochs(2000, 64) == 125          # 32 batches per epoch (the last of 16): 125 × 32 = 4,000 steps
+    assert default_epochs(2000, 64) * 32 >= DEFAULT_STEPS > (default_epochs(2000, 64) - 1) * 32
+    assert default_epochs(10**6, 64) == 1           # a large data set: one epoch already makes more steps
+    assert default_epochs(3, 64, steps=10) == 10    # one batch per epoch

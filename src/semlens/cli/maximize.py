@@ -75,7 +75,8 @@ def register(app: typer.Typer) -> None:
         kind: str = typer.Option(..., help="gaussian | gmm | rbm | vae | gan."),
         out: Path = typer.Option(..., help="Output .safetensors file (with its JSON config)."),
         limit: int = typer.Option(None, help="At most this many images."),
-        epochs: int = typer.Option(None, help="Training epochs (rbm, vae, gan)."),
+        epochs: int = typer.Option(None, help="Training epochs (rbm: default 20; vae, gan: default as many as make "
+                                   "4,000 optimiser steps)."),
         seed: int = typer.Option(0, help="Random seed."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT file."),
     ) -> None:

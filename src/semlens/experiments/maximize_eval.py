@@ -71,7 +71,9 @@ class MaxEvalConfig:
     plain_strength: float = 0.1  # λ = strength / D (per input dimension, per unit of natural range); as the library
     expert_strength: float = 0.1  # λ = strength / D, log-density per input dimension (1.0 held Gaussian/GMM at x̄)
     lam_code: float = 1e-4
-    prior_epochs: int = 30
+    expert_sweep: tuple[float, ...] = (1.0, 0.1, 0.01, 0.001)  # λ·D of the expert-strength table (pixel param.)
+    prior_epochs: int = 30  # the RBM's
+    generator_epochs: int | None = None  # the VAE's and GAN's; None: the library's default (4,000 steps)
     shortcut_strengths: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 30.0, 100.0)
     shortcut_epochs: int = 6
     shortcut_lam_plain: float = 1e-5  # ℓ2 weight of slide (d)'s plain row (1e-3 holds the class-0 logit at the mean)
@@ -81,7 +83,9 @@ class MaxEvalConfig:
     def fast(cls) -> MaxEvalConfig:
         return cls(n_train=1500, epochs=2, n_broden=200, n_prior=400, n_natural=200, n_judge=600, judge_epochs=1,
                    n_shortcut=800, shortcut_epochs=2,
-                   max_units=6, steps=16, prior_epochs=2, min_iou=0.04, shortcut_strengths=(0.1, 10.0))
+                   max_units=6, steps=16, prior_epochs=2, generator_epochs=2, min_iou=0.04,
+                   shortcut_strengths=(0.1, 10.0),
+                   expert_sweep=(1.0, 0.01))
 
 
 def _world(cfg: MaxEvalConfig) -> dict[str, Any]:
@@ -98,8 +102,8 @@ def _priors(root: Path, images: torch.Tensor, cfg: MaxEvalConfig) -> dict[str, A
     from semlens.maximize.store import fit_prior, load_prior, save_prior
 
     opts = {"gaussian": {"k": 64}, "gmm": {"components": 16, "patch": 8, "stride": 8},
-            "rbm": {"hidden": 128, "epochs": cfg.prior_epochs}, "vae": {"code_dim": 32, "epochs": cfg.prior_epochs},
-            "gan": {"code_dim": 32, "epochs": cfg.prior_epochs}}
+            "rbm": {"hidden": 128, "epochs": cfg.prior_epochs}, "vae": {"code_dim": 32, "epochs": cfg.generator_epochs},
+            "gan": {"code_dim": 32, "epochs": cfg.generator_epochs}}  # epochs None: fit_vae's / fit_gan's default
     out = {}
     for kind, o in opts.items():
         path = root / "priors" / f"{kind}.safetensors"
@@ -184,8 +188,9 @@ def _summarise(name: str, ratio, loglik, hits, paths, seconds: float | None = No
 
 
 def _unit_table(model, units, world, priors, judge, heldout, stats,  # noqa: ANN001
-                cfg: MaxEvalConfig) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """Rows of the per-configuration table (ceiling first) and each configuration's prototypes (U, 3, 64, 64)."""
+                cfg: MaxEvalConfig) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Rows of the per-configuration table (ceiling first), each configuration's prototypes (U, 3, 64, 64), and
+    the rows of the expert-strength table."""
     natural = world["natural"]
     scores = _natural_scores(model, units, natural)
     dmax, scale = _natural_range(scores)
@@ -205,7 +210,40 @@ def _unit_table(model, units, world, priors, judge, heldout, stats,  # noqa: ANN
         rows.append(_summarise(name, _ratio(res.activation * scale, dmax), heldout.log_prob(res.images) / dims,
                                concept_hits(res.images, concepts, judge),
                                _path_similarity(model, units, res.images, natural, top), time.perf_counter() - t0))
-    return rows, protos_by
+    sweep = _expert_sweep(model, units, scale, dmax, stats, priors, judge, heldout, natural, top, cfg)
+    return rows, protos_by, sweep
+
+
+def _expert_sweep(model, units, scale, dmax, stats, priors, judge, heldout, natural, top,  # noqa: ANN001
+                  cfg: MaxEvalConfig) -> list[dict[str, Any]]:
+    """Hit rate against naturalness as the expert's strength λ·D goes down: per expert kind, every (strength,
+    unit) row maximised as ONE batch, with the main table's seeds (its 0.1 row is that table's row)."""
+    from semlens.maximize import Augment, Objective, expert_term, maximize
+    from semlens.maximize.run import MaximizeConfig, build_variant
+
+    dims, u, strengths = stats.mean.numel(), len(units), list(cfg.expert_sweep)
+    concepts = [(x["concept"], x["category"]) for x in units] * len(strengths)
+    rows = []
+    for kind in ("gaussian", "gmm", "rbm"):
+        param, _ = build_variant(MaximizeConfig(variant="expert", param="pixel", lam=1.0), stats, priors[kind])
+        lam = torch.tensor([st / dims for st in strengths for _ in range(u)])
+        t0 = time.perf_counter()
+        res = maximize(model, Objective.cat([_objective(units, scale)] * len(strengths)), param,
+                       regulariser=expert_term(lam, priors[kind].module.log_prob), seeds=torch.arange(u).repeat(
+                           len(strengths)), steps=cfg.steps, augment=Augment(views=cfg.views, seed=cfg.seed)
+                       if cfg.views else None)
+        hits = concept_hits(res.images, concepts, judge)
+        seconds = time.perf_counter() - t0
+        for i, st in enumerate(strengths):
+            sl = slice(i * u, (i + 1) * u)
+            row = _summarise(f"expert-{kind}/pixel", _ratio(res.activation[sl] * scale, dmax),
+                             heldout.log_prob(res.images[sl]) / dims, hits[sl],
+                             _path_similarity(model, units, res.images[sl], natural, top))
+            row.pop("per_unit")
+            row.pop("seconds")
+            rows.append({"configuration": row.pop("configuration"), "λ·D": st, **row,
+                         "seconds (all strengths)": round(seconds, 1)})
+    return rows
 
 
 def _shortcut(root: Path, world: dict[str, Any], stats, gaussian, cfg: MaxEvalConfig) -> dict[str, Any]:  # noqa: ANN001
@@ -279,13 +317,14 @@ def run_maximize_eval(out: str | Path, cfg: MaxEvalConfig | None = None) -> dict
     stats = fit_image_stats(world["prior"])
     priors = _priors(root, world["prior"], cfg)
     heldout = heldout_density(world["heldout"], k=16)
-    rows, protos = _unit_table(model, units, world, priors, judge, heldout, stats, cfg)
+    rows, protos, sweep = _unit_table(model, units, world, priors, judge, heldout, stats, cfg)
     shortcut = _shortcut(root, world, stats, priors["gaussian"], cfg)
     np.savez_compressed(root / "prototypes.npz", shortcut=shortcut.pop("images").numpy(),
                         **{k.replace("/", "_"): v.numpy() for k, v in protos.items()})
     per_unit = {r["configuration"]: r.pop("per_unit") for r in rows}
     results = {"config": asdict(cfg), "test accuracy": accuracy(model, *_test(cfg)), "units": units,
-               "table": rows, "per_unit": per_unit, "shortcut": shortcut, "seconds": round(time.perf_counter() - t0, 1)}
+               "table": rows, "expert strengths": sweep, "per_unit": per_unit,
+               "shortcut": shortcut, "seconds": round(time.perf_counter() - t0, 1)}
     (root / "results.json").write_text(json.dumps(results, indent=1))
     (root / "tables.md").write_text(markdown_tables(results))
     from semlens.maximize.report import write_report
@@ -314,7 +353,9 @@ def markdown_tables(results: dict[str, Any]) -> str:
     sc = results["shortcut"]
     return (f"Units: {len(results['units'])} labelled with IoU >= {results['config']['min_iou']} "
             f"(most common category: {', '.join(cats)}); classifier test accuracy {results['test accuracy']:.3f}.\n\n"
-            + _md(results["table"]) + "\n\nSlide (d), planted corner mark; reliance: "
+            + _md(results["table"]) + "\n\nExpert strength (pixel parameterisation; λ = strength / D):\n\n"
+            + _md(results.get("expert strengths") or [{"": "not run"}])
+            + "\n\nSlide (d), planted corner mark; reliance: "
             + ", ".join(f"{k} {v:.3f}" for k, v in sc["reliance"].items())
             + f"; magenta share of natural images {sc['mark colour share natural']}, visible from "
             f"{sc['visible threshold']}; hidden from: {sc['mark hidden from']}.\n\n" + _md(sc["rows"]) + "\n")

@@ -80,6 +80,13 @@ def maximize_sections(results: dict[str, Any], arrays: dict[str, np.ndarray], ca
     table.table(results["table"], caption="Per configuration, over the units: medians of activation ratio, held-out "
                                           "log-likelihood per dimension and path similarity; concept hit rate.")
     section = [table]
+    if results.get("expert strengths"):
+        sweep = Section("Expert strength: concept hit rate against naturalness")
+        sweep.text("Each density expert at several strengths λ·D (pixel parameterisation, the main table's seeds): "
+                   "a strong expert keeps prototypes likely under the held-out density, a weak one lets them reach "
+                   "the unit's concept.")
+        sweep.table(results["expert strengths"])
+        section.append(sweep)
     if "top9" in arrays:
         cards_sec = Section("Unit cards")
         cards_sec.figure(_cards_figure(results, arrays, cards), "Per unit: plain, Gaussian-expert and VAE-code "
