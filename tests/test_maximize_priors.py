@@ -179,10 +179,10 @@ def test_prior_files_without_an_architecture_are_mlp_generators(tmp_path) -> Non
 
 
 def test_default_lambda_of_the_expert_is_per_input_dimension() -> None:
-    """log p(x) sums over D = C·H·W numbers: the expert's default λ is 1/D, any given λ is used as it is."""
+    """log p(x) sums over D = C·H·W numbers: the expert's default λ is 0.1/D, any given λ is used as it is."""
     from semlens.maximize.run import MaximizeConfig
 
-    assert MaximizeConfig(variant="expert").lam_value(3 * 64 * 64) == pytest.approx(1 / 12288)
+    assert MaximizeConfig(variant="expert").lam_value(3 * 64 * 64) == pytest.approx(0.1 / 12288)
     assert MaximizeConfig(variant="expert", lam=0.5).lam_value(3 * 64 * 64) == 0.5
     assert MaximizeConfig(variant="plain").lam_value(3 * 64 * 64) == pytest.approx(0.1 / 12288)
     assert MaximizeConfig(variant="code").lam_value(3 * 64 * 64) == 1e-4

@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         param: str = typer.Option("pixel", help="pixel | fourier | maco (image variants)."),
         objective: str = typer.Option("channel", help="channel (mean over space) | neuron (centre) | class."),
         lam: float = typer.Option(None, help="λ of the penalty / expert / code prior (default: plain 0.1/D, "
-                                  "expert 1/D with D = C·H·W, code 1e-4)."),
+                                  "expert 0.1/D with D = C·H·W, code 1e-4)."),
         steps: int = typer.Option(256, help="Optimisation steps."),
         lr: float = typer.Option(0.05, help="Adam learning rate (cosine-decayed)."),
         seeds: int = typer.Option(1, help="Seeds per unit (the best one is kept)."),
