@@ -115,3 +115,21 @@ def test_concept_hits_on_hand_made_images() -> None:
     assert torch.equal(no_judge[:2], torch.tensor([1.0, 0.0])) and bool(torch.isnan(no_judge[2:]).all())
     with pytest.raises(JudgeError, match="does not know concept 'wheel' \\(part\\)"):
         concept_hits(images[:1], [("wheel", "part")], stub)
+
+
+def test_colours_outside_the_palette_go_to_the_judge() -> None:
+    """A real Broden units.csv names colours the concept world's palette lacks (``red-c``): they are scored by a
+    judge that knows them (probability, hit at 0.5), NaN without one — never a KeyError after maximising."""
+    green = torch.tensor(COLORS["green"])[:, None, None].expand(3, 8, 8)
+    stub = Judge(_Stub(2), [("red-c", "color"), ("door", "part")], (3, 8, 8),
+                 torch.full((3,), 0.5), torch.full((3,), 0.2))
+    images = torch.stack([green, green])
+    concepts = [("red-c", "color"), ("green", "color")]
+    scores = concept_scores(images, concepts, stub)
+    assert float(scores[0]) == pytest.approx(float(torch.sigmoid(torch.tensor(-5.0))))  # the judge's output 0
+    assert float(scores[1]) == 1.0                                                       # the palette, as before
+    assert torch.equal(concept_hits(images, concepts, stub), torch.tensor([0.0, 1.0]))
+    without = concept_scores(images, concepts, None)
+    assert bool(torch.isnan(without[0])) and float(without[1]) == 1.0
+    with pytest.raises(JudgeError, match="does not know concept 'blue-c'"):
+        concept_scores(images[:1], [("blue-c", "color")], stub)

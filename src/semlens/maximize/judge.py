@@ -29,7 +29,8 @@ from semlens.checkpoint import CheckpointError, load_state_dict, read_config, sa
 from semlens.errors import suggest
 
 __all__ = ["Judge", "JudgeError", "fit_judge", "fit_judge_broden", "broden_presence", "save_judge", "load_judge",
-           "concept_scores", "concept_hits", "score_hits", "JUDGE_MODEL", "JUDGE_WIDTH", "COLOUR_MIN", "PROB_MIN"]
+           "concept_scores", "concept_hits", "score_hits", "by_palette", "JUDGE_MODEL", "JUDGE_WIDTH", "COLOUR_MIN",
+           "PROB_MIN"]
 
 JUDGE_MODEL = "resnet-small"
 JUDGE_WIDTH = 0.5
@@ -254,13 +255,22 @@ def _world_judge(module: nn.Module) -> Judge:
     return Judge(module, concepts, (0, 0, 0), torch.zeros(0), torch.zeros(0))
 
 
+def by_palette(name: str, category: str) -> bool:
+    """Whether concept (``name``, ``category``) is scored by the concept world's palette: a colour of that palette.
+    Any other concept, colours of other data sets included (e.g. Broden's ``red-c``), is scored by the judge."""
+    from semlens.world.concepts import COLORS
+
+    return category == "color" and name in COLORS
+
+
 def concept_scores(images: Tensor, concepts: Sequence[tuple[str, str]], judge: Judge | nn.Module | None = None,
                    batch_size: int = 128) -> Tensor:
-    """(B,) how much image b (B, C, H, W) shows concept ``concepts[b]`` = (name, category): for a colour, the share
-    of its pixels nearest to that colour of the concept world's palette; otherwise the judge's probability of the
-    concept. NaN where neither applies (no concept name, no judge, or a colour for images without 3 channels).
-    ``judge``: a :class:`Judge`, or a bare module whose outputs are the concept world's concepts in vocabulary
-    order. A concept the judge does not know raises :class:`JudgeError`."""
+    """(B,) how much image b (B, C, H, W) shows concept ``concepts[b]`` = (name, category): for a colour of the
+    concept world's palette (:func:`by_palette`), the share of its pixels nearest to that colour; otherwise (other
+    data sets' colours included) the judge's probability of the concept. NaN where neither applies (no concept
+    name, no judge, or a palette colour for images without 3 channels). ``judge``: a :class:`Judge`, or a bare
+    module whose outputs are the concept world's concepts in vocabulary order. A concept the judge does not know
+    raises :class:`JudgeError`."""
     from semlens.maximize.data import colour_share
 
     if len(concepts) != len(images):
@@ -269,13 +279,14 @@ def concept_scores(images: Tensor, concepts: Sequence[tuple[str, str]], judge: J
         judge = _world_judge(judge)
     x = images.clamp(0, 1)
     scores = torch.full((len(concepts),), float("nan"))
-    rows = [b for b, (name, category) in enumerate(concepts) if name and category != "color"]
+    palette = [by_palette(name, category) for name, category in concepts]
+    rows = [b for b, (name, _) in enumerate(concepts) if name and not palette[b]]
     if judge is not None and rows:
         cols = [judge.index(*concepts[b]) for b in rows]
         probs = judge.probabilities(x, batch_size)
         scores[rows] = probs[rows, cols]
-    for b, (name, category) in enumerate(concepts):
-        if name and category == "color" and x.shape[1] == 3:
+    for b, (name, _) in enumerate(concepts):
+        if palette[b] and x.shape[1] == 3:
             scores[b] = colour_share(x[b:b + 1], name)[0]
     return scores
 
@@ -291,6 +302,6 @@ def concept_hits(images: Tensor, concepts: Sequence[tuple[str, str]], judge: Jud
 def score_hits(scores: Tensor, concepts: Sequence[tuple[str, str]], colour_min: float = COLOUR_MIN,
                prob_min: float = PROB_MIN) -> Tensor:
     """:func:`concept_hits` from scores (B,) already computed by :func:`concept_scores` for ``concepts``."""
-    colour = torch.tensor([c == "color" for _, c in concepts], dtype=torch.bool)
+    colour = torch.tensor([by_palette(n, c) for n, c in concepts], dtype=torch.bool)
     hits = (scores >= torch.where(colour, torch.tensor(colour_min), torch.tensor(prob_min))).float()
     return torch.where(torch.isnan(scores), scores, hits)

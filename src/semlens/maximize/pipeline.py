@@ -12,7 +12,15 @@ from torch import nn
 
 from semlens.maximize.checks import heldout_density, self_checks, unit_scores
 from semlens.maximize.data import load_images, load_unit_names
-from semlens.maximize.judge import Judge, concept_scores, fit_judge_broden, load_judge, save_judge, score_hits
+from semlens.maximize.judge import (
+    Judge,
+    by_palette,
+    concept_scores,
+    fit_judge_broden,
+    load_judge,
+    save_judge,
+    score_hits,
+)
 from semlens.maximize.run import MaximizeConfig, prototypes, write_outputs
 from semlens.maximize.stats import fit_image_stats
 from semlens.maximize.store import fit_prior, load_prior, save_prior
@@ -56,9 +64,9 @@ def _unit_concepts(units: list[int], names: dict[int, tuple[str, str, float]]) -
 
 
 def _check_judge(judge: Judge, concepts: list[tuple[str, str]]) -> None:
-    """Refuse before maximising: a named non-colour unit whose concept the judge does not know."""
+    """Refuse before maximising: a named unit, not a colour of the palette, whose concept the judge does not know."""
     for name, category in concepts:
-        if name and category != "color":
+        if name and not by_palette(name, category):
             judge.index(name, category)
 
 
