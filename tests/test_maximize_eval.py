@@ -72,3 +72,37 @@ def test_unit_objectives_ascend_also_for_units_whose_natural_maximum_is_negative
     obj = _objective([{"layer": "conv", "unit": 0}, {"layer": "conv", "unit": 0}], torch.tensor([0.5, 2.0]))
     acts = {"conv": torch.full((2, 1, 4, 4), -2.0)}  # channel mean -2 for both rows
     assert torch.allclose(obj(acts), torch.tensor([-4.0, -1.0]))  # divided by the positive scales: same direction
+
+
+def test_report_from_stored_results_has_the_tables_cards_and_expert_strengths(tmp_path) -> None:
+    """`write_report` reads only results.json and prototypes.npz: every table row reaches the page, the unit cards
+    show the four card configurations, and a missing configuration leaves its card empty instead of failing."""
+    import json
+
+    import numpy as np
+
+    from semlens.experiments.maximize_eval import markdown_tables
+    from semlens.maximize.report import CARD_CONFIGS, write_report
+
+    units = [{"layer": "features.conv2", "unit": u, "concept": "green", "category": "color", "iou": 0.2}
+             for u in range(2)]
+    per = {"ratio": [1.5, float("nan")], "hit": [1.0, 0.0], "loglik": [-0.1, -0.2], "path": [0.9, 0.8]}
+    row = {"configuration": "plain/pixel", "median activation ratio": 1.5, "median held-out loglik / dim": -0.1,
+           "concept hit rate": 0.5, "median path similarity": 0.85, "seconds": 1.0}
+    sweep = [{**row, "configuration": "expert-gmm/pixel", "λ·D": s, "concept hit rate": h}
+             for s, h in ((1.0, 0.123), (0.01, 0.789))]
+    shortcut = {"reliance": {"clean recall": 0.0}, "rows": [{"variant": "plain", "mark colour share": 0.15}],
+                "mark colour share natural": 0.002, "visible threshold": 0.0064, "mark hidden from": "λ·D = 30"}
+    results = {"config": {"min_iou": 0.1}, "test accuracy": 0.7, "units": units, "table": [row],
+               "expert strengths": sweep, "per_unit": dict.fromkeys(CARD_CONFIGS[:-1], per), "shortcut": shortcut}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    rng = np.random.default_rng(0)
+    arrays = {k.replace("/", "_"): rng.random((2, 3, 8, 8), dtype=np.float32) for k in CARD_CONFIGS[:-1]}
+    np.savez(tmp_path / "prototypes.npz", top9=rng.random((2, 9, 3, 8, 8), dtype=np.float32),
+             shortcut=rng.random((1, 3, 8, 8), dtype=np.float32), **arrays)
+    html = write_report(tmp_path).read_text()
+    assert "Expert strength" in html and "0.789" in html and "0.123" in html
+    assert "Unit cards" in html and "GAN-code" in html and html.count("<img") >= 2
+    md = markdown_tables({**results, "units": [{**u, "category": "color"} for u in units]})
+    strengths = md.split("Expert strength")[1].split("Slide (d)")[0]
+    assert strengths.count("| expert-gmm/pixel |") == 2 and "0.789" in strengths and "0.123" in strengths

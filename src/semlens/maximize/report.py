@@ -16,7 +16,7 @@ from semlens.report import Report, Section
 __all__ = ["maximize_sections", "write_report", "CARD_CONFIGS"]
 
 #: the prototypes shown side by side on a unit card
-CARD_CONFIGS = ("plain/pixel", "expert-gaussian/pixel", "code/vae")
+CARD_CONFIGS = ("plain/pixel", "expert-gaussian/pixel", "code/vae", "code/gan")
 
 
 def _rgb(x: np.ndarray) -> np.ndarray:
@@ -38,7 +38,7 @@ def _cards_figure(results: dict[str, Any], arrays: dict[str, np.ndarray], cards:
                 ax.imshow(_rgb(arrays[key][r]), interpolation="nearest")
                 ratio = results["per_unit"][name]["ratio"][r]
                 hit = results["per_unit"][name]["hit"][r]
-                ax.set_title(f"{name.split('/')[0]}\nratio {ratio:.2f}, hit {hit:.0f}", fontsize=6)
+                ax.set_title(f"{name.replace('/pixel', '')}\nratio {ratio:.2f}, hit {hit:.0f}", fontsize=6)
         top = arrays["top9"][r]  # (9, C, H, W) -> a 3 x 3 mosaic in the last three columns
         rows = [np.concatenate([_rgb(top[3 * i + j]) for j in range(3)], axis=1) for i in range(3)]
         ax = fig.add_subplot(grid[r, len(CARD_CONFIGS):])
@@ -89,8 +89,9 @@ def maximize_sections(results: dict[str, Any], arrays: dict[str, np.ndarray], ca
         section.append(sweep)
     if "top9" in arrays:
         cards_sec = Section("Unit cards")
-        cards_sec.figure(_cards_figure(results, arrays, cards), "Per unit: plain, Gaussian-expert and VAE-code "
-                         "prototypes (with activation ratio and concept hit), and the unit's top-9 natural images.")
+        cards_sec.figure(_cards_figure(results, arrays, cards), "Per unit: plain, Gaussian-expert, VAE-code and "
+                         "GAN-code prototypes (with activation ratio and concept hit), and the unit's top-9 natural "
+                         "images.")
         section.append(cards_sec)
     sc = results["shortcut"]
     d = Section("Slide (d): a planted shortcut, revealed by plain AM and hidden by a strong expert")
