@@ -217,3 +217,25 @@ def test_default_generator_epochs_make_the_default_number_of_steps() -> None:
     assert default_epochs(2000, 64) * 32 >= DEFAULT_STEPS > (default_epochs(2000, 64) - 1) * 32
     assert default_epochs(10**6, 64) == 1           # a large data set: one epoch already makes more steps
     assert default_epochs(3, 64, steps=10) == 10    # one batch per epoch
+
+
+def test_the_gan_no_longer_collapses(monkeypatch) -> None:
+    """The fix for a collapsed GAN (code AM could not move any unit): batch normalisation in the generator and
+    spectral normalisation in the discriminator. On 600 concept-world images of 32×32, 250 steps, the images'
+    std over codes is 0.16 / 0.19 (seeds 0 / 1; the data's 0.31); the former generator and discriminator (plain
+    ``conv``, no spectral normalisation) collapse to 0.05 / 0.07."""
+    import semlens.maximize.generators as gen
+    from semlens.world import generate_concepts
+
+    x = generate_concepts(600, 32, seed=3, masks=False).images
+    z = torch.randn(200, 16, generator=torch.Generator().manual_seed(1))
+
+    def spread(prior) -> float:
+        with torch.no_grad():
+            return float(prior(z).std(dim=0).mean())
+
+    new = gen.fit_gan(x, code_dim=16, hidden=8, epochs=25, seed=0)
+    assert spread(new) > 0.12
+    monkeypatch.setattr(gen, "_spectral", lambda net: net)  # the former, unnormalised discriminator
+    old = gen.fit_gan(x, code_dim=16, hidden=8, epochs=25, seed=0, arch="conv")
+    assert spread(old) < 0.1
