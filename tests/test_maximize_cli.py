@@ -89,6 +89,8 @@ def test_maximize_user_errors(setup) -> None:
     r = _run(["fit-prior", "--data", str(root / "small.npy"), "--kind", "gaussian", "--out",
               str(root / "small.safetensors")])
     assert r.exit_code == 0, r.output
+    r = _run(["fit-prior", "--data", str(root / "missing"), "--kind", "gna", "--out", str(root / "x.safetensors")])
+    assert r.exit_code == 2 and "unknown prior kind 'gna'" in r.output, r.output  # the kind before reading data
     before = (root / "small.safetensors").read_bytes()
     again = ["fit-prior", "--data", str(root / "images.npy"), "--kind", "gaussian", "--out",
              str(root / "small.safetensors")]

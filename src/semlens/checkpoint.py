@@ -84,6 +84,16 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
+def non_finite_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding NaN or an infinity."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` under ``prefix`` (e.g. ``"module."``), with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
     """Load weights from ``path`` into ``model`` (in place) and return it.
 

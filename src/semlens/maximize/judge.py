@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from semlens.checkpoint import CheckpointError, load_state_dict, read_config, save_weights
+from semlens.checkpoint import CheckpointError, load_state_dict, non_finite_keys, read_config, save_weights, sub_state
 from semlens.errors import suggest
 
 __all__ = ["Judge", "JudgeError", "fit_judge", "fit_judge_broden", "broden_presence", "save_judge", "load_judge",
@@ -88,9 +88,9 @@ class Judge:
             c, h, w = self.shape
             raise JudgeError(f"{self.source} was fitted on inputs of {c} channels × {h}×{w}, {what} have "
                              f"{shape[0]} channels × {shape[1]}×{shape[2]}")
-        gap = (channel_mean.float() - self.channel_mean).abs()
-        tol = 0.5 * torch.maximum(channel_std.float(), self.channel_std).clamp_min(1e-3)
-        if bool((gap > tol).any()):
+        from semlens.maximize.stats import channel_means_differ
+
+        if channel_means_differ(channel_mean, channel_std, self.channel_mean, self.channel_std):
             raise JudgeError(f"{self.source} was fitted on images with channel means "
                              f"{[round(v, 3) for v in self.channel_mean.tolist()]}, {what} have "
                              f"{[round(v, 3) for v in channel_mean.tolist()]} (other data or normalisation?)")
@@ -235,12 +235,12 @@ def load_judge(path: str | os.PathLike) -> Judge:
     if kwargs.get("num_classes") != len(concepts):
         raise JudgeError(f"judge {path}: {kwargs.get('num_classes')} outputs for {len(concepts)} concepts")
     state = load_state_dict(path)
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = non_finite_keys(state)
     if bad:
         raise JudgeError(f"judge {path} holds NaN or infinite values in {', '.join(bad[:5])}")
     try:
         module = build_model(model, **kwargs)
-        module.load_state_dict({k[len("module."):]: v for k, v in state.items() if k.startswith("module.")})
+        module.load_state_dict(sub_state(state, "module."))
     except (KeyError, RuntimeError, TypeError, ValueError) as err:
         raise JudgeError(f"judge {path} does not match its config: {str(err).splitlines()[0]}") from err
     return Judge(module.eval().requires_grad_(False), [(n, c) for n, c in concepts], shape, mean, std,  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ from semlens.maximize.judge import (
 )
 from semlens.maximize.run import MaximizeConfig, prototypes, write_outputs
 from semlens.maximize.stats import fit_image_stats
-from semlens.maximize.store import fit_prior, load_prior, save_prior
+from semlens.maximize.store import PRIOR_KINDS, fit_prior, load_prior, save_prior
 
 __all__ = ["fit_prior_job", "fit_judge_job", "maximize_job"]
 
@@ -45,6 +45,8 @@ def fit_prior_job(data: str | os.PathLike, kind: str, out: str | os.PathLike, li
     """Fit a prior of ``kind`` on the images of ``data`` and save it to ``out`` (.safetensors); an existing
     ``out`` is refused unless ``overwrite``."""
     out = _new_file(out, overwrite)
+    if kind not in PRIOR_KINDS:  # before reading the data: a typo should not wait for it
+        raise ValueError(f"unknown prior kind {kind!r}: use one of {', '.join(PRIOR_KINDS)}")
     images = load_images(data, limit)
     return save_prior(fit_prior(kind, images, seed=seed, **options), out)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ImageStats", "fit_image_stats"]
+__all__ = ["ImageStats", "fit_image_stats", "channel_means_differ"]
 
 
 @dataclass
@@ -88,3 +88,12 @@ def fit_image_stats(images: Tensor, batch_size: int = 512) -> ImageStats:
         amp += torch.fft.rfft2(w, norm="ortho").abs().sum(dim=0)
     stats.amplitude = (amp / n).float()
     return stats
+
+
+def channel_means_differ(mean_a: Tensor, std_a: Tensor, mean_b: Tensor, std_b: Tensor) -> bool:
+    """Whether two data sets' per-channel statistics (C,) tell of other data or another normalisation: a channel
+    mean further than half the larger standard deviation (at least 1e-3) from the other's. The rule by which a
+    prior or a judge fitted on other data is refused."""
+    gap = (mean_a.float() - mean_b.float()).abs()
+    tol = 0.5 * torch.maximum(std_a.float(), std_b.float()).clamp_min(1e-3)
+    return bool((gap > tol).any())

@@ -12,18 +12,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from semlens.checkpoint import load_state_dict, read_config, save_weights
+from semlens.checkpoint import load_state_dict, non_finite_keys, read_config, save_weights, sub_state
 from semlens.maximize.experts import GaussianExpert, GMMPatchExpert, RBMExpert, fit_gaussian, fit_gmm_patches, fit_rbm
 from semlens.maximize.generators import CodePrior, fit_gan, fit_vae
-from semlens.maximize.stats import ImageStats, fit_image_stats
+from semlens.maximize.stats import ImageStats, channel_means_differ, fit_image_stats
 
-__all__ = ["Prior", "PriorError", "fit_prior", "save_prior", "load_prior", "EXPERT_KINDS", "CODE_KINDS"]
+__all__ = ["Prior", "PriorError", "fit_prior", "save_prior", "load_prior", "EXPERT_KINDS", "CODE_KINDS", "PRIOR_KINDS"]
 
 EXPERT_KINDS = ("gaussian", "gmm", "rbm")
 CODE_KINDS = ("vae", "gan")
+PRIOR_KINDS = EXPERT_KINDS + CODE_KINDS
 _CLASSES: dict[str, Any] = {"gaussian": GaussianExpert, "gmm": GMMPatchExpert, "rbm": RBMExpert,
                             "vae": CodePrior, "gan": CodePrior}
 
@@ -60,9 +60,7 @@ class Prior:
             c, h, w = self.shape
             raise PriorError(f"{source} was fitted on inputs of {c} channels × {h}×{w}, the data/model have "
                              f"{stats.shape[0]} channels × {stats.shape[1]}×{stats.shape[2]}")
-        gap = (stats.channel_mean - self.stats.channel_mean).abs()
-        tol = 0.5 * torch.maximum(stats.channel_std, self.stats.channel_std).clamp_min(1e-3)
-        if bool((gap > tol).any()):
+        if channel_means_differ(stats.channel_mean, stats.channel_std, self.stats.channel_mean, self.stats.channel_std):
             raise PriorError(f"{source} was fitted on data with channel means {self.stats.channel_mean.tolist()}, "
                              f"these data have {stats.channel_mean.tolist()} (different normalisation?)")
 
@@ -71,7 +69,7 @@ def fit_prior(kind: str, images: Tensor, seed: int = 0, **options: Any) -> Prior
     """Fit a prior of ``kind`` (gaussian, gmm, rbm, vae, gan) on ``images`` (N, C, H, W)."""
     fitters = {"gaussian": fit_gaussian, "gmm": fit_gmm_patches, "rbm": fit_rbm, "vae": fit_vae, "gan": fit_gan}
     if kind not in fitters:
-        raise ValueError(f"unknown prior kind {kind!r}: use one of {', '.join(fitters)}")
+        raise ValueError(f"unknown prior kind {kind!r}: use one of {', '.join(PRIOR_KINDS)}")
     stats = fit_image_stats(images)
     module = fitters[kind](images, seed=seed, **options)
     return Prior(module, stats)
@@ -93,12 +91,12 @@ def load_prior(path: str | os.PathLike) -> Prior:
     if not isinstance(cfg, dict) or cfg.get("kind") not in _CLASSES:
         raise PriorError(f"{path} is not a semlens prior (no or unknown 'kind' in its config)")
     state = load_state_dict(path)
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = non_finite_keys(state)
     if bad:
         raise PriorError(f"prior {path} holds NaN or infinite values in {', '.join(bad[:5])}")
     try:
         module = _CLASSES[cfg["kind"]].from_config(cfg)
-        module.load_state_dict({k[len("module."):]: v for k, v in state.items() if k.startswith("module.")})
+        module.load_state_dict(sub_state(state, "module."))
         stats = ImageStats.from_state(state)
     except (KeyError, RuntimeError, TypeError, ValueError) as err:
         raise PriorError(f"prior {path} does not match its config: {str(err).splitlines()[0]}") from err
