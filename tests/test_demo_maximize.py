@@ -21,6 +21,7 @@ def test_maximize_step_writes_prototypes_of_the_best_named_units(tmp_path, monke
         monkeypatch.setattr(s10_world, name, value)
     monkeypatch.setattr(s45_maximize, "UNITS", 3)
     monkeypatch.setattr(s45_maximize, "STEPS", 4)
+    monkeypatch.setattr(s45_maximize, "JUDGE_EPOCHS", 1)
     ctx = DemoContext(out=tmp_path / "demo", device=torch.device("cpu"), seed=0)
     s10_world.run(ctx)
     model = ctx.artifacts["classifier"]
@@ -41,6 +42,7 @@ def test_maximize_step_writes_prototypes_of_the_best_named_units(tmp_path, monke
         assert [int(r["unit"]) for r in rows] == best, folder  # the top-IoU units, in unit order
         assert all(r["layer"] == layer and r["variant"] == folder for r in rows)
         assert all(np.isfinite(float(r["ratio"])) for r in rows)
+        assert all(r["concept_hit"] in ("0.0", "1.0") for r in rows)  # every unit judged: colour or the judge
         assert len(list(out.glob("unit_*_*.png"))) == 3
 
     # the serve step attaches them: the web app's unit card of a maximised unit shows both prototypes
