@@ -168,29 +168,57 @@ def _best_corr(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return c.max(0).values
 
 
-def test_planted_dictionary_srae_follows_decision_atoms_sae_spreads():
-    """Library defaults (pretraining, revive_dead=3, pull_away="correlation") but for the loss weights: y here has
-    unit variance where the concept-world logits have variance ~65, so α_rec = 0.3 puts faithfulness and
-    reconstruction in the real-data balance (15 / 65 ≈ 0.23), and α_PT = 10 makes the pull-away count.
+def test_planted_dictionary_ica_start_recovers_every_decision_atom_sae_spreads():
+    """The issue's aim: every decision atom recovered (Hungarian-matched correlation ≥ 0.95), the non-decision atoms
+    ignored, while a plain reconstruction SAE spreads over all six. y has unit variance where the concept-world logits
+    have variance ~65, so α_rec = 0.1 and α_PT = 10 weigh faithfulness, reconstruction and pull-away as on real data.
 
-    Over 15 fits (data seeds 1–5 × model seeds 0–2, docs/embed.md) the SRAE was accepted with R² ≥ 0.8 and found a
-    decision atom (Hungarian-matched correlation ≥ 0.85) in 15, stayed off the non-decision atoms (mean best
-    correlation ≤ 0.55 and below the TopK SAE's) in 14, matched the decision atoms better on average than the SAE in
-    12; the SAE spread over the non-decision atoms (≥ 0.4) in 15. Every decision atom ≥ 0.8 with mean ≥ 0.9 held in
-    5 (this seed: 0.97 / 0.84 / 0.93), every decision atom ≥ 0.95 (the issue's aim) in 1 only: not asserted."""
+    Over 15 fits (data seeds 1–5 × model seeds 0–2, docs/embed.md) ``init="ica"`` found every decision atom ≥ 0.95 in
+    15 (lowest atom 0.966); the paper's start (``init="pretrain"``), same settings, in 1."""
     pd = planted_dictionary(n=1500, d=24, m=6, decision=(0, 1, 2), active=0.3, seed=1)
-    srae = SRAE(k=3, alpha_rec=0.3, alpha_pt=10.0, epochs=60, seed=0).fit(pd.z, pd.y)
+    kw = dict(k=3, alpha_rec=0.1, alpha_pt=10.0, epochs=30, seed=0)
+    srae = SRAE(init="ica", **kw).fit(pd.z, pd.y)
+    paper = SRAE(init="pretrain", **kw).fit(pd.z, pd.y)
     sae = TopKSAE(k=3, epochs=20, seed=0).fit(pd.z, pd.y)
     x = srae.encode(pd.z)[:, 0]
     matched = matched_correlation(x, pd.s[:, :3])
-    b_srae, b_sae = _best_corr(x, pd.s), _best_corr(sae.encode(pd.z)[:, 0], pd.s)
-    assert bool(srae.accepted_[0])
-    assert r2(srae.predict(pd.z)[:, 0], pd.y[:, 0]) >= 0.8
-    assert float(matched.max()) >= 0.85
-    assert float(matched.min()) >= 0.8 and float(matched.mean()) >= 0.9   # this seed (5 of 15): every atom found
-    assert float(b_srae[3:].mean()) <= 0.55 and float(b_srae[3:].mean()) < float(b_sae[3:].mean())
+    assert float(matched.min()) >= 0.95
+    assert bool(srae.accepted_[0]) and r2(srae.predict(pd.z)[:, 0], pd.y[:, 0]) >= 0.95
+    assert float(_best_corr(x, pd.s)[3:].max()) <= 0.2                      # the rest is ignored
+    b_sae = _best_corr(sae.encode(pd.z)[:, 0], pd.s)
     assert float(b_sae[3:].mean()) >= 0.4                                   # the SAE spreads over all atoms
-    assert float(b_sae[:3].mean()) < float(matched.mean())
+    assert float(b_sae[:3].min()) < 0.95
+    assert float(matched_correlation(paper.encode(pd.z)[:, 0], pd.s[:, :3]).min()) < 0.95
+
+
+def test_independent_start_maps_and_picks():
+    """The folded affine map equals FastICA's transform (sign-aligned, cut at the median); the picked components are
+    the decision's; targets are non-negative with unit std; joint mode picks one shared set."""
+    from sklearn.decomposition import FastICA
+
+    from semlens.embed.ica_start import fit_independent_start
+
+    pd = planted_dictionary(n=1200, d=16, m=5, decision=(1, 3), active=0.3, seed=4)
+    z = (pd.z - pd.z.mean(0)) / pd.z.std(0)
+    y2 = torch.cat([pd.y, pd.s[:, 4:5]], 1)  # two explained outputs: atoms {1, 3} and atom 4
+    start = fit_independent_start(z, y2, k=2, joint=False, n_components=8, seed=0)
+    ref = FastICA(n_components=8, whiten="unit-variance", random_state=0, max_iter=500).fit(z.double().numpy())
+    c = torch.as_tensor(ref.transform(z.double().numpy())).float()
+    mine = z @ start.unmix - start.offset  # (N, 8), before the cut
+    sign = torch.where(((c - c.mean(0)) ** 3).mean(0) < 0, -1.0, 1.0)    # positive skew: the concept's tail
+    expect = sign * c - (sign * c).median(0).values
+    assert torch.allclose(mine, expect, atol=1e-4)
+    t = start.targets(z)
+    assert t.shape == (2, 1200, 2) and float(t.min()) >= 0
+    assert torch.allclose(t.std(1, unbiased=True), torch.ones(2, 2), atol=1e-4)
+    for g, atoms in enumerate(([1, 3], [4])):
+        best = matched_correlation(t[g], pd.s[:, atoms])
+        assert float(best.min()) >= 0.9, (g, best)
+    joint = fit_independent_start(z, y2, k=3, joint=True, n_components=8, seed=0)
+    assert joint.pick.shape == (1, 3)
+    assert float(matched_correlation(joint.targets(z)[0], pd.s[:, [1, 3, 4]]).min()) >= 0.9
+    with pytest.raises(ValueError, match="init must be"):
+        SRAE(k=2, init="random").fit(pd.z, pd.y)
 
 
 def test_joint_mode_explains_all_classes():

@@ -81,10 +81,22 @@ def test_embed_fit_and_explain_write_the_named_files(world):
     (["--target", "12"], "class index 12 out of range for a model with 12 outputs"),
     (["--k", "40"], "k=40 x-features is larger than the width 16"),
     (["--method", "ica"], "unknown method 'ica'"),
+    (["--init", "random"], "unknown SRAE init 'random'"),
 ])
 def test_embed_fit_bad_input(world, extra, message, tmp_path):
     res = _fit(world, tmp_path / "o", "--method", "pca", *extra)
     assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_embed_fit_ica_start(world):
+    """``--init ica``: the x-features start on the layer's independent components; the choice is stored."""
+    root, _, _ = world
+    out = root / "srae-ica"
+    res = _fit(world, out, "--target", "2", "--epochs", "1", "--init", "ica")
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "embedding.json").read_text())
+    assert meta["params"]["init"] == "ica" and meta["classes"] == [2]
+    assert 0 < json.loads((out / "metrics.json").read_text())["l0"] <= 3   # (an untrained CNN: R² means nothing)
 
 
 def test_demo_step_decomposes_decisions(tmp_path, monkeypatch):

@@ -26,6 +26,8 @@ def fit(
     method: str = typer.Option("srae", help="srae, topk, nmf or pca."),
     mode: str = typer.Option("one-vs-all", help="SRAE setting: one-vs-all (one SRAE per class) or joint."),
     epochs: int = typer.Option(20, help="Fine-tuning epochs per acceptance round (SRAE) / epochs (TopK)."),
+    init: str = typer.Option("pretrain", help="SRAE start: pretrain (the paper's layer-wise pretraining) or ica "
+                             "(x-features start on the layer's independent components that carry the decision)."),
     seed: int = typer.Option(0, help="Random seed."),
     batch_size: int = typer.Option(128, help="Images per forward batch."),
     per_class: int = typer.Option(8, help="Held-out images per class for heatmap metrics."),
@@ -44,7 +46,8 @@ def fit(
         net = load(model, weights, device=dev)
         name = model or weights_config(weights).get("model", "")
         m = fit_embedding_job(net, name, layer, data, out, target=target, k=k, method=method, mode=mode,
-                              epochs=epochs, seed=seed, batch_size=batch_size, per_class=per_class, device=str(dev))
+                              epochs=epochs, seed=seed, batch_size=batch_size, per_class=per_class, device=str(dev),
+                              init=init)
         typer.echo(f"wrote {out}: R2 {m['r2']:.3f}, FVE {m['fve']:.3f}, L0 {m['l0']:.2f}, "
                    f"concept recovery {m['recovery']:.2f}")
 

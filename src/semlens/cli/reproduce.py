@@ -99,7 +99,8 @@ def xnn(
     device: str = typer.Option("cpu", help="'cpu' or 'cuda'."),
     layers: str = typer.Option("", help="Comma-separated subset of the layers (default: features.relu5,"
                                         "classifier.relu7)."),
-    methods: str = typer.Option("", help="Comma-separated subset of srae,srae-joint,topk,nmf,pca (default: all)."),
+    methods: str = typer.Option("", help="Comma-separated subset of srae,srae-ica,srae-joint,topk,nmf,pca "
+                                         "(default: all)."),
 ) -> None:
     """SRAE vs TopK SAE vs NMF vs PCA on the concept world (alexnet-like, last conv and penultimate layer)."""
     from dataclasses import replace

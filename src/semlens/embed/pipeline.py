@@ -33,15 +33,17 @@ def parse_target(target: str) -> int | list[int] | str:
 
 
 def make_embedding(method: str, k: int, target: int | list[int] | str, seed: int = 0, epochs: int = 20,
-                   mode: str = "one-vs-all") -> Embedding:
-    """A fresh embedding of the named method (``srae``, ``srae-joint``, ``topk``, ``nmf``, ``pca``)."""
+                   mode: str = "one-vs-all", init: str = "pretrain") -> Embedding:
+    """A fresh embedding of the named method (``srae``, ``srae-joint``, ``srae-ica``, ``topk``, ``nmf``, ``pca``);
+    ``init`` is the SRAE's start (``"pretrain"`` or ``"ica"``; ``srae-ica`` is ``srae`` with ``init="ica"``)."""
     from semlens.embed.baselines import NMFEmbedding, PCAEmbedding, TopKSAE
     from semlens.embed.srae import SRAE
 
-    if method == "srae":
-        return SRAE(k=k, target=target, mode=mode, epochs=epochs, seed=seed)
+    if method in ("srae", "srae-ica"):
+        return SRAE(k=k, target=target, mode=mode, epochs=epochs, seed=seed,
+                    init="ica" if method == "srae-ica" else init)
     if method == "srae-joint":
-        return SRAE(k=k, target=target, mode="joint", epochs=epochs, seed=seed)
+        return SRAE(k=k, target=target, mode="joint", epochs=epochs, seed=seed, init=init)
     if method == "topk":
         return TopKSAE(k=k, target=target, epochs=epochs, seed=seed)
     if method == "nmf":
@@ -72,7 +74,7 @@ def _splits(ds: Any, holdout: float) -> tuple[list[int], list[int]]:
 def fit_embedding_job(model: nn.Module, model_name: str, layer: str, data: Path, out: Path, *, target: str = "all",
                       k: int = 5, method: str = "srae", mode: str = "one-vs-all", epochs: int = 20, seed: int = 0,
                       batch_size: int = 128, holdout: float = 0.2, per_class: int = 8,
-                      device: str = "cpu") -> dict[str, Any]:
+                      device: str = "cpu", init: str = "pretrain") -> dict[str, Any]:
     """Fit an embedding on ``data``'s training images and evaluate it on its held-out images.
 
     Writes ``out/embedding.safetensors`` + ``out/embedding.json``, ``out/metrics.json`` and ``out/xfeatures.csv``
@@ -91,7 +93,9 @@ def fit_embedding_job(model: nn.Module, model_name: str, layer: str, data: Path,
         raise ValueError(f"{data} has no task.csv: not a concept-world dataset with class labels")
     fit_idx, test_idx = _splits(ds, holdout)
     x_fit, y_fit = _load(ds, fit_idx)
-    emb = make_embedding(method, k, parse_target(target), seed, epochs, mode)
+    if init not in ("pretrain", "ica"):
+        raise ValueError(f"unknown SRAE init {init!r}; use 'pretrain' or 'ica'")
+    emb = make_embedding(method, k, parse_target(target), seed, epochs, mode, init)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".activations"
     try:

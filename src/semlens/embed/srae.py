@@ -19,6 +19,7 @@ import torch
 from semlens.embed.acceptance import PT_FACTOR, REC_FACTOR, accept
 from semlens.embed.activations import ActivationStore
 from semlens.embed.base import Embedding
+from semlens.embed.ica_start import IndependentStart, fit_independent_start
 from semlens.embed.losses import PULL_AWAY_VARIANTS, RECONSTRUCTION_VARIANTS, SILENCE, pull_away_vectors
 from semlens.embed.nets import SRAENet, default_hidden
 from semlens.runtime import progress
@@ -63,6 +64,11 @@ class SRAE(Embedding):
             (the first round's pretrained weights; only the loss weights change).
         revive_dead: how many times a pretraining stage redraws units that fire on no vector of the split (default
             3; 0: never), see :meth:`_pretrain`.
+        init: where fine-tuning starts: ``"pretrain"`` (the paper's layer-wise pretrained autoencoder and a
+            least-squares head) or ``"ica"`` (then, in addition, encoder and decoder are distilled for
+            ``distill_epochs`` onto the ``k`` independent components of the layer (FastICA on the first
+            ``ica_samples`` vectors) that carry most of the explained logit, see :mod:`semlens.embed.ica_start`; on a
+            planted dictionary this is what makes the x-features the decision's atoms, docs/embed.md).
         standardize_target: divide each explained logit by its standard deviation before the faithfulness MSE
             (default False: raw logits, centred, as in the reference code, so ``α_pred`` weighs logit units).
         seed, device: reproducibility and placement.
@@ -80,8 +86,12 @@ class SRAE(Embedding):
                  reconstruction: str = "dimension", epochs: int = 20, pretrain_epochs: int = 2, batch_size: int = 50,
                  lr: float = 1e-3, weight_decay: float = 1e-4, dropout: float = 0.02, max_rounds: int = 5,
                  min_positive: int = 2, accept_ratio: float = 0.3, standardize_target: bool = False,
-                 restart: str = "fresh", revive_dead: int = 3, seed: int = 0, device: str = "cpu") -> None:
+                 restart: str = "fresh", revive_dead: int = 3, init: str = "pretrain", distill_epochs: int = 10,
+                 ica_samples: int = 20000, seed: int = 0, device: str = "cpu") -> None:
         self.k = k
+        self.init = init
+        self.distill_epochs = distill_epochs
+        self.ica_samples = ica_samples
         self.revive_dead = revive_dead
         self.restart = restart
         self.standardize_target = standardize_target
@@ -117,8 +127,12 @@ class SRAE(Embedding):
             raise ValueError(f"reconstruction must be one of {RECONSTRUCTION_VARIANTS}, got {self.reconstruction!r}")
         if self.restart not in ("fresh", "pretrained"):
             raise ValueError(f"restart must be 'fresh' or 'pretrained', got {self.restart!r}")
+        if self.init not in ("pretrain", "ica"):
+            raise ValueError(f"init must be 'pretrain' or 'ica', got {self.init!r}")
         if self.max_rounds < 1 or self.epochs < 0 or self.pretrain_epochs < 0 or self.revive_dead < 0:
             raise ValueError("max_rounds must be >= 1 and epochs, pretrain_epochs, revive_dead >= 0")
+        if self.distill_epochs < 0 or self.ica_samples < 2:
+            raise ValueError("distill_epochs must be >= 0 and ica_samples >= 2")
 
     # ------------------------------------------------------------------ fit
     def fit(self, data: ActivationStore | Any, y: Any = None) -> SRAE:
@@ -131,6 +145,7 @@ class SRAE(Embedding):
         self._target_moments(store)
         self._hidden = self.hidden or default_hidden(store.dim, self.k)
         self.pretrain_revived_: list[list[int]] = []
+        self.ica_start_ = self._fit_independent_start(store) if self.init == "ica" else None
         self.pretrained_ = self._pretrained(store, list(range(groups)), gen)
         self.network_ = self.pretrained_.subset(list(range(groups)))
         self._acceptance_loop(store, groups)
@@ -142,8 +157,45 @@ class SRAE(Embedding):
         net = SRAENet(len(groups), store.dim, self.k, self.n_out_, self._hidden, self.dropout, gen).to(self._dev)
         for p, q in zip(net.parameters(), base.parameters(), strict=True):
             p.data.copy_(q.data.expand_as(p))
+        if self.ica_start_ is not None:
+            self._distill(store, net, groups, gen)
         self._fit_head(store, net, groups)
         return net
+
+    def _ica_sample(self, store: ActivationStore) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``ica_samples`` standardised vectors ``(n, d)`` and their targets ``(G, n, m)``."""
+        zs, ys, n = [], [], 0
+        for z, logits, _ in store.batches(4096):
+            zs.append(self.standardize(z.to(self._dev)))
+            ys.append(self._targets(logits))
+            n += len(z)
+            if n >= self.ica_samples:
+                break
+        return torch.cat(zs)[:self.ica_samples], torch.cat(ys, 1)[:, :self.ica_samples]
+
+    def _fit_independent_start(self, store: ActivationStore) -> IndependentStart:
+
+        z, y = self._ica_sample(store)
+        y2 = y[:, :, 0].T if self.mode == "one-vs-all" else y[0]
+        return fit_independent_start(z.cpu(), y2.cpu(), self.k, joint=self.mode == "joint", seed=self.seed)
+
+    def _distill(self, store: ActivationStore, net: SRAENet, groups: list[int], gen: torch.Generator) -> None:
+        """Train encoder and decoder of each copy onto its independent components (``init="ica"``): MSE of the last
+        encoder layer's pre-activation to the targets (so no x-feature is lost to a dead ReLU) + MSE of the decoder's
+        reconstruction of ``z`` from the targets; Adam 1e-3, ``distill_epochs`` over the ICA sample."""
+        start = self.ica_start_
+        z, _ = self._ica_sample(store)
+        target = start.targets(z, groups if self.mode == "one-vs-all" else None)  # (G, n, k)
+        opt = torch.optim.Adam(list(net.enc.parameters()) + list(net.dec.parameters()), lr=1e-3)
+        for _ in range(self.distill_epochs):
+            order = torch.randperm(len(z), generator=gen).to(self._dev)
+            for i in order.split(self.batch_size):
+                h = torch.relu(net.enc[1](torch.relu(net.enc[0](z[i]))))
+                t = target[:, i]
+                loss = ((net.enc[2](h) - t) ** 2).mean() + ((net.decode(t) - z[i]) ** 2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
 
     @property
     def _dev(self) -> torch.device:

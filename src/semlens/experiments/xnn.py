@@ -36,7 +36,7 @@ class XNNConfig:
     out: str = "xnn-out"
     seeds: tuple[int, ...] = (0, 1, 2)
     layers: tuple[str, ...] = ("features.relu5", "classifier.relu7")
-    methods: tuple[str, ...] = ("srae", "srae-joint", "topk", "nmf", "pca")
+    methods: tuple[str, ...] = ("srae", "srae-ica", "srae-joint", "topk", "nmf", "pca")
     k: int = 5
     n_train_cnn: int = 12000
     cnn_epochs: int = 3
