@@ -61,7 +61,8 @@ def explain(
     input: list[Path] = typer.Option(..., "--input", help="Image file(s) (.png, ...) or .npy arrays."),  # noqa: A002
     out: Path = typer.Option(..., help="Output directory: <stem>.png and <stem>.json per input."),
     target: int = typer.Option(None, help="Class to explain (default: the model's prediction)."),
-    rule: str = typer.Option("excitation-backprop", help="Heatmap method (an LRP preset name)."),
+    rule: str = typer.Option("epsilon-gamma-box", help="Heatmap method (an LRP preset name; excitation-backprop as "
+                             "in the paper: conservative, but the x-features' maps come out alike)."),
     device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty directory semlens did not "
                                                               "create."),

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from semlens.embed.activations import as_loader, check_finite, pool_activation
 from semlens.embed.base import Embedding
-from semlens.embed.heatmaps import XFeatureExplainer, concept_mass, distinctness, positive_map
+from semlens.embed.heatmaps import HEATMAP_METHOD, XFeatureExplainer, concept_mass, distinctness, positive_map
 from semlens.embed.metrics import FVE, R2, ContributionStats, Firing
 from semlens.layers import capture_activations, frozen, patch_activations
 
@@ -97,8 +97,8 @@ def world_evidence_concepts() -> dict[int, list[int]]:
 
 def concept_recovery(model: nn.Module, layer: str, emb: Embedding, images: torch.Tensor, labels: torch.Tensor,
                      pixel_labels: dict[str, torch.Tensor], evidence: dict[int, Sequence[int]], n_concepts: int, *,
-                     per_class: int = 8, method: str = "excitation-backprop", min_mass: float = 0.6,
-                     batch_size: int = 16) -> dict[str, Any]:
+                     per_class: int = 8, method: str = HEATMAP_METHOD, min_mass: float = 0.6,
+                     batch_size: int = 16, **params: Any) -> dict[str, Any]:
     """Which concept each x-feature's heatmap falls on, against pixel masks, for every explained class.
 
     For class ``c`` the first ``per_class`` images labelled ``c`` are explained; per x-feature the mass share of each
@@ -118,7 +118,7 @@ def concept_recovery(model: nn.Module, layer: str, emb: Embedding, images: torch
             continue
         mass = torch.zeros(emb.k, n_concepts, dtype=torch.float64)
         contrib = torch.zeros(emb.k, dtype=torch.float64)
-        with XFeatureExplainer(model, layer, emb, c, method=method) as xf:  # model prepared once per class
+        with XFeatureExplainer(model, layer, emb, c, method, **params) as xf:  # model prepared once per class
             for part in idx.split(batch_size):  # streamed: one batch of maps at a time
                 heat, con = xf(images[part])
                 pos = positive_map(heat.cpu())

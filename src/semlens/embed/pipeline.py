@@ -14,6 +14,7 @@ from torch import nn
 
 from semlens.embed.activations import collect_activations
 from semlens.embed.base import Embedding
+from semlens.embed.heatmaps import HEATMAP_METHOD
 from semlens.embed.io import METHODS, check_compatible, load_embedding, save_embedding
 from semlens.layers import capture_activations, get_module
 
@@ -142,7 +143,7 @@ def _load(ds: Any, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def explain_job(model: nn.Module, model_name: str, embedding: Path, inputs: Sequence[Path], out: Path, *,
-                target: int | None = None, method: str = "excitation-backprop", device: str = "cpu"
+                target: int | None = None, method: str = HEATMAP_METHOD, device: str = "cpu"
                 ) -> list[dict[str, Any]]:
     """For each input image write ``out/<stem>.png`` (the decision as a sum of x-feature contributions, one heatmap
     each) and ``out/<stem>.json`` (class, logit, rebuilt logit, bias, contributions). The explained class is

@@ -95,8 +95,9 @@ def run(ctx: DemoContext) -> list[Section]:
              f"({LAYER}, average-pooled), fitted on {N_FIT} images ({EPOCHS} epochs per round); "
              f"{int(srae.accepted_.sum())}/{len(srae.accepted_)} classes accepted within {int(srae.rounds_.max())} "
              "round(s). Each test image's logit is rebuilt as the sum of its x-feature contributions w·x (titles), "
-             "each shown with its Excitation Backprop heatmap and the concept whose mask holds most of that "
-             "x-feature's heatmap mass over the class's images.")
+             "each shown with its LRP heatmap (ε on dense layers, γ on convolutions, box at the input: the paper's "
+             "Excitation Backprop gives every x-feature of an image nearly the same map) and the concept whose mask "
+             "holds most of that x-feature's heatmap mass over the class's images.")
     sec.figure(_decomposition_figure(test.images[picks], heats, infos, test.class_names),
                "Decisions decomposed into x-features (class, logit ≈ rebuilt logit; per x-feature its contribution "
                "and best-matching concept).")
