@@ -27,7 +27,7 @@ from torch import nn
 
 from semlens.embed.activations import pool_activation
 from semlens.embed.base import Embedding
-from semlens.explain import PRESETS, Attributor, Epsilon, preset
+from semlens.explain import PRESETS, Attributor, Composite, Epsilon, preset
 from semlens.layers import get_module
 
 __all__ = ["XFeatureModel", "XFeatureExplainer", "xfeature_heatmaps", "xfeature_layer_maps", "concept_mass",
@@ -206,7 +206,8 @@ def xfeature_layer_maps(model: nn.Module, layer: str, emb: Embedding, x: torch.T
     w = emb.head_weights()[0][g, :, o].to(device=a.device, dtype=a.dtype)
     enc = emb.encoder_module(g).to(device=a.device, dtype=a.dtype)
     head = nn.Sequential(_Pool(), enc, XFeatureModel.diagonal(w))
-    composite = preset(method, **params).with_rules({"2": Epsilon(0.0)})
+    full = preset(method, **params)  # its input-layer rule (box, flat) is for pixels: at the layer it has no place
+    composite = Composite(full.layer_map, [], full.name_map, full.name).with_rules({"2": Epsilon(0.0)})
     with Attributor(head, composite=composite) as attr:
         rel = attr(a, _seeds(emb.k, a.shape[0], a))
         with torch.no_grad():
