@@ -227,18 +227,22 @@ class _ViewNet(nn.Module):
         return self.fc(h.view(h.shape[0], -1))
 
 
-@pytest.mark.parametrize("objective", ["channel", "class"])
-def test_channels_last_input_gives_the_same_prototypes_and_falls_back_for_view(objective: str) -> None:
+@pytest.mark.parametrize("objective,augmented", [("channel", False), ("class", False), ("channel", True),
+                                                 ("class", True)])
+def test_channels_last_input_gives_the_same_prototypes_and_falls_back_for_view(objective: str,
+                                                                               augmented: bool) -> None:
     """memory_format='auto' (channels-last on CPU) optimises the same images as 'contiguous' (float rounding
-    only); a model that cannot take channels-last input (``view``) runs contiguous after its first forward."""
+    only); a model that cannot take channels-last input (``view``) runs contiguous after its first forward — also
+    when the augmented views were rendered channels-last."""
     torch.manual_seed(0)
     model = _ViewNet().eval()
     obj = channel("conv", [0, 1]) if objective == "channel" else class_logit([0, 1])
+    aug = Augment(views=2, seed=1) if augmented else None
     results = {}
     for mode in ("auto", "contiguous"):
         param = PixelParam((3, 8, 8), start=torch.full((3, 8, 8), 0.5), lo=torch.zeros(3), hi=torch.ones(3))
         results[mode] = maximize(model, obj, param, regulariser=l2_penalty(0.01, torch.full((3, 8, 8), 0.5)),
-                                 steps=20, memory_format=mode, show_progress=False)
+                                 steps=20, memory_format=mode, augment=aug, show_progress=False)
     torch.testing.assert_close(results["auto"].images, results["contiguous"].images, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(results["auto"].activation, results["contiguous"].activation, rtol=1e-4, atol=1e-5)
     assert count_hooks(model) == 0

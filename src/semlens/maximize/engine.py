@@ -124,7 +124,7 @@ class _Layout:
         except RuntimeError:  # the model cannot run channels-last (or fails anyway: then it fails again below)
             self.channels_last = False
             acts.clear()
-            _forward(model, x)
+            _forward(model, x.contiguous())  # (the views may have been rendered channels-last)
         self.checked = True
 
 
@@ -138,7 +138,7 @@ def _score(model: nn.Module, objective: Objective, acts: dict[str, Tensor], x: T
     if augment is None:
         layout.forward(model, x, acts)
         return objective(acts)
-    layout.forward(model, augment(x, step), acts)
+    layout.forward(model, augment(x, step, channels_last=layout.channels_last and x.dim() == 4), acts)
     return view_objective(acts).reshape(augment.views, x.shape[0]).mean(dim=0)
 
 

@@ -80,13 +80,22 @@ class Augment:
         return torch.sparse_coo_tensor(idx, torch.cat(vals), (self.views * h * w, h * w),
                                        check_invariants=False).coalesce()
 
-    def __call__(self, x: Tensor, step: int) -> Tensor:
-        """(B, C, H, W) -> (V·B, C, H, W) views of step ``step`` (one sparse matrix product)."""
+    def __call__(self, x: Tensor, step: int, channels_last: bool = False) -> Tensor:
+        """(B, C, H, W) -> (V·B, C, H, W) views of step ``step`` (one sparse matrix product).
+
+        On CPU the matrix is multiplied in CSR form (MKL's sparse kernel: about twice as fast as COO for a
+        64×64 batch of 64 RGB images, forward + backward). ``channels_last``: return the views in channels-last
+        memory (the product's natural order, so no extra copy when the model is fed channels-last).
+        """
         b, c, h, w = x.shape
         m = self.sampling_matrix(step, (h, w)).to(device=x.device, dtype=x.dtype)
+        if x.device.type == "cpu":
+            m = _csr(m)
         flat = x.reshape(b * c, h * w).T  # (HW, B·C)
-        views = torch.sparse.mm(m, flat)  # (V·HW, B·C)
-        return views.reshape(self.views, h, w, b, c).permute(0, 3, 4, 1, 2).reshape(self.views * b, c, h, w)
+        views = torch.sparse.mm(m, flat).reshape(self.views, h, w, b, c)  # (V·HW, B·C) -> (V, H, W, B, C)
+        if channels_last:  # (V, B, H, W, C) in memory = NHWC
+            return views.permute(0, 3, 1, 2, 4).reshape(self.views * b, h, w, c).permute(0, 3, 1, 2)
+        return views.permute(0, 3, 4, 1, 2).reshape(self.views * b, c, h, w)
 
     def reference(self, x: Tensor, step: int) -> Tensor:
         """The same views with reflect-pad + ``grid_sample`` + crop (slower on CPU; for tests)."""
@@ -98,6 +107,15 @@ class Augment:
         out = F.grid_sample(xp.repeat(self.views, 1, 1, 1), grid, mode="bilinear", padding_mode="reflection",
                             align_corners=False)
         return out[:, :, self.pad:self.pad + h, self.pad:self.pad + w]
+
+
+def _csr(m: Tensor) -> Tensor:
+    """A coalesced COO matrix as CSR (its beta-state warning silenced: the conversion is exact)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return m.to_sparse_csr()
 
 
 def _reflect_clip(coord: Tensor, size: int) -> Tensor:
