@@ -174,7 +174,7 @@ class SRAE(Embedding):
         return torch.cat(zs)[:self.ica_samples], torch.cat(ys, 1)[:, :self.ica_samples]
 
     def _fit_independent_start(self, store: ActivationStore) -> IndependentStart:
-
+        """FastICA on the first ``ica_samples`` vectors and the components each group starts on (``init="ica"``)."""
         z, y = self._ica_sample(store)
         y2 = y[:, :, 0].T if self.mode == "one-vs-all" else y[0]
         return fit_independent_start(z.cpu(), y2.cpu(), self.k, joint=self.mode == "joint", seed=self.seed)
@@ -184,6 +184,7 @@ class SRAE(Embedding):
         encoder layer's pre-activation to the targets (so no x-feature is lost to a dead ReLU) + MSE of the decoder's
         reconstruction of ``z`` from the targets; Adam 1e-3, ``distill_epochs`` over the ICA sample."""
         start = self.ica_start_
+        assert start is not None
         z, _ = self._ica_sample(store)
         target = start.targets(z, groups if self.mode == "one-vs-all" else None)  # (G, n, k)
         opt = torch.optim.Adam(list(net.enc.parameters()) + list(net.dec.parameters()), lr=1e-3)
