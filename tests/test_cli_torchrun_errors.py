@@ -99,3 +99,13 @@ def test_record_failure_first_wins_and_lost_peers_come_later(tmp_path, monkeypat
         before = int(time.time())
         assert record_failure(err) is True
     assert before + 1 <= _stamp(peer) <= int(time.time()) + 1  # stamped a second later: never wins a tie
+    # gloo also reports a vanished peer as a plain RuntimeError ("Read error ... Connection reset by peer"); seen in
+    # CI when rank 1's broadcast lost rank 0, whose own failure then tied and lost torchrun's root-cause pick
+    reset = tmp_path / "reset.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(reset))
+    try:
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:59802: Connection reset by peer.")
+    except RuntimeError as err:
+        before = int(time.time())
+        assert record_failure(err) is True
+    assert before + 1 <= _stamp(reset) <= int(time.time()) + 1

@@ -143,9 +143,16 @@ def shutdown() -> None:
         gc.collect()
 
 
+#: Parts of the messages gloo's TCP transport raises (as ``DistError`` or as a plain ``RuntimeError``, depending on
+#: where it is caught) when the process at the other end went away.
+_LOST_PEER_MESSAGES = ("closed by peer", "reset by peer", "broken pipe", "connection refused", "gloo/transport/tcp")
+
+
 def _lost_peer(err: BaseException) -> bool:
-    """Whether ``err`` is the consequence of another process failing (its connection closed, a collective broken)."""
-    return isinstance(err, dist.DistError) or "closed by peer" in str(err).lower()
+    """Whether ``err`` is the consequence of another process failing (its connection closed or reset, a collective
+    broken)."""
+    text = str(err).lower()
+    return isinstance(err, dist.DistError) or any(m in text for m in _LOST_PEER_MESSAGES)
 
 
 def record_failure(err: BaseException) -> bool:
@@ -154,9 +161,10 @@ def record_failure(err: BaseException) -> bool:
     ``torchrun`` names as *root cause* the failed worker whose error file holds the smallest timestamp
     (whole seconds), and prints that worker's message and traceback. Call this from the ``except`` block
     where the error is handled (the traceback is the one being handled). The first failure of a process
-    wins: later calls leave the file alone. An error that only reports a lost peer (a ``DistError`` or
-    "connection closed by peer") is stamped one second later, so that the worker that really failed first
-    wins a tie within the same second. Without ``TORCHELASTIC_ERROR_FILE`` (not under torchrun) nothing happens.
+    wins: later calls leave the file alone. An error that only reports a lost peer (a ``DistError``, or gloo's
+    "connection closed/reset by peer" as a ``RuntimeError``) is stamped one second later, so that the worker that
+    really failed first wins a tie within the same second. Without ``TORCHELASTIC_ERROR_FILE`` (not under
+    torchrun) nothing happens.
     """
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path or os.path.exists(path):
