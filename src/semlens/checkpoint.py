@@ -89,6 +89,16 @@ def non_finite_keys(state: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
+def load_finite_state(path: str | os.PathLike, what: str, error: type[Exception]) -> dict[str, torch.Tensor]:
+    """:func:`load_state_dict`, refusing a file with NaN or infinite values: raises ``error`` naming ``what`` (e.g.
+    ``"prior"``), the file and the first offending tensors."""
+    state = load_state_dict(path)
+    bad = non_finite_keys(state)
+    if bad:
+        raise error(f"{what} {path} holds NaN or infinite values in {', '.join(bad[:5])}")
+    return state
+
+
 def sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of ``state`` under ``prefix`` (e.g. ``"module."``), with the prefix removed."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from semlens.checkpoint import CheckpointError, load_state_dict, non_finite_keys, read_config, save_weights, sub_state
+from semlens.checkpoint import CheckpointError, load_finite_state, read_config, save_weights, sub_state
 from semlens.errors import suggest
 
 __all__ = ["Judge", "JudgeError", "fit_judge", "fit_judge_broden", "broden_presence", "save_judge", "load_judge",
@@ -234,10 +234,7 @@ def load_judge(path: str | os.PathLike) -> Judge:
         raise JudgeError(f"judge {path} has a malformed config (concepts, input_shape or channel statistics)")
     if kwargs.get("num_classes") != len(concepts):
         raise JudgeError(f"judge {path}: {kwargs.get('num_classes')} outputs for {len(concepts)} concepts")
-    state = load_state_dict(path)
-    bad = non_finite_keys(state)
-    if bad:
-        raise JudgeError(f"judge {path} holds NaN or infinite values in {', '.join(bad[:5])}")
+    state = load_finite_state(path, "judge", JudgeError)
     try:
         module = build_model(model, **kwargs)
         module.load_state_dict(sub_state(state, "module."))

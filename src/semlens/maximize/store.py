@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from semlens.checkpoint import load_state_dict, non_finite_keys, read_config, save_weights, sub_state
+from semlens.checkpoint import load_finite_state, read_config, save_weights, sub_state
 from semlens.maximize.experts import GaussianExpert, GMMPatchExpert, RBMExpert, fit_gaussian, fit_gmm_patches, fit_rbm
 from semlens.maximize.generators import CodePrior, fit_gan, fit_vae
 from semlens.maximize.stats import ImageStats, channel_means_differ, fit_image_stats
@@ -90,10 +90,7 @@ def load_prior(path: str | os.PathLike) -> Prior:
     cfg = read_config(path).get("semlens_prior")
     if not isinstance(cfg, dict) or cfg.get("kind") not in _CLASSES:
         raise PriorError(f"{path} is not a semlens prior (no or unknown 'kind' in its config)")
-    state = load_state_dict(path)
-    bad = non_finite_keys(state)
-    if bad:
-        raise PriorError(f"prior {path} holds NaN or infinite values in {', '.join(bad[:5])}")
+    state = load_finite_state(path, "prior", PriorError)
     try:
         module = _CLASSES[cfg["kind"]].from_config(cfg)
         module.load_state_dict(sub_state(state, "module."))
