@@ -85,6 +85,16 @@ def test_refusals_name_the_file(fitted, tmp_path) -> None:
         load_judge(tmp_path / "plain.safetensors")
     with pytest.raises(JudgeError, match="must be a .safetensors file"):
         load_judge(tmp_path / "j.pt")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:  # the same file with a NaN in one weight, its config kept
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k for k, v in tensors.items() if k.startswith("module.") and v.is_floating_point())
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=meta)
+    with pytest.raises(JudgeError, match=f"judge .*nan.safetensors holds NaN or infinite values in {name}"):
+        load_judge(tmp_path / "nan.safetensors")
 
 
 class _Stub(nn.Module):

@@ -94,8 +94,10 @@ def fit_embedding_job(model: nn.Module, model_name: str, layer: str, data: Path,
         raise ValueError(f"{data} has no task.csv: not a concept-world dataset with class labels")
     fit_idx, test_idx = _splits(ds, holdout)
     x_fit, y_fit = _load(ds, fit_idx)
-    if init not in ("pretrain", "ica"):
-        raise ValueError(f"unknown SRAE init {init!r}; use 'pretrain' or 'ica'")
+    from semlens.embed.srae import INITS
+
+    if init not in INITS:
+        raise ValueError(f"unknown SRAE init {init!r}; use one of {', '.join(INITS)}")
     emb = make_embedding(method, k, parse_target(target), seed, epochs, mode, init)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".activations"

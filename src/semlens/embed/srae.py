@@ -24,7 +24,10 @@ from semlens.embed.losses import PULL_AWAY_VARIANTS, RECONSTRUCTION_VARIANTS, SI
 from semlens.embed.nets import SRAENet, default_hidden
 from semlens.runtime import progress
 
-__all__ = ["SRAE", "pull_away_batched"]
+__all__ = ["SRAE", "pull_away_batched", "INITS"]
+
+#: where an SRAE's fine-tuning starts (the ``init`` argument)
+INITS = ("pretrain", "ica")
 
 
 def pull_away_batched(s: torch.Tensor, along: str, eps: float = 1e-8) -> torch.Tensor:
@@ -127,8 +130,8 @@ class SRAE(Embedding):
             raise ValueError(f"reconstruction must be one of {RECONSTRUCTION_VARIANTS}, got {self.reconstruction!r}")
         if self.restart not in ("fresh", "pretrained"):
             raise ValueError(f"restart must be 'fresh' or 'pretrained', got {self.restart!r}")
-        if self.init not in ("pretrain", "ica"):
-            raise ValueError(f"init must be 'pretrain' or 'ica', got {self.init!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.max_rounds < 1 or self.epochs < 0 or self.pretrain_epochs < 0 or self.revive_dead < 0:
             raise ValueError("max_rounds must be >= 1 and epochs, pretrain_epochs, revive_dead >= 0")
         if self.distill_epochs < 0 or self.ica_samples < 2:
